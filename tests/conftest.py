@@ -17,12 +17,19 @@ REAL_DATA_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" 
 
 
 def pytest_configure(config):
-  config.addinivalue_line("markers", "slow: real-data or end-to-end tests (CI runs them)")
+    config.addinivalue_line("markers", "slow: real-data or end-to-end tests (CI runs them)")
 
 
 @pytest.fixture(scope="session")
 def real_data_dir():
-  """The real CIFAR-10 copy in ../shared/data/tfds; skipped if absent."""
-  if not (REAL_DATA_DIR / "cifar10").is_dir():
-    pytest.skip(f"real CIFAR-10 not found under {REAL_DATA_DIR}")
-  return str(REAL_DATA_DIR)
+    """The real CIFAR-10 copy in ../shared/data/tfds.
+
+    Skipped when absent on a developer machine; in CI (CI=true) its absence is
+    a failure, so a real-data test can never pass by not running.
+    """
+    if not (REAL_DATA_DIR / "cifar10").is_dir():
+        message = f"real CIFAR-10 not found under {REAL_DATA_DIR}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return str(REAL_DATA_DIR)
