@@ -1,0 +1,67 @@
+"""Device mesh, shardings and host-to-device placement: the one place for them.
+
+SimCLR is pure data parallelism: a 1-D mesh with axis ``'data'`` over every
+device of every process. Parameters, BatchNorm statistics and optimiser state
+are replicated; the batch is split on its leading axis. The train step runs
+as ``jax.jit(jax.shard_map(...))`` so the two collectives the method needs
+(global BatchNorm moments and the all-gather of projections) are explicit.
+"""
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+
+
+def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+    """A 1-D mesh over ``devices`` (default: all devices of all processes)."""
+    devices = jax.devices() if devices is None else list(devices)
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    """Leading axis split over ``'data'``; the rest of each array is whole."""
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
+    """Fails early, with what to do, if the batch cannot be split evenly."""
+    num_devices = mesh.devices.size
+    if global_batch_size <= 0 or global_batch_size % num_devices:
+        raise ValueError(
+            f"batch_size={global_batch_size} must be a positive multiple of the "
+            f"{num_devices} devices in the mesh; set --config.batch_size to a "
+            f"multiple of {num_devices}."
+        )
+    if global_batch_size % jax.process_count():
+        raise ValueError(
+            f"batch_size={global_batch_size} must divide evenly over "
+            f"{jax.process_count()} processes."
+        )
+
+
+def per_process_batch_size(global_batch_size: int) -> int:
+    return global_batch_size // jax.process_count()
+
+
+def put_batch(batch: Any, mesh: Mesh) -> Any:
+    """Turns this process's numpy batch into global arrays sharded on 'data'.
+
+    Each process passes only its own rows; the global batch is the
+    concatenation of all processes' rows in process order.
+    """
+    sharding = batch_sharded(mesh)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch
+    )
+
+
+def put_replicated(tree: Any, mesh: Mesh) -> Any:
+    """Places a host pytree (identical on all processes) on every device."""
+    return jax.device_put(tree, replicated(mesh))
