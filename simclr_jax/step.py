@@ -37,7 +37,8 @@ def create_train_state(
 
     def init():
         dummy = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
-        variables = model.init(jax.random.PRNGKey(seed), dummy, train=False)
+        # rbg keys: same quality for init, and XLA:CPU compiles them ~4x faster.
+        variables = model.init(jax.random.key(seed, impl="rbg"), dummy, train=False)
         params = variables["params"]
         return TrainState(
             step=jnp.zeros((), jnp.int32),

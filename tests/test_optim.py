@@ -1,0 +1,138 @@
+"""Tests for simclr_jax.optim: LARS against a numpy hand computation, schedules."""
+import math
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from simclr_jax import optim
+
+SHAPES = {
+    "conv": {"kernel": (3, 3, 2, 4)},
+    "bn": {"scale": (4,), "bias": (4,)},
+    "dense": {"kernel": (4, 3), "bias": (3,)},
+}
+
+
+def _random_tree(seed):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: rng.normal(size=s).astype(np.float32), SHAPES,
+                        is_leaf=lambda s: isinstance(s, tuple))
+
+
+def _reference_lars(params, grads_per_step, lrs, wd, momentum, eta):
+    """SimCLR's LARS, written out per leaf in float64 numpy."""
+    params = jax.tree.map(lambda p: np.asarray(p, np.float64), params)
+    velocity = jax.tree.map(np.zeros_like, params)
+    for grads, lr in zip(grads_per_step, lrs):
+        def step(w, g, v):
+            g = np.asarray(g, np.float64)
+            if w.ndim > 1:
+                g = g + wd * w
+                w_norm, g_norm = np.linalg.norm(w), np.linalg.norm(g)
+                trust = eta * w_norm / g_norm if w_norm > 0 and g_norm > 0 else 1.0
+            else:
+                trust = 1.0
+            return momentum * v + lr * trust * g
+
+        velocity = jax.tree.map(step, params, grads, velocity)
+        params = jax.tree.map(lambda w, v: w - v, params, velocity)
+    return params
+
+
+def test_lars_two_steps_match_hand_computation():
+    wd, momentum, eta = 0.1, 0.9, 1e-3
+    lrs = [0.5, 2.0]
+    schedule = lambda count: 0.5 + 1.5 * count  # 0.5 then 2.0: momentum sees both
+    tx = optim.lars(schedule, weight_decay=wd, momentum=momentum, trust_coefficient=eta)
+
+    params = _random_tree(0)
+    grads = [_random_tree(1), _random_tree(2)]
+    state = tx.init(params)
+    new_params = params
+    for g in grads:
+        updates, state = tx.update(g, state, new_params)
+        new_params = optax.apply_updates(new_params, updates)
+
+    expected = _reference_lars(params, grads, lrs, wd, momentum, eta)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 new_params, expected)
+
+
+def test_lars_first_step_on_bn_and_bias_is_plain_sgd():
+    tx = optim.lars(0.3, weight_decay=0.5)
+    params, grads = _random_tree(0), _random_tree(1)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    for path in (("bn", "scale"), ("bn", "bias"), ("dense", "bias")):
+        u, g = updates[path[0]][path[1]], grads[path[0]][path[1]]
+        np.testing.assert_allclose(u, -0.3 * g, rtol=1e-6)
+    # Kernels are trust-scaled: far smaller than -lr * g with eta = 1e-3.
+    conv = updates["conv"]["kernel"]
+    assert np.linalg.norm(conv) < 0.01 * np.linalg.norm(0.3 * grads["conv"]["kernel"])
+
+
+def test_lars_zero_param_norm_uses_trust_one():
+    tx = optim.lars(1.0, weight_decay=0.0)
+    params = {"kernel": np.zeros((2, 2), np.float32)}
+    grads = {"kernel": np.ones((2, 2), np.float32)}
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(updates["kernel"], -1.0)
+
+
+def test_adapt_mask_rule():
+    mask = optim.adapt_mask(_random_tree(0))
+    assert mask == {"conv": {"kernel": True}, "bn": {"scale": False, "bias": False},
+                    "dense": {"kernel": True, "bias": False}}
+
+
+@pytest.mark.parametrize("scaling,peak", [
+    ("linear", 0.3 * 512 / 256), ("sqrt", 0.3 * math.sqrt(512))])
+def test_schedule_shape(scaling, peak):
+    s = optim.learning_rate_schedule(0.3, 512, scaling, warmup_steps=10, total_steps=110)
+    np.testing.assert_allclose(s(0), 0.0, atol=1e-7)
+    np.testing.assert_allclose(s(5), peak / 2, rtol=1e-5)
+    np.testing.assert_allclose(s(10), peak, rtol=1e-5)
+    np.testing.assert_allclose(s(60), peak / 2, rtol=1e-5)
+    np.testing.assert_allclose(s(110), 0.0, atol=1e-6)
+    np.testing.assert_allclose(s(200), 0.0, atol=1e-6)
+
+
+def test_schedule_edge_cases_and_validation():
+    s = optim.learning_rate_schedule(1.0, 256, "linear", warmup_steps=0, total_steps=10)
+    np.testing.assert_allclose(s(0), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(s(10), 0.0, atol=1e-6)
+    s = optim.learning_rate_schedule(1.0, 256, "linear", warmup_steps=10, total_steps=10)
+    np.testing.assert_allclose(s(5), 0.5, rtol=1e-6)
+    np.testing.assert_allclose(s(10), 1.0, rtol=1e-6)
+    with pytest.raises(ValueError, match="scaling"):
+        optim.learning_rate_schedule(1.0, 256, "square", 0, 10)
+    with pytest.raises(ValueError):
+        optim.learning_rate_schedule(1.0, 256, "linear", 0, 0)
+    with pytest.raises(ValueError):
+        optim.learning_rate_schedule(1.0, 256, "linear", 11, 10)
+
+
+def _config(**overrides):
+    config = ml_collections.ConfigDict(dict(
+        batch_size=512, num_epochs=10, num_train_steps=-1,
+        optimizer=dict(base_learning_rate=1.0, lr_scaling="linear", warmup_epochs=0.5,
+                       weight_decay=1e-6, momentum=0.9, trust_coefficient=1e-3)))
+    config.update(overrides)
+    return config
+
+
+def test_create_optimizer_steps():
+    tx, schedule = optim.create_optimizer(_config(), steps_per_epoch=20)
+    np.testing.assert_allclose(schedule(10), 2.0, rtol=1e-6)  # warm-up ends at 10
+    np.testing.assert_allclose(schedule(200), 0.0, atol=1e-6)
+    np.testing.assert_allclose(schedule(105), 1.0, rtol=1e-5)  # cosine midpoint
+
+    _, schedule = optim.create_optimizer(_config(num_train_steps=50), steps_per_epoch=20)
+    np.testing.assert_allclose(schedule(50), 0.0, atol=1e-6)
+    np.testing.assert_allclose(schedule(30), 1.0, rtol=1e-5)
+
+    params = _random_tree(0)
+    updates, _ = tx.update(_random_tree(1), tx.init(params), params)
+    assert jax.tree.structure(updates) == jax.tree.structure(params)
