@@ -14,7 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Data. data_dir=None lets TFDS resolve it (honouring TFDS_DATA_DIR).
     config.dataset = "cifar10"
-    config.data_dir = None
+    config.data_dir = ml_collections.config_dict.placeholder(str)
     config.train_split = "train"
     config.image_size = 32
     config.color_jitter_strength = 0.5
@@ -39,7 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.base_learning_rate = 1.0
     config.optimizer.lr_scaling = "linear"  # peak = base * batch / 256
-    config.optimizer.warmup_epochs = 10
+    config.optimizer.warmup_epochs = 10.0
     config.optimizer.weight_decay = 1e-4
     config.optimizer.momentum = 0.9
     config.optimizer.trust_coefficient = 1e-3

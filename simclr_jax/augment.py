@@ -1,0 +1,251 @@
+"""SimCLR data augmentation as TensorFlow ops, run on the host inside tf.data.
+
+One training view is: random resized crop -> horizontal flip -> colour
+distortion (jitter with p=0.8, then grayscale with p=0.2) -> Gaussian blur
+(p=0.5, optional), following the order and parameters of the SimCLR reference
+code. Every random choice comes from TF's *stateless* random ops keyed by an
+explicit shape-[2] seed, so a view is a pure function of (image, seed): the
+input pipeline is reproducible and each piece can be tested on its own.
+
+Images are float32 in [0, 1] throughout; no mean/std normalisation.
+"""
+import tensorflow as tf
+
+# The reference crops with min_object_covered=0.1 against a whole-image box,
+# which on top of area_range=(0.08, 1) makes the effective area floor 0.1.
+CROP_AREA_RANGE = (0.08, 1.0)
+CROP_ASPECT_RANGE = (3.0 / 4.0, 4.0 / 3.0)
+CROP_MIN_OBJECT_COVERED = 0.1
+CROP_MAX_ATTEMPTS = 100
+EVAL_CROP_PROPORTION = 0.875
+EVAL_CROP_MIN_SIDE = 32  # centre-crop only images whose shorter side exceeds this
+_WHOLE_IMAGE_BOX = [[[0.0, 0.0, 1.0, 1.0]]]  # [1, 1, 4]: ymin, xmin, ymax, xmax
+
+
+def _check_size(height, width):
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def to_float(image):
+    """uint8 [0, 255] -> float32 [0, 1]; float images are assumed in [0, 1]."""
+    image = tf.convert_to_tensor(image)
+    if image.shape.rank is not None and image.shape.rank != 3:
+        raise ValueError(f"image must be [H, W, C], got shape {image.shape}")
+    if image.shape[-1] is not None and image.shape[-1] != 3:
+        raise ValueError(f"image must have 3 channels, got shape {image.shape}")
+    if image.dtype == tf.uint8:
+        return tf.image.convert_image_dtype(image, tf.float32)
+    return tf.cast(image, tf.float32)
+
+
+def random_apply(fn, p, image, seed):
+    """fn(image) with probability p, else image; the coin is keyed by seed."""
+    coin = tf.random.stateless_uniform([], seed=seed)
+    return tf.cond(coin < p, lambda: fn(image), lambda: image)
+
+
+# ---------------------------------------------------------------- crop / flip
+
+
+def sample_crop_box(image_shape, seed, aspect=1.0):
+    """Samples a crop box -> (offset [y, x], size [h, w]), int32.
+
+    ``aspect`` (output width / height) scales the aspect-ratio range, as the
+    reference does, so the crop has the target's shape before resizing. After
+    CROP_MAX_ATTEMPTS failures TF falls back to the whole image.
+    """
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        image_shape,
+        bounding_boxes=tf.constant(_WHOLE_IMAGE_BOX, tf.float32),
+        seed=seed,
+        min_object_covered=CROP_MIN_OBJECT_COVERED,
+        aspect_ratio_range=(CROP_ASPECT_RANGE[0] * aspect, CROP_ASPECT_RANGE[1] * aspect),
+        area_range=CROP_AREA_RANGE,
+        max_attempts=CROP_MAX_ATTEMPTS,
+        use_image_if_no_bounding_boxes=True,
+    )
+    return begin[:2], size[:2]
+
+
+def _resize(image, height, width):
+    # Bicubic overshoots, so clip back into [0, 1].
+    image = tf.image.resize(image, [height, width], method="bicubic")
+    return tf.clip_by_value(image, 0.0, 1.0)
+
+
+def random_resized_crop(image, height, width, seed):
+    """Random area/aspect crop resized to [height, width] (always applied)."""
+    offset, size = sample_crop_box(tf.shape(image), seed, aspect=width / height)
+    crop = tf.slice(image, tf.concat([offset, [0]], 0), tf.concat([size, [-1]], 0))
+    crop.set_shape([None, None, image.shape[-1]])  # slice forgets the channels
+    return _resize(crop, height, width)
+
+
+def random_flip(image, seed):
+    """Left-right flip with p = 0.5."""
+    return random_apply(tf.image.flip_left_right, 0.5, image, seed)
+
+
+# -------------------------------------------------------------------- colour
+
+
+def jitter_factors(seed, strength):
+    """Draws [brightness, contrast, saturation, hue] for one colour jitter.
+
+    The first three are multiplicative factors U[max(0, 1 - 0.8 s), 1 + 0.8 s]
+    (brightness multiplies, as in SimCLR v2); hue is a delta U[-0.2 s, 0.2 s].
+    """
+    seeds = tf.random.experimental.stateless_split(seed, num=2)
+    low = max(0.0, 1.0 - 0.8 * strength)
+    factors = tf.random.stateless_uniform(
+        [3], seed=seeds[0], minval=low, maxval=1.0 + 0.8 * strength)
+    hue = tf.random.stateless_uniform(
+        [1], seed=seeds[1], minval=-0.2 * strength, maxval=0.2 * strength)
+    return tf.concat([factors, hue], 0)
+
+
+def jitter_order(seed):
+    """A uniformly random permutation of the four jitter ops, int32 [4].
+
+    argsort of i.i.d. uniforms is uniform over the 24 orders.
+    """
+    return tf.argsort(tf.random.stateless_uniform([4], seed=seed))
+
+
+def color_jitter(image, seed, strength=1.0):
+    """Brightness, contrast, saturation and hue, in a random order per call.
+
+    The factors are drawn up front so the result does not depend on which op
+    runs first except through the order itself; each op is clipped to [0, 1].
+    """
+    seeds = tf.random.experimental.stateless_split(seed, num=2)
+    factors = jitter_factors(seeds[0], strength)
+    order = jitter_order(seeds[1])
+    branches = [
+        lambda x: x * factors[0],
+        lambda x: tf.image.adjust_contrast(x, factors[1]),
+        lambda x: tf.image.adjust_saturation(x, factors[2]),
+        lambda x: tf.image.adjust_hue(x, factors[3]),
+    ]
+    for i in range(4):
+        image = tf.switch_case(order[i], [lambda f=f: f(image) for f in branches])
+        image = tf.clip_by_value(image, 0.0, 1.0)
+    return image
+
+
+def to_grayscale(image):
+    """Luma grayscale, tiled back to 3 channels so shapes stay fixed."""
+    return tf.tile(tf.image.rgb_to_grayscale(image), [1, 1, 3])
+
+
+def color_distortion(image, seed, strength=1.0):
+    """Jitter with p = 0.8, then (independently) grayscale with p = 0.2."""
+    seeds = tf.random.experimental.stateless_split(seed, num=3)
+    image = random_apply(
+        lambda x: color_jitter(x, seeds[1], strength), 0.8, image, seeds[0])
+    return random_apply(to_grayscale, 0.2, image, seeds[2])
+
+
+# ---------------------------------------------------------------------- blur
+
+
+def blur_radius(height, width):
+    """Kernel side is 10% of the height (made odd: 2 * radius + 1).
+
+    The radius is capped below the width so reflect padding stays valid for
+    very narrow outputs; it is 0 (no-op blur) for images under 20 pixels.
+    """
+    return min((height // 10) // 2, width - 1)
+
+
+def blur_kernel(sigma, radius):
+    """Normalised 1-D Gaussian taps at -radius..radius, float32."""
+    x = tf.cast(tf.range(-radius, radius + 1), tf.float32)
+    sigma = tf.cast(sigma, tf.float32)
+    kernel = tf.exp(-tf.square(x) / (2.0 * tf.square(sigma)))
+    return kernel / tf.reduce_sum(kernel)
+
+
+def gaussian_blur(image, sigma, radius):
+    """Separable Gaussian blur of an [H, W, C] image.
+
+    Uses reflect padding where the reference pads with zeros ('SAME'), so
+    borders are not darkened.
+    """
+    if radius == 0:
+        return image
+    channels = tf.shape(image)[-1]
+    kernel = blur_kernel(sigma, radius)
+    kernel_v = tf.tile(tf.reshape(kernel, [-1, 1, 1, 1]), [1, 1, channels, 1])
+    kernel_h = tf.reshape(kernel_v, [1, -1, channels, 1])
+    x = tf.pad(image[tf.newaxis], [[0, 0], [radius, radius], [radius, radius], [0, 0]],
+               mode="REFLECT")
+    x = tf.nn.depthwise_conv2d(x, kernel_v, strides=[1, 1, 1, 1], padding="VALID")
+    x = tf.nn.depthwise_conv2d(x, kernel_h, strides=[1, 1, 1, 1], padding="VALID")
+    return tf.clip_by_value(x[0], 0.0, 1.0)
+
+
+def random_blur(image, seed, radius, p=0.5):
+    """Gaussian blur with probability p and sigma U[0.1, 2.0]."""
+    seeds = tf.random.experimental.stateless_split(seed, num=2)
+    sigma = tf.random.stateless_uniform([], seed=seeds[1], minval=0.1, maxval=2.0)
+    return random_apply(lambda x: gaussian_blur(x, sigma, radius), p, image, seeds[0])
+
+
+# --------------------------------------------------------------------- views
+
+
+def train_view(image, height, width, *, seed=None, color_jitter_strength=1.0, blur=True):
+    """One SimCLR training view: float32 [height, width, 3] in [0, 1].
+
+    With ``seed`` (shape-[2] int tensor) the view is a deterministic function
+    of (image, seed); without it a fresh seed is drawn from TF's global RNG.
+    """
+    _check_size(height, width)
+    if color_jitter_strength < 0:
+        raise ValueError(
+            f"color_jitter_strength must be >= 0, got {color_jitter_strength!r}")
+    if seed is None:
+        seed = tf.random.uniform([2], maxval=2**31 - 1, dtype=tf.int64)
+    seeds = tf.random.experimental.stateless_split(seed, num=4)
+    image = to_float(image)
+    image = random_resized_crop(image, height, width, seeds[0])
+    image = random_flip(image, seeds[1])
+    image = color_distortion(image, seeds[2], color_jitter_strength)
+    if blur:
+        image = random_blur(image, seeds[3], blur_radius(height, width))
+    return tf.ensure_shape(image, [height, width, 3])
+
+
+def eval_view(image, height, width):
+    """Deterministic evaluation view: float32 [height, width, 3] in [0, 1].
+
+    Images whose shorter side exceeds EVAL_CROP_MIN_SIDE (i.e. not CIFAR's
+    32x32) are first centre-cropped to 87.5% of the largest centred window
+    with the output's aspect ratio (87.5% of the shorter side when square).
+    """
+    _check_size(height, width)
+    image = to_float(image)
+    shape = tf.shape(image)
+    img_h = tf.cast(shape[0], tf.float32)
+    img_w = tf.cast(shape[1], tf.float32)
+    aspect = width / height
+    # Largest centred window of the target aspect, scaled by the proportion.
+    window_h = tf.minimum(img_h, img_w / aspect)
+    crop_h = tf.cast(tf.math.rint(EVAL_CROP_PROPORTION * window_h), tf.int32)
+    crop_w = tf.cast(tf.math.rint(EVAL_CROP_PROPORTION * window_h * aspect), tf.int32)
+    crop_h = tf.clip_by_value(crop_h, 1, shape[0])
+    crop_w = tf.clip_by_value(crop_w, 1, shape[1])
+
+    def centre_crop():
+        top = (shape[0] - crop_h + 1) // 2
+        left = (shape[1] - crop_w + 1) // 2
+        crop = tf.slice(image, [top, left, 0], [crop_h, crop_w, -1])
+        crop.set_shape([None, None, image.shape[-1]])
+        return crop
+
+    do_crop = tf.minimum(shape[0], shape[1]) > EVAL_CROP_MIN_SIDE
+    image = tf.cond(do_crop, centre_crop, lambda: image)
+    return tf.ensure_shape(_resize(image, height, width), [height, width, 3])

@@ -1,0 +1,149 @@
+"""TFDS -> tf.data pipelines that yield per-process batches of numpy-ready dicts.
+
+Each process reads its own slice of a split (``tfds.split_for_jax_process``);
+the caller turns a per-process batch into a global jax.Array. All randomness
+is keyed by the ``seed`` argument, so with ``config.deterministic_input``
+(default True) the same seed yields the same stream of batches.
+"""
+import jax
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from simclr_jax import augment
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _not_prepared_message(dataset, builder, data_dir):
+    where = data_dir if data_dir is not None else (
+        f"{builder.data_dir_root} (TFDS default; data_dir was None)")
+    return (
+        f"TFDS dataset {dataset!r} is not prepared under data_dir {where} "
+        f"(looked for {builder.data_dir}). TFDS cannot download here. Run "
+        f"`tfds build {dataset}` (or tfds.load({dataset!r}, download=True)) on a "
+        "machine with internet access and copy the result, then set "
+        "config.data_dir or the TFDS_DATA_DIR environment variable to the "
+        "folder holding the prepared dataset.")
+
+
+def load_split(dataset, split, data_dir, *, shuffle_files=False, seed=None,
+               autocache=True):
+    """Opens this process's slice of a TFDS split.
+
+    Returns (dataset of decoded examples, examples in this slice, DatasetInfo).
+    Bad names, unprepared data and unknown splits each raise one ValueError
+    before any data is read. ``data_dir=None`` lets TFDS resolve the folder
+    (it honours TFDS_DATA_DIR). ``autocache=False`` is for callers that cache
+    themselves, so the data is not held twice.
+    """
+    try:
+        builder = tfds.builder(dataset, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ValueError(f"unknown TFDS dataset {dataset!r}") from None
+    except (AssertionError, ValueError) as e:  # e.g. a bad version or config
+        raise ValueError(f"cannot open TFDS dataset {dataset!r}: {e}") from None
+    if not builder.is_prepared():
+        raise ValueError(_not_prepared_message(dataset, builder, data_dir))
+    splits = builder.info.splits
+    try:
+        splits[split]
+    except (KeyError, ValueError):
+        raise ValueError(
+            f"unknown or malformed split {split!r} for TFDS dataset {dataset!r}; available "
+            f"splits: {sorted(splits.keys())} (slices like 'train[:10%]' work)"
+        ) from None
+    process_split = tfds.split_for_jax_process(split)
+    num_examples = splits[process_split].num_examples
+    read_config = tfds.ReadConfig(shuffle_seed=seed, try_autocache=autocache)
+    ds = builder.as_dataset(split=process_split, shuffle_files=shuffle_files,
+                            read_config=read_config)
+    return ds, num_examples, builder.info
+
+
+def _image_and_label(example):
+    # Drop everything else (e.g. the 'id' string) before caching.
+    return {"image": example["image"], "label": tf.cast(example["label"], tf.int32)}
+
+
+def _options(deterministic):
+    options = tf.data.Options()
+    options.deterministic = deterministic
+    options.experimental_optimization.map_parallelization = True
+    return options
+
+
+def pretrain_dataset(config, *, per_process_batch_size, seed):
+    """Endless batches {'views': f32 [B, 2, S, S, 3], 'label': i32 [B]}.
+
+    Pipeline: decode -> (cache uint8) -> repeat -> shuffle -> two views per
+    image -> batch -> prefetch. View seeds are folded from (seed, process
+    index, position in the shuffled stream), so the augmentations follow the
+    seed and differ between processes.
+    """
+    size = config.image_size
+    _check_positive_int("config.image_size", size)
+    _check_positive_int("per_process_batch_size", per_process_batch_size)
+    _check_positive_int("config.shuffle_buffer_size", config.shuffle_buffer_size)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    strength = config.color_jitter_strength
+    blur = config.blur
+    if strength < 0:
+        raise ValueError(f"config.color_jitter_strength must be >= 0, got {strength!r}")
+
+    ds, _, _ = load_split(config.dataset, config.train_split, config.data_dir,
+                          shuffle_files=True, seed=seed,
+                          autocache=not config.cache_dataset)
+    ds = ds.map(_image_and_label, num_parallel_calls=AUTOTUNE)
+    if config.cache_dataset:
+        ds = ds.cache()
+    ds = ds.repeat()
+    ds = ds.shuffle(config.shuffle_buffer_size, seed=seed)
+    base_seed = tf.constant([seed, jax.process_index()], tf.int64)
+
+    def two_views(index, example):
+        example_seed = tf.random.experimental.stateless_fold_in(base_seed, index)
+        seeds = tf.random.experimental.stateless_split(example_seed, num=2)
+        views = [
+            augment.train_view(example["image"], size, size, seed=seeds[i],
+                               color_jitter_strength=strength, blur=blur)
+            for i in range(2)
+        ]
+        return {"views": tf.stack(views), "label": example["label"]}
+
+    ds = ds.enumerate().map(two_views, num_parallel_calls=AUTOTUNE)
+    ds = ds.batch(per_process_batch_size, drop_remainder=True)
+    ds = ds.with_options(_options(config.get("deterministic_input", True)))
+    return ds.prefetch(AUTOTUNE)
+
+
+def eval_dataset(config, split, *, batch_size, data_dir=None):
+    """One ordered pass {'image': f32 [B, S, S, 3], 'label': i32 [B]}.
+
+    The final partial batch is kept. ``data_dir`` overrides config.data_dir
+    (None: use config.data_dir). With config.cache_dataset the decoded uint8
+    images are cached, so iterating the same dataset again skips decoding.
+    """
+    size = config.image_size
+    _check_positive_int("config.image_size", size)
+    _check_positive_int("batch_size", batch_size)
+    data_dir = config.data_dir if data_dir is None else data_dir
+    ds, _, _ = load_split(config.dataset, split, data_dir,
+                          autocache=not config.cache_dataset)
+    ds = ds.map(_image_and_label, num_parallel_calls=AUTOTUNE)
+    if config.cache_dataset:
+        ds = ds.cache()
+
+    def view(example):
+        return {"image": augment.eval_view(example["image"], size, size),
+                "label": example["label"]}
+
+    ds = ds.map(view, num_parallel_calls=AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=False)
+    ds = ds.with_options(_options(True))
+    return ds.prefetch(AUTOTUNE)

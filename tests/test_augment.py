@@ -1,0 +1,231 @@
+"""Tests for the SimCLR augmentations: shapes, ranges, probabilities, params."""
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from simclr_jax import augment
+
+N = 800  # samples per probability test
+
+
+def _random_image(h, w, seed=0, dtype=np.uint8):
+    image = np.random.RandomState(seed).randint(0, 256, (h, w, 3)).astype(np.uint8)
+    if dtype == np.uint8:
+        return image
+    return (image / 255.0).astype(dtype)
+
+
+def _over_seeds(fn, n=N):
+    """Stacks fn(seed) for n distinct seeds, evaluated in one tf.data pass."""
+    ds = tf.data.Dataset.range(n).map(lambda i: fn(tf.stack([i, 12345 + 7 * i])))
+    return tf.nest.map_structure(lambda t: t.numpy(), ds.batch(n).get_single_element())
+
+
+def _assert_rate(hits, p, n=N):
+    # Binomial tolerance of 4 standard deviations.
+    rate = np.mean(hits)
+    assert abs(rate - p) < 4 * np.sqrt(p * (1 - p) / n), (rate, p)
+
+
+@pytest.mark.parametrize("in_shape,out_hw", [
+    ((32, 32), (32, 32)), ((40, 56), (24, 24)), ((20, 30), (48, 40)), ((64, 48), (224, 224)),
+])
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_views_shape_dtype_range(in_shape, out_hw, dtype):
+    image = _random_image(*in_shape, dtype=dtype)
+    views = [augment.train_view(image, *out_hw, seed=tf.constant([s, 1])) for s in range(3)]
+    views.append(augment.train_view(image, *out_hw))  # fresh random seed
+    views.append(augment.eval_view(image, *out_hw))
+    for view in views:
+        assert view.shape == (*out_hw, 3)
+        assert view.dtype == tf.float32
+        v = view.numpy()
+        assert v.min() >= 0.0 and v.max() <= 1.0
+
+
+def test_uint8_and_float_inputs_agree():
+    image = _random_image(40, 40)
+    seed = tf.constant([3, 4])
+    a = augment.train_view(image, 32, 32, seed=seed)
+    b = augment.train_view(image / 255.0, 32, 32, seed=seed)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_eval_view_is_identity_on_32x32_and_crops_larger():
+    image = _random_image(32, 32)
+    np.testing.assert_allclose(augment.eval_view(image, 32, 32), image / 255.0, atol=1e-6)
+    # 64x80 -> centre 56x56 window (87.5% of 64), then identity resize.
+    big = _random_image(64, 80)
+    expected = big[4:60, 12:68] / 255.0
+    np.testing.assert_allclose(augment.eval_view(big, 56, 56), expected, atol=1e-6)
+    np.testing.assert_array_equal(augment.eval_view(big, 24, 24), augment.eval_view(big, 24, 24))
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, None])
+def test_bad_sizes_and_strength_raise(bad):
+    image = _random_image(8, 8)
+    with pytest.raises(ValueError, match="height must be a positive int"):
+        augment.train_view(image, bad, 8)
+    with pytest.raises(ValueError, match="width must be a positive int"):
+        augment.eval_view(image, 8, bad)
+
+
+def test_negative_strength_raises():
+    with pytest.raises(ValueError, match="color_jitter_strength must be >= 0"):
+        augment.train_view(_random_image(8, 8), 8, 8, color_jitter_strength=-0.1)
+
+
+def test_same_seed_reproduces_and_seeds_differ():
+    image = _random_image(32, 32)
+    a = augment.train_view(image, 32, 32, seed=tf.constant([1, 2]), color_jitter_strength=0.5)
+    b = augment.train_view(image, 32, 32, seed=tf.constant([1, 2]), color_jitter_strength=0.5)
+    c = augment.train_view(image, 32, 32, seed=tf.constant([1, 3]), color_jitter_strength=0.5)
+    np.testing.assert_array_equal(a.numpy(), b.numpy())  # bitwise
+    assert np.abs(a.numpy() - c.numpy()).mean() > 1e-2
+    # Unseeded views draw fresh seeds.
+    assert not np.array_equal(augment.train_view(image, 32, 32), augment.train_view(image, 32, 32))
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (224, 224), (48, 96)])
+def test_crop_box_area_and_aspect(shape):
+    h, w = shape
+    boxes = _over_seeds(lambda s: augment.sample_crop_box([h, w, 3], s))
+    offset, size = boxes
+    ch, cw = size[:, 0].astype(float), size[:, 1].astype(float)
+    assert (offset >= 0).all() and (offset + size <= [h, w]).all()
+    area = ch * cw / (h * w)
+    assert area.min() >= 0.08 and area.max() <= 1.0
+    # TF rounds the width to whole pixels, so allow half a pixel of slack.
+    aspect = cw / ch
+    assert (aspect >= 3 / 4 - 0.5 / ch - 1e-6).all()
+    assert (aspect <= 4 / 3 + 0.5 / ch + 1e-6).all()
+    # The reference's min_object_covered=0.1 on the whole-image box lifts the
+    # effective floor from 0.08 to 0.1.
+    assert area.min() >= augment.CROP_MIN_OBJECT_COVERED
+    assert area.min() < 0.15  # spread over the range, not stuck at a bound
+    if h == w:
+        # TF draws the crop height uniformly, so the mean area is ~0.42, not
+        # the 0.54 of an area drawn uniformly from [0.08, 1].
+        assert 0.35 < area.mean() < 0.5
+        assert area.max() > 0.9
+
+
+def test_flip_probability():
+    # Left half dark, right half bright: a flip swaps them.
+    image = np.zeros((8, 8, 3), np.float32)
+    image[:, 4:] = 1.0
+    out = _over_seeds(lambda s: augment.random_flip(image, s))
+    same = (out == image).all(axis=(1, 2, 3))
+    flipped = (out == image[:, ::-1]).all(axis=(1, 2, 3))
+    assert (same != flipped).all()
+    _assert_rate(flipped, 0.5)
+
+
+def test_color_jitter_and_grayscale_probabilities():
+    image = _random_image(8, 8, dtype=np.float32)
+    out = _over_seeds(lambda s: augment.color_distortion(image, s, strength=1.0))
+    gray = np.abs(out - out[..., :1]).max(axis=(1, 2, 3)) < 1e-6
+    _assert_rate(gray, 0.2)
+    # Grayscale is independent of jitter, so among colour outputs p(jitter) = 0.8.
+    changed = np.abs(out - image).max(axis=(1, 2, 3)) > 1e-4
+    _assert_rate(changed[~gray], 0.8, n=int((~gray).sum()))
+
+
+def test_blur_probability():
+    image = _random_image(40, 40, dtype=np.float32)
+    out = _over_seeds(lambda s: augment.random_blur(image, s, radius=2))
+    # A blur with sigma near 0.1 is an exact no-op in float32, which biases
+    # the observed rate down by about 2%, well inside the tolerance.
+    blurred = (out != image).any(axis=(1, 2, 3))
+    _assert_rate(blurred, 0.5)
+    assert (out.std(axis=(1, 2, 3))[blurred] <= image.std() + 1e-6).all()  # blur smooths
+
+
+def test_random_apply_probability():
+    out = _over_seeds(lambda s: augment.random_apply(lambda x: x + 1.0, 0.3, tf.zeros([]), s))
+    _assert_rate(out == 1.0, 0.3)
+
+
+@pytest.mark.parametrize("strength", [0.5, 1.0])
+def test_jitter_factor_ranges(strength):
+    f = _over_seeds(lambda s: augment.jitter_factors(s, strength))
+    low, high = max(0.0, 1 - 0.8 * strength), 1 + 0.8 * strength
+    for k in range(3):
+        assert f[:, k].min() >= low and f[:, k].max() <= high
+        assert f[:, k].min() < low + 0.05 and f[:, k].max() > high - 0.05
+    hue = f[:, 3]
+    assert hue.min() >= -0.2 * strength and hue.max() <= 0.2 * strength
+    assert hue.min() < -0.18 * strength and hue.max() > 0.18 * strength
+    assert abs(hue.mean()) < 0.02
+
+
+@pytest.mark.parametrize("strength", [0.5, 1.0])
+def test_brightness_is_multiplicative(strength):
+    # On a flat grey image contrast, saturation and hue are no-ops, so the
+    # jitter output over its input is exactly the brightness factor.
+    image = tf.fill([4, 4, 3], 0.5)
+    out = _over_seeds(lambda s: augment.color_jitter(image, s, strength))
+    ratio = out / 0.5
+    np.testing.assert_allclose(ratio, ratio[:, :1, :1, :1] * np.ones_like(ratio), atol=1e-5)
+    factors = _over_seeds(lambda s: augment.jitter_factors(
+        tf.random.experimental.stateless_split(s, num=2)[0], strength))
+    np.testing.assert_allclose(ratio[:, 0, 0, 0], factors[:, 0], atol=1e-5)
+    low, high = 1 - 0.8 * strength, 1 + 0.8 * strength
+    assert ratio.min() >= low - 1e-5 and ratio.max() <= high + 1e-5
+
+
+def test_jitter_order_is_a_uniform_permutation():
+    orders = _over_seeds(augment.jitter_order, n=960)
+    assert (np.sort(orders, axis=1) == np.arange(4)).all()
+    counts = {}
+    for o in map(tuple, orders):
+        counts[o] = counts.get(o, 0) + 1
+    assert len(counts) == 24  # every order of the four ops occurs
+    assert max(counts.values()) < 40 * 2.5  # expected 40 each
+
+
+def test_grayscale_keeps_three_channels():
+    image = _random_image(5, 7, dtype=np.float32)
+    gray = augment.to_grayscale(image).numpy()
+    assert gray.shape == (5, 7, 3)
+    luma = image @ np.array([0.2989, 0.587, 0.114], np.float32)
+    np.testing.assert_allclose(gray[..., 1], luma, atol=1e-3)
+    np.testing.assert_array_equal(gray[..., 0], gray[..., 2])
+
+
+@pytest.mark.parametrize("sigma,radius", [(0.1, 1), (1.0, 3), (2.0, 11)])
+def test_blur_kernel_matches_numpy_gaussian(sigma, radius):
+    kernel = augment.blur_kernel(sigma, radius).numpy()
+    x = np.arange(-radius, radius + 1)
+    expected = np.exp(-x**2 / (2 * sigma**2))
+    expected /= expected.sum()
+    assert kernel.shape == (2 * radius + 1,)
+    np.testing.assert_allclose(kernel.sum(), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(kernel, kernel[::-1], rtol=1e-6)
+    np.testing.assert_allclose(kernel, expected, atol=1e-6)
+
+
+def test_gaussian_blur_is_separable_convolution():
+    image = _random_image(12, 10, dtype=np.float32)
+    sigma, radius = 1.3, 2
+    k = augment.blur_kernel(sigma, radius).numpy()
+    padded = np.pad(image, [(radius, radius), (radius, radius), (0, 0)], mode="reflect")
+    k2 = np.outer(k, k)
+    expected = np.zeros_like(image)
+    for y in range(12):
+        for x in range(10):
+            window = padded[y:y + 2 * radius + 1, x:x + 2 * radius + 1]
+            expected[y, x] = np.einsum("ijc,ij->c", window, k2)
+    np.testing.assert_allclose(augment.gaussian_blur(image, sigma, radius), expected, atol=1e-5)
+    flat = tf.fill([9, 9, 3], 0.3)
+    np.testing.assert_allclose(augment.gaussian_blur(flat, 2.0, 4), flat, atol=1e-6)
+
+
+def test_blur_radius_is_ten_percent_of_height():
+    assert augment.blur_radius(224, 224) == 11  # 23-tap kernel, as the reference
+    assert augment.blur_radius(32, 32) == 1
+    assert augment.blur_radius(16, 16) == 0
