@@ -44,6 +44,18 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer.momentum = 0.9
     config.optimizer.trust_coefficient = 1e-3
 
+    # Monitoring with labels, when the dataset has them (never used for the
+    # encoder's gradient): an online linear probe on stop_gradient(h), and a
+    # weighted kNN (k=200, T=0.1) of test images against the train split.
+    config.online_probe = True
+    config.knn_monitor = True
+    config.knn_every_epochs = 50.0  # and at the end; 0 = only at the end
+    config.test_split = "test"
+    config.eval_batch_size = 512  # feature extraction; a multiple of the device count
+    config.knn = ml_collections.ConfigDict()
+    config.knn.k = 200
+    config.knn.temperature = 0.1
+
     # Bookkeeping.
     config.seed = 0
     config.log_every_steps = 50

@@ -24,13 +24,17 @@ def _positive_int(config, field: str):
 def validate_pretrain_config(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError on the first invalid field of a pretraining config."""
     for field in ("batch_size", "image_size", "log_every_steps", "checkpoint_every_steps",
-                  "keep_checkpoints", "shuffle_buffer_size"):
+                  "keep_checkpoints", "shuffle_buffer_size", "eval_batch_size", "knn.k"):
         _positive_int(config, field)
 
     if not config.temperature > 0:
         _fail("temperature", config.temperature, "the NT-Xent temperature must be > 0 (SimCLR uses 0.1-0.5)")
     if config.num_train_steps <= 0 and config.num_epochs <= 0:
         _fail("num_epochs", config.num_epochs, "set num_epochs > 0 or num_train_steps > 0")
+    if not config.knn.temperature > 0:
+        _fail("knn.temperature", config.knn.temperature, "expected > 0 (peers use 0.1)")
+    if config.knn_every_epochs < 0:
+        _fail("knn_every_epochs", config.knn_every_epochs, "expected >= 0 (0 = only at the end)")
     if config.dtype not in _VALID_DTYPES:
         _fail("dtype", config.dtype, f"choose one of {_VALID_DTYPES}")
     if config.color_jitter_strength < 0:

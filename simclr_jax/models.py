@@ -58,7 +58,7 @@ def _bn(module, train, name, zero_scale=False):
     return nn.BatchNorm(
         use_running_average=not train, momentum=module.bn_momentum,
         epsilon=module.bn_epsilon, axis_name=module.axis_name, dtype=module.dtype,
-        param_dtype=jnp.float32,
+        param_dtype=jnp.float32, use_fast_variance=False,
         scale_init=nn.initializers.zeros if zero_scale else nn.initializers.ones,
         name=name)
 
@@ -191,7 +191,8 @@ class ProjectionHead(nn.Module):
             x = nn.BatchNorm(
                 use_running_average=not train, momentum=BN_MOMENTUM,
                 epsilon=BN_EPSILON, axis_name=self.axis_name, dtype=self.dtype,
-                param_dtype=jnp.float32, use_bias=not last, use_scale=True,
+                param_dtype=jnp.float32, use_fast_variance=False,
+                use_bias=not last, use_scale=True,
                 name=f"bn{i + 1}")(x)
             if not last:
                 x = nn.relu(x)

@@ -22,24 +22,50 @@ from simclr_jax import sharding
 from simclr_jax.losses import nt_xent
 
 
+PROBE = "online_probe"  # key of the online linear probe in TrainState.params
+
+
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array
-    params: Any
+    params: Any  # {'encoder', 'head'} of the SimCLR model, plus PROBE when enabled
     batch_stats: Any
     opt_state: Any
 
 
+def model_params(params: dict) -> dict:
+    """The SimCLR model's parameters, without the online probe."""
+    return {name: value for name, value in params.items() if name != PROBE}
+
+
+def _probe(num_classes: int) -> flax.linen.Dense:
+    # Zero-initialised, as the reference code's supervised head can be: it
+    # starts at chance and owes all it learns to the labels.
+    return flax.linen.Dense(num_classes, kernel_init=flax.linen.initializers.zeros)
+
+
 def create_train_state(
-    model: flax.linen.Module, tx: optax.GradientTransformation, image_size: int, seed: int, mesh: Mesh
+    model: flax.linen.Module,
+    tx: optax.GradientTransformation,
+    image_size: int,
+    seed: int,
+    mesh: Mesh,
+    num_classes: int = 0,
 ) -> TrainState:
-    """Initialises parameters once, replicated over the mesh."""
+    """Initialises parameters once, replicated over the mesh.
+
+    ``num_classes > 0`` adds the online linear probe's parameters.
+    """
 
     def init():
         dummy = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
         # rbg keys: same quality for init, and XLA:CPU compiles them ~4x faster.
-        variables = model.init(jax.random.key(seed, impl="rbg"), dummy, train=False)
-        params = variables["params"]
+        key = jax.random.key(seed, impl="rbg")
+        variables = model.init(key, dummy, train=False)
+        params = dict(variables["params"])
+        if num_classes:
+            h = jax.eval_shape(lambda: model.apply(variables, dummy, train=False)[0])
+            params[PROBE] = _probe(num_classes).init(key, jnp.zeros(h.shape, h.dtype))["params"]
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -56,30 +82,48 @@ def make_train_step(
     learning_rate: Callable[[jax.Array], jax.Array],
     temperature: float,
     mesh: Mesh,
+    num_classes: int = 0,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Builds ``train_step(state, batch) -> (state, metrics)``.
 
     ``batch['views']`` is the global [N, 2, H, W, 3] array sharded on 'data';
     ``model`` must have been built with ``axis_name='data'``. The state
     argument is donated: its buffers are reused for the new state.
+
+    With ``num_classes > 0`` the batch also holds ``'label'`` [N], and an
+    online linear probe on ``stop_gradient(h)`` of both views learns from it
+    alongside (as the reference TF2 code does): it reports how linearly
+    separable h is as training goes, and cannot change the encoder's gradient.
     """
 
-    def step_on_device(state: TrainState, views: jax.Array):
+    def step_on_device(state: TrainState, views: jax.Array, labels: jax.Array):
         n = views.shape[0]
         # One forward pass over both views so BatchNorm statistics cover all 2N.
         images = jnp.concatenate([views[:, 0], views[:, 1]], axis=0)
 
         def loss_fn(params):
-            (_, z), updates = model.apply(
-                {"params": params, "batch_stats": state.batch_stats},
+            (h, z), updates = model.apply(
+                {"params": model_params(params), "batch_stats": state.batch_stats},
                 images,
                 train=True,
                 mutable=["batch_stats"],
             )
             loss, metrics = nt_xent(z[:n], z[n:], temperature, axis_name=sharding.DATA_AXIS)
-            return loss, (metrics, updates["batch_stats"])
+            total = loss
+            if num_classes:
+                logits = _probe(num_classes).apply({"params": params[PROBE]}, jax.lax.stop_gradient(h))
+                both_labels = jnp.concatenate([labels, labels])
+                probe_loss = optax.softmax_cross_entropy_with_integer_labels(logits, both_labels).mean()
+                probe_metrics = {
+                    "probe_loss": probe_loss,
+                    "probe_acc": jnp.mean(jnp.argmax(logits, -1) == both_labels),
+                }
+                probe_metrics = jax.lax.pmean(probe_metrics, sharding.DATA_AXIS)
+                total = loss + probe_metrics["probe_loss"]
+                metrics = dict(metrics, **probe_metrics)
+            return total, (loss, metrics, updates["batch_stats"])
 
-        (loss, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        (_, (loss, metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -95,7 +139,12 @@ def make_train_step(
     sharded = jax.shard_map(
         step_on_device,
         mesh=mesh,
-        in_specs=(P(), P(sharding.DATA_AXIS)),
+        in_specs=(P(), P(sharding.DATA_AXIS), P(sharding.DATA_AXIS)),
         out_specs=(P(), P()),
     )
-    return jax.jit(lambda state, batch: sharded(state, batch["views"]), donate_argnums=0)
+
+    def train_step(state, batch):
+        labels = batch["label"] if num_classes else jnp.zeros(batch["views"].shape[:1], jnp.int32)
+        return sharded(state, batch["views"], labels)
+
+    return jax.jit(train_step, donate_argnums=0)

@@ -12,15 +12,15 @@ from absl import logging
 from clu import periodic_actions
 from jax.sharding import Mesh
 
-from simclr_jax import checkpoint, config_validation, input_pipeline, models, optim, sharding, writers
-from simclr_jax.step import TrainState, create_train_state, make_train_step
+from simclr_jax import checkpoint, config_validation, evaluate, input_pipeline, models, optim, sharding, writers
+from simclr_jax.step import TrainState, create_train_state, make_train_step, model_params
 
 
 def _device_batches(dataset, mesh: Mesh, prefetch: int = 2) -> Iterator[dict]:
     """Yields global device batches, keeping ``prefetch`` transfers in flight."""
     queue = []
     for batch in dataset.as_numpy_iterator():
-        queue.append(sharding.put_batch({"views": batch["views"]}, mesh))
+        queue.append(sharding.put_batch(batch, mesh))
         if len(queue) > prefetch:
             yield queue.pop(0)
     yield from queue
@@ -37,10 +37,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     config_validation.validate_pretrain_config(config)
     mesh = sharding.make_mesh()
     sharding.check_batch_size(config.batch_size, mesh)
+    sharding.check_batch_size(config.eval_batch_size, mesh)
 
     # Data errors (unknown dataset or split, data not prepared) surface here,
     # before anything is compiled.
-    _, num_examples, _ = input_pipeline.load_split(config.dataset, config.train_split, config.data_dir)
+    _, num_examples, info = input_pipeline.load_split(config.dataset, config.train_split, config.data_dir)
     num_examples *= jax.process_count()  # load_split counts this process's slice
     steps_per_epoch = num_examples // config.batch_size
     if steps_per_epoch == 0:
@@ -54,7 +55,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     model = models.model_from_config(
         config.model, axis_name=sharding.DATA_AXIS, dtype=jnp.dtype(config.dtype)
     )
-    state = create_train_state(model, tx, config.image_size, config.seed, mesh)
+    # Labels, when the dataset has them, feed the online probe and the kNN monitor.
+    num_classes = evaluate.label_classes(info)
+    probe_classes = num_classes if config.online_probe else 0
+    state = create_train_state(model, tx, config.image_size, config.seed, mesh, probe_classes)
     manager = checkpoint.create_manager(
         workdir, save_every_steps=config.checkpoint_every_steps, max_to_keep=config.keep_checkpoints
     )
@@ -70,7 +74,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             f.write(config.to_json_best_effort(indent=2))
         writer.write_hparams(_flat_hparams(config))
 
-    train_step = make_train_step(model, tx, learning_rate, config.temperature, mesh)
+    train_step = make_train_step(model, tx, learning_rate, config.temperature, mesh, probe_classes)
+    knn_every = int(round(config.knn_every_epochs * steps_per_epoch))
     dataset = input_pipeline.pretrain_dataset(
         config,
         per_process_batch_size=sharding.per_process_batch_size(config.batch_size),
@@ -97,12 +102,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             scalars["epoch"] = step / steps_per_epoch
             writer.write_scalars(step, scalars)
             history, interval_start = [], time.perf_counter()
-        checkpoint.save(manager, step, state, force=step == total_steps)
+        knn_due = (knn_every and step % knn_every == 0) or step == total_steps
+        if knn_due and num_classes and config.knn_monitor:
+            writer.write_scalars(step, _knn_monitor(config, state, mesh))
+            interval_start = time.perf_counter()  # keep evaluation out of images/s
+        if step % config.checkpoint_every_steps == 0 or step == total_steps:
+            checkpoint.save(manager, step, state, force=True)
 
     manager.wait_until_finished()
     manager.close()
     writer.flush()
     return state
+
+
+def _knn_monitor(config, state: TrainState, mesh: Mesh) -> dict[str, float]:
+    """Weighted kNN top-1/top-5 of the current encoder (train bank, test queries)."""
+    eval_model = models.model_from_config(config.model)
+    variables = {"params": model_params(state.params), "batch_stats": state.batch_stats}
+    start = time.perf_counter()
+    result = evaluate.knn_top1(config, eval_model, variables, mesh)
+    logging.info("kNN monitor: %s (%.1f s)", result, time.perf_counter() - start)
+    return {"knn_top1": result["top1"], "knn_top5": result["top5"]}
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict:
