@@ -48,6 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
     # encoder's gradient): an online linear probe on stop_gradient(h), and a
     # weighted kNN (k=200, T=0.1) of test images against the train split.
     config.online_probe = True
+    config.probe_learning_rate = 1e-3  # Adam, for the probe only
     config.knn_monitor = True
     config.knn_every_epochs = 50.0  # and at the end; 0 = only at the end
     config.test_split = "test"

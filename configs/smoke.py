@@ -1,8 +1,11 @@
 """A few minutes of SimCLR on real CIFAR-10 on a laptop CPU.
 
-A ResNet-18 at 1/8 width (8-64 channels) with the CIFAR stem: small enough
-for a 2-core CPU, big enough to learn visibly (loss falls, contrastive
-accuracy climbs far above chance). Everything else is the CIFAR-10 recipe.
+A ResNet-18 at 1/8 width (8-64 channels) with the CIFAR stem, batch 128,
+500 steps (1.3 epochs): ~3 minutes on a 2-core CPU, then a kNN evaluation
+(~40 s). Short runs want a hotter recipe than the 1000-epoch one: base
+learning rate 8.0 (peak 4.0 at batch 128) and temperature 0.2 took kNN top-1
+from 29.5% (random init) to 45.4%, where the CIFAR recipe's 1.0 / 0.5 reached
+39.5% in 300 steps (README, Results).
 """
 from configs import cifar10
 
@@ -11,9 +14,12 @@ def get_config():
     config = cifar10.get_config()
     config.model.width_multiplier = 0.125
     config.batch_size = 128
-    config.num_train_steps = 300
+    config.num_train_steps = 500
+    config.temperature = 0.2
     config.shuffle_buffer_size = 10_000
-    config.optimizer.warmup_epochs = 0.5  # 195 steps: half the run
+    config.optimizer.base_learning_rate = 8.0
+    config.optimizer.warmup_epochs = 0.5  # 195 steps
+    config.knn_every_epochs = 0.0  # kNN monitor only at the end
     config.log_every_steps = 25
-    config.checkpoint_every_steps = 100
+    config.checkpoint_every_steps = 250
     return config

@@ -45,6 +45,8 @@ def validate_pretrain_config(config: ml_collections.ConfigDict) -> None:
         _fail("model.depth", model.depth, f"choose one of {_VALID_DEPTHS}")
     if not model.width_multiplier > 0:
         _fail("model.width_multiplier", model.width_multiplier, "expected > 0")
+    if not config.probe_learning_rate > 0:
+        _fail("probe_learning_rate", config.probe_learning_rate, "expected > 0")
     _positive_int(config, "model.head_layers")
     _positive_int(config, "model.proj_dim")
 

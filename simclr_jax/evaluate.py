@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from simclr_jax import checkpoint, input_pipeline, models, probes, sharding, writers
+from simclr_jax import checkpoint, finetune, input_pipeline, models, probes, sharding, writers
 
 RANDOM = "random"
 
@@ -203,7 +203,16 @@ def append_result(workdir: str, record: dict[str, Any]) -> None:
     os.replace(path + ".tmp", path)
 
 
-PROTOCOLS = {"knn": knn_top1, "linear_eval": cached_linear_probe}
+def linear_eval(config, model, variables, mesh) -> dict[str, float]:
+    """config.linear.cached: features extracted once (fast, the default), or
+    False for the paper's full protocol (augmented views through the frozen
+    encoder at every step, finetune.linear_eval)."""
+    if config.linear.get("cached", True):
+        return cached_linear_probe(config, model, variables, mesh)
+    return finetune.linear_eval(config, model, variables, mesh)
+
+
+PROTOCOLS = {"knn": knn_top1, "linear_eval": linear_eval, "finetune": finetune.finetune}
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -214,6 +223,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         raise ValueError("set --config.pretrained=PRETRAIN_WORKDIR (or 'random' for the baseline)")
     mesh = sharding.make_mesh()
     sharding.check_batch_size(config.eval_batch_size, mesh)
+    finetune.check_config(config, mesh)  # the training protocols' settings
     num_classes(config)  # fails early on unlabelled data
     if config.pretrained != RANDOM:
         _check_architecture(config.pretrained, config.model)

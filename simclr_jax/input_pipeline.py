@@ -5,6 +5,8 @@ the caller turns a per-process batch into a global jax.Array. All randomness
 is keyed by the ``seed`` argument, so with ``config.deterministic_input``
 (default True) the same seed yields the same stream of batches.
 """
+import os
+
 import jax
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -12,6 +14,7 @@ import tensorflow_datasets as tfds
 from simclr_jax import augment
 
 AUTOTUNE = tf.data.AUTOTUNE
+FOLDER_PREFIX = "folder:"  # config.dataset = 'folder:ROOT' reads an image folder
 
 
 def _check_positive_int(name, value):
@@ -32,15 +35,21 @@ def _not_prepared_message(dataset, builder, data_dir):
 
 
 def load_split(dataset, split, data_dir, *, shuffle_files=False, seed=None,
-               autocache=True):
+               autocache=True, decoders=None, process_slice=True):
     """Opens this process's slice of a TFDS split.
 
     Returns (dataset of decoded examples, examples in this slice, DatasetInfo).
     Bad names, unprepared data and unknown splits each raise one ValueError
     before any data is read. ``data_dir=None`` lets TFDS resolve the folder
     (it honours TFDS_DATA_DIR). ``autocache=False`` is for callers that cache
-    themselves, so the data is not held twice.
+    themselves, so the data is not held twice. ``decoders`` go to TFDS (e.g.
+    SkipDecoding to read labels only); ``process_slice=False`` opens the whole
+    split on every process. ``dataset='folder:ROOT'`` reads an image folder
+    (see ``load_folder_split``).
     """
+    if dataset.startswith(FOLDER_PREFIX):
+        return load_folder_split(dataset[len(FOLDER_PREFIX):], split, decoders=decoders,
+                                 process_slice=process_slice)
     try:
         builder = tfds.builder(dataset, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
@@ -57,11 +66,44 @@ def load_split(dataset, split, data_dir, *, shuffle_files=False, seed=None,
             f"unknown or malformed split {split!r} for TFDS dataset {dataset!r}; available "
             f"splits: {sorted(splits.keys())} (slices like 'train[:10%]' work)"
         ) from None
-    process_split = tfds.split_for_jax_process(split)
+    process_split = tfds.split_for_jax_process(split) if process_slice else split
     num_examples = splits[process_split].num_examples
     read_config = tfds.ReadConfig(shuffle_seed=seed, try_autocache=autocache)
     ds = builder.as_dataset(split=process_split, shuffle_files=shuffle_files,
-                            read_config=read_config)
+                            read_config=read_config, decoders=decoders)
+    return ds, num_examples, builder.info
+
+
+# ------------------------------------------------------------ image folders
+
+
+def load_folder_split(root, split, *, decoders=None, process_slice=True):
+    """``load_split`` for ``root/<split>/<class_name>/*.jpg|jpeg|png``.
+
+    TFDS's ImageFolder lists the files (labels are the sorted class folder
+    names over all splits, so train and test agree) and decodes every image
+    to 3 channels: grayscale is replicated, an alpha channel dropped. It
+    knows whole splits only, so a process takes every process_count-th file.
+    Its file order is a fixed shuffle; ``shuffle_files`` is not needed since
+    the training pipelines shuffle themselves.
+    """
+    root = os.path.expanduser(root)
+    if not tf.io.gfile.isdir(root):  # gfile: gs:// roots work too
+        raise ValueError(
+            f"image folder {root!r} (config.dataset='folder:{root}') does not exist; expected "
+            "ROOT/<split>/<class_name>/*.jpg|png, e.g. ROOT/train/cat/001.jpg")
+    builder = tfds.ImageFolder(root)
+    splits = sorted(builder.info.splits.keys())
+    if split not in splits:
+        raise ValueError(
+            f"unknown split {split!r} for image folder {root!r}: its splits (sub-folders holding "
+            f"class folders of .jpg/.png files) are {splits}; slices like 'train[:10%]' are not "
+            "supported for folders")
+    ds = builder.as_dataset(split=split, decoders=decoders)
+    num_examples = builder.info.splits[split].num_examples
+    if process_slice and jax.process_count() > 1:
+        ds = ds.shard(jax.process_count(), jax.process_index())
+        num_examples = len(range(jax.process_index(), num_examples, jax.process_count()))
     return ds, num_examples, builder.info
 
 

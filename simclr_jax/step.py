@@ -38,6 +38,17 @@ def model_params(params: dict) -> dict:
     return {name: value for name, value in params.items() if name != PROBE}
 
 
+def with_probe_optimizer(tx: optax.GradientTransformation, learning_rate: float) -> optax.GradientTransformation:
+    """``tx`` for the SimCLR model, Adam for the online probe.
+
+    LARS would scale the probe's steps by ||w||/||g||, which leaves a
+    zero-initialised classifier all but frozen; Adam's steps do not depend on
+    the scale of h, so one learning rate suits every encoder.
+    """
+    labels = lambda params: {name: PROBE if name == PROBE else "model" for name in params}
+    return optax.multi_transform({"model": tx, PROBE: optax.adam(learning_rate)}, labels)
+
+
 def _probe(num_classes: int) -> flax.linen.Dense:
     # Zero-initialised, as the reference code's supervised head can be: it
     # starts at chance and owes all it learns to the labels.

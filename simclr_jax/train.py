@@ -13,7 +13,8 @@ from clu import periodic_actions
 from jax.sharding import Mesh
 
 from simclr_jax import checkpoint, config_validation, evaluate, input_pipeline, models, optim, sharding, writers
-from simclr_jax.step import TrainState, create_train_state, make_train_step, model_params
+from simclr_jax.step import (TrainState, create_train_state, make_train_step, model_params,
+                             with_probe_optimizer)
 
 
 def _device_batches(dataset, mesh: Mesh, prefetch: int = 2) -> Iterator[dict]:
@@ -58,6 +59,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # Labels, when the dataset has them, feed the online probe and the kNN monitor.
     num_classes = evaluate.label_classes(info)
     probe_classes = num_classes if config.online_probe else 0
+    if probe_classes:
+        tx = with_probe_optimizer(tx, config.probe_learning_rate)
     state = create_train_state(model, tx, config.image_size, config.seed, mesh, probe_classes)
     manager = checkpoint.create_manager(
         workdir, save_every_steps=config.checkpoint_every_steps, max_to_keep=config.keep_checkpoints

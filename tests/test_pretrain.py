@@ -20,6 +20,9 @@ def _tiny_config(data_dir, **overrides):
     config.shuffle_buffer_size = 256
     config.log_every_steps = 1
     config.checkpoint_every_steps = 2
+    # Small splits keep the end-of-run kNN monitor to a second.
+    config.train_split = "train[:2000]"
+    config.test_split = "test[:1000]"
     config.update(overrides)
     return config
 
@@ -46,6 +49,10 @@ def test_resume_continues_from_saved_step_with_identical_state(real_data_dir, tm
     assert int(second.step) == 6
     logged_steps = [r["step"] for r in _scalars(workdir, "loss")]
     assert logged_steps == [1, 2, 3, 4, 5, 6]
+    # The label-using monitors ran: the online probe every step, kNN at each run's end.
+    assert all("probe_acc" in r for r in _scalars(workdir, "loss"))
+    assert [r["step"] for r in _scalars(workdir, "knn_top1")] == [4, 6]
+    assert all(0.0 < r["knn_top1"] <= r["knn_top5"] <= 1.0 for r in _scalars(workdir, "knn_top1"))
 
 
 @pytest.mark.slow
@@ -56,6 +63,7 @@ def test_smoke_recipe_learns_on_real_cifar10(real_data_dir, tmp_path):
     config.num_train_steps = 200
     config.log_every_steps = 25
     config.checkpoint_every_steps = 200
+    config.knn_monitor = False  # evaluation has its own tests
     workdir = str(tmp_path)
     train.train_and_evaluate(config, workdir)
 

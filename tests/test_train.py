@@ -110,10 +110,11 @@ def test_online_probe_learns_without_touching_the_encoder_gradient():
     mesh = sharding.make_mesh(jax.devices()[:4])
     model = models.SimCLR(depth=18, width_multiplier=1 / 16, cifar_stem=True, proj_dim=16,
                           axis_name=sharding.DATA_AXIS)
-    tx = optim.lars(learning_rate=0.5, weight_decay=1e-4)
+    lars = optim.lars(learning_rate=0.5, weight_decay=1e-4)
     batch = dict(_batch(0), label=np.arange(GLOBAL_BATCH, dtype=np.int32) % 10)
     results = {}
     for num_classes in (0, 10):
+        tx = train.with_probe_optimizer(lars, 1e-3) if num_classes else lars
         state = train.create_train_state(model, tx, IMAGE_SIZE, seed=0, mesh=mesh, num_classes=num_classes)
         step = train.make_train_step(model, tx, lambda s: 0.5, 0.5, mesh, num_classes=num_classes)
         results[num_classes] = jax.device_get(step(state, sharding.put_batch(batch, mesh)))
