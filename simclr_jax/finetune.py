@@ -187,8 +187,10 @@ class ClassifierState:
 
 
 def _classifier(num_classes: int) -> nn.Dense:
-    # N(0, 0.01^2) kernel and zero bias, as the reference code's supervised head.
-    return nn.Dense(num_classes, kernel_init=nn.initializers.normal(0.01))
+    # Zero-initialised, as the reference code's linear-eval and fine-tuning
+    # commands set (zero_init_logits_layer=True) and the cached probe does.
+    # Fine-tuning's encoder therefore first moves on the second step.
+    return nn.Dense(num_classes, kernel_init=nn.initializers.zeros)
 
 
 def _features(model, variables, images, head_layer: int, train: bool):
@@ -323,7 +325,7 @@ def train_classifier(config, model, variables, mesh, *, section: str, train_enco
     tx = _optimizer(settings, batch_size, total_steps)
     dummy = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
     dim = jax.eval_shape(lambda v: _features(model, v, dummy, head_layer, False)[0], variables).shape[-1]
-    init = lambda: _classifier(num_classes).init(jax.random.key(config.seed), jnp.zeros((1, dim)))["params"]
+    init = lambda: _classifier(num_classes).init(jax.random.key(0), jnp.zeros((1, dim)))["params"]
     classifier_params = jax.jit(init, out_shardings=sharding.replicated(mesh))()
     state = _create_state(tx, classifier_params, variables, train_encoder, mesh)
     frozen = {} if train_encoder else variables
