@@ -36,6 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_epochs = 1000
     config.num_train_steps = -1  # > 0 overrides num_epochs
     config.temperature = 0.5
+    config.loss_impl = "auto"  # NT-Xent: 'naive', 'blockwise' (memory-light), 'auto'
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.base_learning_rate = 1.0
     config.optimizer.lr_scaling = "linear"  # peak = base * batch / 256

@@ -94,12 +94,15 @@ def make_train_step(
     temperature: float,
     mesh: Mesh,
     num_classes: int = 0,
+    loss_impl: str = "auto",
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Builds ``train_step(state, batch) -> (state, metrics)``.
 
     ``batch['views']`` is the global [N, 2, H, W, 3] array sharded on 'data';
     ``model`` must have been built with ``axis_name='data'``. The state
     argument is donated: its buffers are reused for the new state.
+    ``loss_impl`` picks NT-Xent's form ('naive', 'blockwise', or 'auto':
+    blockwise above 8192 global views, see losses.py).
 
     With ``num_classes > 0`` the batch also holds ``'label'`` [N], and an
     online linear probe on ``stop_gradient(h)`` of both views learns from it
@@ -119,7 +122,9 @@ def make_train_step(
                 train=True,
                 mutable=["batch_stats"],
             )
-            loss, metrics = nt_xent(z[:n], z[n:], temperature, axis_name=sharding.DATA_AXIS)
+            loss, metrics = nt_xent(
+                z[:n], z[n:], temperature, axis_name=sharding.DATA_AXIS, impl=loss_impl
+            )
             total = loss
             if num_classes:
                 logits = _probe(num_classes).apply({"params": params[PROBE]}, jax.lax.stop_gradient(h))

@@ -77,7 +77,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             f.write(config.to_json_best_effort(indent=2))
         writer.write_hparams(_flat_hparams(config))
 
-    train_step = make_train_step(model, tx, learning_rate, config.temperature, mesh, probe_classes)
+    train_step = make_train_step(
+        model, tx, learning_rate, config.temperature, mesh, probe_classes, config.loss_impl
+    )
     knn_every = int(round(config.knn_every_epochs * steps_per_epoch))
     dataset = input_pipeline.pretrain_dataset(
         config,
