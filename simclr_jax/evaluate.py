@@ -116,30 +116,14 @@ def make_feature_fn(model: models.SimCLR, head_layer: int = 0):
     if not 0 <= head_layer <= model.head_layers:
         raise ValueError(f"head_layer must be in [0, {model.head_layers}] (0 = encoder output h), got {head_layer}")
 
-    def layer_output(module, images):
-        h = module.encoder(images, train=False)
-        if head_layer == 0:
-            return h
-        return module.head(h, train=False, return_all=True)[head_layer]
-
-    return jax.jit(lambda variables, images: model.apply(variables, images, method=layer_output))
+    return jax.jit(
+        lambda variables, images: model.apply(variables, images, False, head_layer, method=models.SimCLR.features)
+    )
 
 
 def extract_features(feature_fn, variables, dataset, mesh, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Features and labels of one pass over ``dataset`` (this process's share).
-
-    Every batch is padded to ``batch_size`` so the function compiles once and
-    splits evenly over the mesh; the padding rows are dropped afterwards.
-    """
-    features, labels = [], []
-    for batch in dataset.as_numpy_iterator():
-        images, n = batch["image"], len(batch["image"])
-        if n < batch_size:
-            images = np.concatenate([images, np.zeros((batch_size - n,) + images.shape[1:], images.dtype)])
-        out = feature_fn(variables, sharding.put_batch(images, mesh))
-        features.append(np.asarray(jax.device_get(out))[:n])
-        labels.append(batch["label"])
-    return np.concatenate(features), np.concatenate(labels)
+    """Features and labels of one pass over ``dataset`` (this process's share)."""
+    return sharding.map_padded_batches(lambda images: feature_fn(variables, images), dataset, mesh, batch_size)
 
 
 def split_features(config, model, variables, split: str, mesh) -> tuple[np.ndarray, np.ndarray]:

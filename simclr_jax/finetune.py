@@ -29,7 +29,7 @@ from absl import logging
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from simclr_jax import augment, input_pipeline, probes, sharding
+from simclr_jax import augment, input_pipeline, models, probes, sharding
 
 AUTOTUNE = tf.data.AUTOTUNE
 DATA = sharding.DATA_AXIS
@@ -112,10 +112,6 @@ def labelled_subset(config) -> tuple[str, str, Optional[np.ndarray]]:
     return config.dataset, config.train_split, indices
 
 
-def _image_and_label(example):
-    return {"image": example["image"], "label": tf.cast(example["label"], tf.int32)}
-
-
 def labelled_examples(config, dataset: str, split: str, indices=None):
     """(this process's decoded {'image' uint8, 'label' int32}, global count, DatasetInfo).
 
@@ -126,7 +122,7 @@ def labelled_examples(config, dataset: str, split: str, indices=None):
     if indices is None:
         ds, num_examples, info = input_pipeline.load_split(dataset, split, config.data_dir,
                                                            autocache=not config.cache_dataset)
-        ds = ds.map(_image_and_label, num_parallel_calls=AUTOTUNE)
+        ds = ds.map(input_pipeline.image_and_label, num_parallel_calls=AUTOTUNE)
         return ds, num_examples * jax.process_count(), info
 
     ds, total, info = input_pipeline.load_split(dataset, split, config.data_dir, decoders=_SKIP_IMAGES,
@@ -195,15 +191,11 @@ def _classifier(num_classes: int) -> nn.Dense:
 
 def _features(model, variables, images, head_layer: int, train: bool):
     """(features at head_layer, updated BatchNorm statistics or None)."""
-
-    def layer(module, x):
-        h = module.encoder(x, train=train)
-        return h if head_layer == 0 else module.head(h, train=train, return_all=True)[head_layer]
-
     if train:
-        features, updates = model.apply(variables, images, method=layer, mutable=["batch_stats"])
+        features, updates = model.apply(variables, images, train, head_layer,
+                                        method=models.SimCLR.features, mutable=["batch_stats"])
         return features, updates["batch_stats"]
-    return model.apply(variables, images, method=layer), None
+    return model.apply(variables, images, train, head_layer, method=models.SimCLR.features), None
 
 
 def _keep_unused_head_stats(new, old, head_layer: int):
@@ -279,23 +271,16 @@ def score_test_split(config, model, variables, classifier_params, num_classes: i
     """{'top1', 'top5', 'num_examples'} on eval views of the test split.
 
     Batches are padded to eval_batch_size (one compilation, an even split over
-    the mesh) and the padding rows dropped, as evaluate.extract_features does.
+    the mesh) by sharding.map_padded_batches.
     """
     head_layer, batch_size = config.head_layer, config.eval_batch_size
     classifier = _classifier(num_classes)
     logits_fn = jax.jit(lambda v, c, x: classifier.apply(
         {"params": c}, _features(model, v, x, head_layer, train=False)[0]))
     dataset = input_pipeline.eval_dataset(config, config.test_split, batch_size=batch_size)
-    logits, labels = [], []
-    for batch in dataset.as_numpy_iterator():
-        images, n = batch["image"], len(batch["image"])
-        if n < batch_size:
-            images = np.concatenate([images, np.zeros((batch_size - n,) + images.shape[1:], images.dtype)])
-        out = logits_fn(variables, classifier_params, sharding.put_batch(images, mesh))
-        logits.append(np.asarray(jax.device_get(out))[:n])
-        labels.append(batch["label"])
-    labels = np.concatenate(labels)
-    return dict(probes.topk_accuracy(np.concatenate(logits), labels), num_examples=len(labels))
+    logits, labels = sharding.map_padded_batches(
+        lambda images: logits_fn(variables, classifier_params, images), dataset, mesh, batch_size)
+    return dict(probes.topk_accuracy(logits, labels), num_examples=len(labels))
 
 
 def train_classifier(config, model, variables, mesh, *, section: str, train_encoder: bool,

@@ -107,7 +107,7 @@ def load_folder_split(root, split, *, decoders=None, process_slice=True):
     return ds, num_examples, builder.info
 
 
-def _image_and_label(example):
+def image_and_label(example):
     # Drop everything else (e.g. the 'id' string) before caching.
     return {"image": example["image"], "label": tf.cast(example["label"], tf.int32)}
 
@@ -141,7 +141,7 @@ def pretrain_dataset(config, *, per_process_batch_size, seed):
     ds, _, _ = load_split(config.dataset, config.train_split, config.data_dir,
                           shuffle_files=True, seed=seed,
                           autocache=not config.cache_dataset)
-    ds = ds.map(_image_and_label, num_parallel_calls=AUTOTUNE)
+    ds = ds.map(image_and_label, num_parallel_calls=AUTOTUNE)
     if config.cache_dataset:
         ds = ds.cache()
     ds = ds.repeat()
@@ -177,7 +177,7 @@ def eval_dataset(config, split, *, batch_size, data_dir=None):
     data_dir = config.data_dir if data_dir is None else data_dir
     ds, _, _ = load_split(config.dataset, split, data_dir,
                           autocache=not config.cache_dataset)
-    ds = ds.map(_image_and_label, num_parallel_calls=AUTOTUNE)
+    ds = ds.map(image_and_label, num_parallel_calls=AUTOTUNE)
     if config.cache_dataset:
         ds = ds.cache()
 

@@ -230,6 +230,14 @@ class SimCLR(nn.Module):
         z = self.head(h, train)
         return h, z
 
+    def features(self, x, train: bool, head_layer: int = 0):
+        """Output of projection-head layer ``head_layer`` (0 = the encoder's h).
+
+        Evaluation reads h; SimCLR v2 fine-tunes from the head's first layer.
+        """
+        h = self.encoder(x, train)
+        return h if head_layer == 0 else self.head(h, train, return_all=True)[head_layer]
+
 
 def model_from_config(model_config, axis_name: str | None = None,
                       dtype: Dtype = jnp.float32) -> SimCLR:

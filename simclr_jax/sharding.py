@@ -65,3 +65,19 @@ def put_batch(batch: Any, mesh: Mesh) -> Any:
 def put_replicated(tree: Any, mesh: Mesh) -> Any:
     """Places a host pytree (identical on all processes) on every device."""
     return jax.device_put(tree, replicated(mesh))
+
+
+def map_padded_batches(fn: Any, dataset: Any, mesh: Mesh, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(concatenated fn outputs, labels) over one pass of {'image', 'label'} batches.
+
+    Each batch is padded to ``batch_size`` so ``fn`` compiles once and splits
+    evenly over the mesh; the padding rows are dropped from its output.
+    """
+    outputs, labels = [], []
+    for batch in dataset.as_numpy_iterator():
+        images, n = batch["image"], len(batch["image"])
+        if n < batch_size:
+            images = np.concatenate([images, np.zeros((batch_size - n,) + images.shape[1:], images.dtype)])
+        outputs.append(np.asarray(jax.device_get(fn(put_batch(images, mesh))))[:n])
+        labels.append(batch["label"])
+    return np.concatenate(outputs), np.concatenate(labels)
