@@ -4,6 +4,11 @@ Pretraining recipes (cifar10, imagenet, smoke) train and checkpoint into
 workdir; evaluation recipes (knn, linear_eval, ...) read
 --config.pretrained=PRETRAIN_WORKDIR and write eval_results.json into workdir.
 Any config field can be overridden, e.g. --config.batch_size=256.
+
+Several processes (hosts) join one run through JAX's distributed runtime:
+automatically on Cloud TPU, SLURM and Open MPI, or by setting
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (see
+simclr_jax/distributed.py and the README).
 """
 import os
 
@@ -18,6 +23,9 @@ config_flags.DEFINE_config_file(
     "config", os.path.join(HERE, "configs", "cifar10.py"), "Recipe: a configs/*.py file.", lock_config=True
 )
 flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go (default: ./workdir/<recipe>).")
+flags.DEFINE_integer("init_timeout_s", 300, "Multi-process: how long to wait for every process to join.")
+flags.DEFINE_integer("heartbeat_timeout_s", 100,
+                     "Multi-process: a peer silent this long counts as dead and the run stops.")
 
 
 class _QuietOrbax(logging.logging.Filter):
@@ -31,9 +39,15 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietOrbax())
+    from simclr_jax import distributed
+
+    # Before JAX touches a device: several processes (hosts) join one run here.
+    distributed.initialize(init_timeout_s=FLAGS.init_timeout_s, heartbeat_timeout_s=FLAGS.heartbeat_timeout_s)
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")  # tf.data only: leave accelerators to JAX
+    import jax
+
     from simclr_jax import evaluate, train
 
     workdir = FLAGS.workdir
@@ -41,10 +55,17 @@ def main(argv):
         recipe = os.path.splitext(os.path.basename(FLAGS["config"].config_filename))[0]
         workdir = os.path.join("workdir", recipe)
     logging.info("Config:\n%s", FLAGS.config)
-    if "protocol" in FLAGS.config:  # an evaluation recipe
-        evaluate.evaluate(FLAGS.config, workdir)
-    else:
-        train.train_and_evaluate(FLAGS.config, workdir)
+    try:
+        if "protocol" in FLAGS.config:  # an evaluation recipe
+            evaluate.evaluate(FLAGS.config, workdir)
+        else:
+            train.train_and_evaluate(FLAGS.config, workdir)
+    except Exception:
+        if jax.process_count() > 1:
+            logging.error("Process %d of %d stopped on the error below. In a multi-process run a "
+                          "collective failing (e.g. 'Gloo ... Connection reset by peer') usually means "
+                          "another process died first: see its log.", jax.process_index(), jax.process_count())
+        raise
 
 
 if __name__ == "__main__":

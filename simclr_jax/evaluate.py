@@ -122,15 +122,17 @@ def make_feature_fn(model: models.SimCLR, head_layer: int = 0):
 
 
 def extract_features(feature_fn, variables, dataset, mesh, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Features and labels of one pass over ``dataset`` (this process's share)."""
+    """Features and labels of one pass over ``dataset``, every process's share
+    gathered (``batch_size`` is the per-process batch)."""
     return sharding.map_padded_batches(lambda images: feature_fn(variables, images), dataset, mesh, batch_size)
 
 
 def split_features(config, model, variables, split: str, mesh) -> tuple[np.ndarray, np.ndarray]:
     """Eval-view features of a whole split at ``config.head_layer``."""
-    dataset = input_pipeline.eval_dataset(config, split, batch_size=config.eval_batch_size)
+    batch_size = sharding.per_process_batch_size(config.eval_batch_size)
+    dataset = input_pipeline.eval_dataset(config, split, batch_size=batch_size)
     return extract_features(make_feature_fn(model, config.get("head_layer", 0)), variables, dataset,
-                            mesh, config.eval_batch_size)
+                            mesh, batch_size)
 
 
 def label_classes(info) -> int:

@@ -123,7 +123,7 @@ def labelled_examples(config, dataset: str, split: str, indices=None):
         ds, num_examples, info = input_pipeline.load_split(dataset, split, config.data_dir,
                                                            autocache=not config.cache_dataset)
         ds = ds.map(input_pipeline.image_and_label, num_parallel_calls=AUTOTUNE)
-        return ds, num_examples * jax.process_count(), info
+        return ds, num_examples, info
 
     ds, total, info = input_pipeline.load_split(dataset, split, config.data_dir, decoders=_SKIP_IMAGES,
                                                 process_slice=False)
@@ -273,7 +273,7 @@ def score_test_split(config, model, variables, classifier_params, num_classes: i
     Batches are padded to eval_batch_size (one compilation, an even split over
     the mesh) by sharding.map_padded_batches.
     """
-    head_layer, batch_size = config.head_layer, config.eval_batch_size
+    head_layer, batch_size = config.head_layer, sharding.per_process_batch_size(config.eval_batch_size)
     classifier = _classifier(num_classes)
     logits_fn = jax.jit(lambda v, c, x: classifier.apply(
         {"params": c}, _features(model, v, x, head_layer, train=False)[0]))

@@ -38,7 +38,7 @@ def load_split(dataset, split, data_dir, *, shuffle_files=False, seed=None,
                autocache=True, decoders=None, process_slice=True):
     """Opens this process's slice of a TFDS split.
 
-    Returns (dataset of decoded examples, examples in this slice, DatasetInfo).
+    Returns (dataset of decoded examples, examples in the whole split, DatasetInfo).
     Bad names, unprepared data and unknown splits each raise one ValueError
     before any data is read. ``data_dir=None`` lets TFDS resolve the folder
     (it honours TFDS_DATA_DIR). ``autocache=False`` is for callers that cache
@@ -66,8 +66,8 @@ def load_split(dataset, split, data_dir, *, shuffle_files=False, seed=None,
             f"unknown or malformed split {split!r} for TFDS dataset {dataset!r}; available "
             f"splits: {sorted(splits.keys())} (slices like 'train[:10%]' work)"
         ) from None
+    num_examples = splits[split].num_examples
     process_split = tfds.split_for_jax_process(split) if process_slice else split
-    num_examples = splits[process_split].num_examples
     read_config = tfds.ReadConfig(shuffle_seed=seed, try_autocache=autocache)
     ds = builder.as_dataset(split=process_split, shuffle_files=shuffle_files,
                             read_config=read_config, decoders=decoders)
@@ -103,7 +103,6 @@ def load_folder_split(root, split, *, decoders=None, process_slice=True):
     num_examples = builder.info.splits[split].num_examples
     if process_slice and jax.process_count() > 1:
         ds = ds.shard(jax.process_count(), jax.process_index())
-        num_examples = len(range(jax.process_index(), num_examples, jax.process_count()))
     return ds, num_examples, builder.info
 
 

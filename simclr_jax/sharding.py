@@ -10,6 +10,7 @@ from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
@@ -67,17 +68,39 @@ def put_replicated(tree: Any, mesh: Mesh) -> Any:
     return jax.device_put(tree, replicated(mesh))
 
 
-def map_padded_batches(fn: Any, dataset: Any, mesh: Mesh, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(concatenated fn outputs, labels) over one pass of {'image', 'label'} batches.
+def gather(tree: Any) -> Any:
+    """Numpy copies on every process: global arrays whole, per-process arrays
+    (numpy or local) concatenated in process order."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, jax.device_get(tree))
+    return multihost_utils.process_allgather(tree, tiled=True)
 
-    Each batch is padded to ``batch_size`` so ``fn`` compiles once and splits
-    evenly over the mesh; the padding rows are dropped from its output.
+
+def map_padded_batches(fn: Any, dataset: Any, mesh: Mesh, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fn outputs, labels) over one pass of {'image', 'label'} batches, all processes' rows.
+
+    ``dataset`` yields this process's batches of at most ``batch_size`` rows
+    (the per-process batch size). Each is padded to ``batch_size`` so ``fn``
+    compiles once and splits evenly over the mesh. Processes may hold
+    different numbers of batches (uneven slices): one that has run out
+    contributes padding until all have, and the valid rows of every process
+    are gathered, so every process returns the same arrays.
     """
+    spec = dataset.element_spec
+    empty = {key: np.zeros((0,) + tuple(spec[key].shape[1:]), spec[key].dtype.as_numpy_dtype)
+             for key in ("image", "label")}
     outputs, labels = [], []
-    for batch in dataset.as_numpy_iterator():
-        images, n = batch["image"], len(batch["image"])
-        if n < batch_size:
-            images = np.concatenate([images, np.zeros((batch_size - n,) + images.shape[1:], images.dtype)])
-        outputs.append(np.asarray(jax.device_get(fn(put_batch(images, mesh))))[:n])
-        labels.append(batch["label"])
+    batches = dataset.as_numpy_iterator()
+    while True:
+        batch = next(batches, empty)
+        n = len(batch["label"])
+        pad = lambda x: np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:], x.dtype)])
+        # A small gather first: it tells every process whether any still has data.
+        rows = gather({"valid": np.arange(batch_size) < n, "label": pad(batch["label"])})
+        if not rows["valid"].any():
+            break
+        outputs.append(gather(fn(put_batch(pad(batch["image"]), mesh)))[rows["valid"]])
+        labels.append(rows["label"][rows["valid"]])
+    if not outputs:
+        raise ValueError("the evaluation split is empty")
     return np.concatenate(outputs), np.concatenate(labels)

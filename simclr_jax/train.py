@@ -43,7 +43,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # Data errors (unknown dataset or split, data not prepared) surface here,
     # before anything is compiled.
     _, num_examples, info = input_pipeline.load_split(config.dataset, config.train_split, config.data_dir)
-    num_examples *= jax.process_count()  # load_split counts this process's slice
     steps_per_epoch = num_examples // config.batch_size
     if steps_per_epoch == 0:
         raise ValueError(

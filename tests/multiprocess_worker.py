@@ -1,0 +1,91 @@
+"""One process of a multi-process test run (tests/test_multiprocess.py).
+
+Started as ``python -m tests.multiprocess_worker OUT_DIR DATA_DIR`` with
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID set; the test
+also calls ``train_steps`` in its own process for the single-process run.
+It trains a few steps on fixed batches of real CIFAR-10 and writes what the
+test compares: the losses and final parameters, and this process's slice of
+the test split.
+"""
+import os
+import sys
+
+import numpy as np
+
+NUM_STEPS = 5
+GLOBAL_BATCH = 16
+IMAGE_SIZE = 16
+# At learning rate 0.5 this 1/16-width net is chaotic: 1e-7 rounding
+# differences from the order of cross-process sums grow ~100x per step
+# (1e-3 after 3 steps). At 0.1 they stay at float32 rounding (~1e-6 after 5).
+LEARNING_RATE = 0.1
+
+
+def fixed_global_batches(data_dir: str) -> np.ndarray:
+    """[NUM_STEPS, GLOBAL_BATCH, 2, S, S, 3] views of the first test images.
+
+    Every view's seed is its global position, so each process can build the
+    same global batches whatever the process count.
+    """
+    import tensorflow as tf
+
+    from simclr_jax import augment, input_pipeline
+
+    ds, _, _ = input_pipeline.load_split("cifar10", "test", data_dir, process_slice=False)
+
+    def views(index, example):
+        seeds = tf.random.experimental.stateless_split(tf.stack([index, tf.constant(7, tf.int64)]), 2)
+        return tf.stack([augment.train_view(example["image"], IMAGE_SIZE, IMAGE_SIZE, seed=seeds[i])
+                         for i in range(2)])
+
+    total = NUM_STEPS * GLOBAL_BATCH
+    images = np.stack(list(ds.take(total).enumerate().map(views).as_numpy_iterator()))
+    return images.reshape((NUM_STEPS, GLOBAL_BATCH) + images.shape[1:])
+
+
+def train_steps(global_batches: np.ndarray, devices=None) -> tuple[list[float], dict]:
+    """Losses and final parameters of NUM_STEPS steps; each process feeds its rows."""
+    import jax
+
+    from simclr_jax import models, optim, sharding, step
+
+    mesh = sharding.make_mesh(devices)
+    model = models.SimCLR(depth=18, width_multiplier=1 / 16, cifar_stem=True, proj_dim=16,
+                          axis_name=sharding.DATA_AXIS)
+    tx = optim.lars(learning_rate=LEARNING_RATE, weight_decay=1e-4)
+    state = step.create_train_state(model, tx, IMAGE_SIZE, seed=0, mesh=mesh)
+    train_step = step.make_train_step(model, tx, lambda s: LEARNING_RATE, temperature=0.5, mesh=mesh)
+    rows = sharding.per_process_batch_size(GLOBAL_BATCH)
+    mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
+    losses = []
+    for views in global_batches:
+        state, metrics = train_step(state, sharding.put_batch({"views": views[mine]}, mesh))
+        losses.append(float(metrics["loss"]))
+    params = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    return losses, params
+
+
+def main(out_dir: str, data_dir: str) -> None:
+    from simclr_jax import distributed
+
+    distributed.initialize(init_timeout_s=60, heartbeat_timeout_s=10)
+    import jax
+    import tensorflow as tf
+
+    from simclr_jax import input_pipeline
+
+    tf.config.set_visible_devices([], "GPU")
+    index = jax.process_index()
+    slice_ds, _, _ = input_pipeline.load_split("cifar10", "test", data_dir,
+                                               decoders={"image": input_pipeline.tfds.decode.SkipDecoding()})
+    ids = np.array([example["id"] for example in slice_ds.as_numpy_iterator()])
+    np.save(os.path.join(out_dir, f"slice_ids_{index}.npy"), ids)
+
+    losses, params = train_steps(fixed_global_batches(data_dir))
+    if index == 0:
+        flat = {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+        np.savez(os.path.join(out_dir, "result.npz"), losses=np.array(losses), **flat)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

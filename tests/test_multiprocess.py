@@ -1,0 +1,150 @@
+"""Several local processes stand in for hosts (JAX distributed runtime, gloo).
+
+Each test starts real processes with JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES and JAX_PROCESS_ID, two simulated CPU devices each, and
+compares them with one process holding all the devices.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from simclr_jax import checkpoint, writers
+from tests import multiprocess_worker
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices: int, process_id=None, num_processes=None, port=None) -> dict:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        env.pop(name, None)
+    if num_processes:
+        env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(num_processes),
+                   JAX_PROCESS_ID=str(process_id))
+    return env
+
+
+def _start(args, log_dir, num_processes=2, devices_per_process=2) -> list[subprocess.Popen]:
+    """Starts ``python args...`` once per process, logs in log_dir/process_<i>.log."""
+    port = _free_port()
+    processes = []
+    for index in range(num_processes):
+        log = open(os.path.join(log_dir, f"process_{index}.log"), "w")
+        env = _env(devices_per_process, index, num_processes if num_processes > 1 else None, port)
+        processes.append(subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=log,
+                                          stderr=subprocess.STDOUT))
+    return processes
+
+
+def _wait(processes, log_dir, timeout=600) -> None:
+    for index, process in enumerate(processes):
+        rc = process.wait(timeout=timeout)
+        if rc != 0:
+            with open(os.path.join(log_dir, f"process_{index}.log")) as f:
+                tail = f.read()[-3000:]
+            pytest.fail(f"process {index} exited with {rc}:\n{tail}")
+
+
+def test_two_processes_match_one_process_and_slice_the_split(real_data_dir, tmp_path):
+    out = str(tmp_path)
+    _wait(_start(["-m", "tests.multiprocess_worker", out, real_data_dir], out), out)
+
+    # Each process read its own part of the test split: disjoint, and together all of it.
+    slices = [set(np.load(os.path.join(out, f"slice_ids_{i}.npy")).tolist()) for i in range(2)]
+    assert not slices[0] & slices[1]
+    assert len(slices[0]) + len(slices[1]) == 10_000
+    assert abs(len(slices[0]) - len(slices[1])) <= 1
+
+    # The same global batches on 1 process x 4 devices (this pytest process).
+    batches = multiprocess_worker.fixed_global_batches(real_data_dir)
+    losses, params = multiprocess_worker.train_steps(batches, jax.devices()[:4])
+    result = np.load(os.path.join(out, "result.npz"))
+    np.testing.assert_allclose(result["losses"], losses, rtol=0, atol=1e-5)
+    flat = {jax.tree_util.keystr(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    assert set(flat) == set(result.files) - {"losses"}
+    diffs = {name: float(np.max(np.abs(result[name] - leaf))) for name, leaf in flat.items()}
+    print(json.dumps({"max_abs_loss_diff": float(np.max(np.abs(result["losses"] - losses))),
+                      "max_abs_param_diff": max(diffs.values())}))
+    assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
+
+
+def _main_args(workdir, data_dir, steps, *extra) -> list[str]:
+    """main.py on the smoke recipe shrunk to seconds (as tests/test_pretrain.py)."""
+    return ["main.py", "--config=configs/smoke.py", f"--workdir={workdir}", f"--config.data_dir={data_dir}",
+            "--config.image_size=16", "--config.model.width_multiplier=0.0625", "--config.batch_size=16",
+            f"--config.num_train_steps={steps}", "--config.shuffle_buffer_size=256",
+            "--config.log_every_steps=1", "--config.checkpoint_every_steps=2",
+            # An odd test split and per-process eval batches of 250: the two processes
+            # hold 501 and 500 queries, so 3 and 2 batches (uneven evaluation slices).
+            "--config.train_split=train[:2000]", "--config.test_split=test[:1001]",
+            "--config.eval_batch_size=500", *extra]
+
+
+def test_checkpoint_of_two_processes_resumes_in_one(real_data_dir, tmp_path):
+    workdir, logs = str(tmp_path / "run"), str(tmp_path)
+    _wait(_start(_main_args(workdir, real_data_dir, 4), logs), logs)
+    records = writers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    # Only process 0 writes metrics: one record per step, not two.
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    knn_two_processes = [r["knn_top1"] for r in records if "knn_top1" in r]
+    assert len(knn_two_processes) == 1
+
+    # One process with 4 devices resumes the 2-process checkpoint and trains on.
+    _wait(_start(_main_args(workdir, real_data_dir, 6), logs, num_processes=1, devices_per_process=4), logs)
+    records = writers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+
+    # kNN of the step-4 encoder on one process equals the 2-process run's monitor.
+    eval_dir = str(tmp_path / "eval")
+    knn_args = ["main.py", "--config=configs/knn.py", f"--workdir={eval_dir}", f"--config.pretrained={workdir}",
+                f"--config.data_dir={real_data_dir}", "--config.image_size=16",
+                "--config.model.width_multiplier=0.0625", "--config.checkpoint_step=4",
+                "--config.train_split=train[:2000]", "--config.test_split=test[:1001]",
+                "--config.eval_batch_size=500"]
+    _wait(_start(knn_args, logs, num_processes=1, devices_per_process=4), logs)
+    with open(os.path.join(eval_dir, "eval_results.json")) as f:
+        result = json.load(f)[-1]
+    assert result["num_examples"] == 1001
+    knn_one_process = result["top1"]
+    print(json.dumps({"knn_top1_two_processes": knn_two_processes[0], "knn_top1_one_process": knn_one_process}))
+    assert knn_one_process == pytest.approx(knn_two_processes[0], abs=2e-3)
+
+
+def test_killing_one_process_stops_the_other(real_data_dir, tmp_path):
+    workdir, logs = str(tmp_path / "run"), str(tmp_path)
+    heartbeat = 5
+    processes = _start(_main_args(workdir, real_data_dir, 10_000, f"--heartbeat_timeout_s={heartbeat}"), logs)
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.monotonic() + 300
+    while not (os.path.exists(metrics) and len(writers.read_jsonl(metrics)) >= 3):  # training is under way
+        assert time.monotonic() < deadline and processes[0].poll() is None, "training never started"
+        time.sleep(0.5)
+    processes[1].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    rc = processes[0].wait(timeout=120)
+    elapsed = time.monotonic() - killed
+    print(json.dumps({"survivor_exit_code": rc, "seconds_to_exit": round(elapsed, 1)}))
+    assert rc != 0
+    assert elapsed < 3 * heartbeat + 15
+    # Whatever was being saved, resume only sees complete checkpoints.
+    manager = checkpoint.create_manager(workdir, save_every_steps=2, max_to_keep=3, read_only=True)
+    for step in manager.all_steps():
+        assert os.path.exists(os.path.join(checkpoint.checkpoint_dir(workdir), str(step), "_CHECKPOINT_METADATA"))
+    manager.close()
