@@ -19,10 +19,11 @@ from ``simclr_jax.augment``, nothing re-implemented here) on two sources:
   buffer small here.
 
 ``--threads=N`` gives tf.data a private pool of N threads and one thread per
-op (``max_intra_op_parallelism=1``), so with the default N=1 the rate is what
-one host core sustains; ``--threads=0`` uses tf.data's default pool (all
-cores). Each run skips --warmup_batches batches, then times --num_views views
-(2 per image). With --blur or --image_size unset, both values are run.
+op (``max_intra_op_parallelism=1``, see --intra_op), so with the default
+N=1 the rate is what one host core sustains; ``--threads=0`` uses tf.data's
+default pool (all cores). Each run skips --warmup_batches batches, then
+times --num_views views (2 per image). With --blur or --image_size unset,
+both values are run.
 
 Prints one JSON object per configuration:
   config        image_size, blur, source, jpeg_size ('WxH' of the JPEGs,
@@ -62,8 +63,10 @@ flags.DEFINE_integer("threads", 1, "tf.data private threads; 0: all cores.")
 flags.DEFINE_integer("num_views", None, "Views to time; omitted: 16384 (32 px), 2048 (224 px).")
 flags.DEFINE_integer("batch_size", 128, "Images per batch (2 views each).")
 flags.DEFINE_integer("warmup_batches", 3, "Batches skipped before timing.")
-flags.DEFINE_integer("shuffle_buffer", None, "Shuffle buffer; omitted: 50,000 (32 px), 1,000 (224).")
+flags.DEFINE_integer("shuffle_buffer", None,
+                     "Shuffle buffer; omitted: 50,000 (32 px), 1,000 (224 px).")
 flags.DEFINE_boolean("deterministic", None, "tf.data ordering; omitted: the config's.")
+flags.DEFINE_integer("intra_op", 1, "max_intra_op_parallelism; 0: tf.data's default.")
 flags.DEFINE_string("data_dir", os.path.join(os.path.dirname(ROOT), "shared", "data", "tfds"),
                     "TFDS folder holding the real cifar10.")
 flags.DEFINE_string("jpeg_size", "400x350", "WxH of the upscaled JPEGs.")
@@ -148,7 +151,8 @@ def measure(image_size, blur):
 
     ds = input_pipeline.pretrain_dataset(config, per_process_batch_size=batch, seed=0)
     options = tf.data.Options()
-    options.threading.max_intra_op_parallelism = 1
+    if FLAGS.intra_op > 0:
+        options.threading.max_intra_op_parallelism = FLAGS.intra_op
     if FLAGS.threads > 0:
         options.threading.private_threadpool_size = FLAGS.threads
     it = ds.with_options(options).as_numpy_iterator()

@@ -64,7 +64,8 @@ def _import_transforms():
         sys.modules["torchvision"] = package
         from torchvision import transforms
         from torchvision.version import __version__
-        return transforms, f"torchvision {__version__} transforms (C ops not loadable: __init__ skipped)"
+        return transforms, (f"torchvision {__version__} transforms "
+                            "(C ops not loadable: __init__ skipped)")
 
 
 T, TORCHVISION = _import_transforms()

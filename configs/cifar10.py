@@ -63,4 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.log_every_steps = 50
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 3
+    # A non-finite loss or gradient: 'stop' (with the step and the last good
+    # checkpoint), or 'skip' the update and go on.
+    config.nonfinite_policy = "stop"
     return config

@@ -9,6 +9,7 @@ input pipeline is reproducible and each piece can be tested on its own.
 
 Images are float32 in [0, 1] throughout; no mean/std normalisation.
 """
+import numpy as np
 import tensorflow as tf
 
 # The reference crops with min_object_covered=0.1 against a whole-image box,
@@ -28,13 +29,23 @@ def _check_size(height, width):
             raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-def to_float(image):
-    """uint8 [0, 255] -> float32 [0, 1]; float images are assumed in [0, 1]."""
+def _check_image(image):
     image = tf.convert_to_tensor(image)
     if image.shape.rank is not None and image.shape.rank != 3:
         raise ValueError(f"image must be [H, W, C], got shape {image.shape}")
     if image.shape[-1] is not None and image.shape[-1] != 3:
         raise ValueError(f"image must have 3 channels, got shape {image.shape}")
+    return image
+
+
+def _check_strength(strength):
+    if strength < 0:
+        raise ValueError(f"color_jitter_strength must be >= 0, got {strength!r}")
+
+
+def to_float(image):
+    """uint8 [0, 255] -> float32 [0, 1]; float images are assumed in [0, 1]."""
+    image = _check_image(image)
     if image.dtype == tf.uint8:
         return tf.image.convert_image_dtype(image, tf.float32)
     return tf.cast(image, tf.float32)
@@ -75,12 +86,20 @@ def _resize(image, height, width):
     return tf.clip_by_value(image, 0.0, 1.0)
 
 
-def random_resized_crop(image, height, width, seed):
-    """Random area/aspect crop resized to [height, width] (always applied)."""
-    offset, size = sample_crop_box(tf.shape(image), seed, aspect=width / height)
+def _crop(image, offset, size):
     crop = tf.slice(image, tf.concat([offset, [0]], 0), tf.concat([size, [-1]], 0))
     crop.set_shape([None, None, image.shape[-1]])  # slice forgets the channels
-    return _resize(crop, height, width)
+    return crop
+
+
+def random_resized_crop(image, height, width, seed):
+    """Random area/aspect crop resized to [height, width] (always applied).
+
+    Crops before converting to float (the conversion is elementwise, so the
+    result is the same), which spares converting the pixels outside the box.
+    """
+    offset, size = sample_crop_box(tf.shape(image), seed, aspect=width / height)
+    return _resize(to_float(_crop(image, offset, size)), height, width)
 
 
 def random_flip(image, seed):
@@ -168,23 +187,91 @@ def blur_kernel(sigma, radius):
     return kernel / tf.reduce_sum(kernel)
 
 
+# Kernels up to this radius run as shifted adds, wider ones as banded matmuls:
+# the faster at each size (per image, one core: 32 px 47 vs 192 us with the
+# old depthwise conv; 128 px ~equal; 224 px 1.1 vs 1.8 ms).
+_SHIFT_ADD_MAX_RADIUS = 6
+_BAND_BLOCK = 32  # output rows per block of the banded matmul
+
+
+def _blur_shift_add(x, kernel, radius, axis):
+    """One pass as 2r + 1 shifted, weighted slices of the reflect-padded image.
+
+    For small kernels this is a handful of cheap ops, where a depthwise
+    convolution pays a large fixed cost per call.
+    """
+    n = tf.shape(x)[axis]
+    paddings = [[0, 0]] * 3
+    paddings[axis] = [radius, radius]
+    x = tf.pad(x, paddings, mode="REFLECT")
+    window = (lambda t: x[t:t + n]) if axis == 0 else (lambda t: x[:, t:t + n])
+    out = kernel[0] * window(0)
+    for t in range(1, 2 * radius + 1):
+        out += kernel[t] * window(t)
+    return out
+
+
+def _band_plan(n, radius, block):
+    """Static indices of the banded, reflect-folded blur matrix, cut in row blocks.
+
+    Block i maps the window of input rows [start_i, start_i + length) to the
+    output rows [i * block, (i + 1) * block); the taps that fall outside the
+    image are folded back onto their reflected rows, as REFLECT padding does.
+    """
+    block = min(block, n)
+    length = min(block + 2 * radius, n)
+    num = -(-n // block)
+    starts = np.clip(np.arange(num) * block - radius, 0, n - length)
+    rows = np.arange(num * block)
+    taps = rows[:, None] + np.arange(-radius, radius + 1)[None, :]
+    taps = np.abs(taps)
+    taps = np.where(taps > n - 1, 2 * (n - 1) - taps, taps)
+    valid = rows < n  # rows past n (last block) stay zero and are cut off
+    blocks = np.repeat(rows // block, 2 * radius + 1)
+    indices = np.stack([blocks, np.repeat(rows % block, 2 * radius + 1),
+                        (taps - starts[rows // block, None]).reshape(-1)], axis=1)
+    indices = indices[np.repeat(valid, 2 * radius + 1)]
+    windows = starts[:, None] + np.arange(length)[None, :]
+    return indices.astype(np.int32), windows.astype(np.int32), (num, block, length)
+
+
+def _blur_rows_banded(x, kernel, radius):
+    """Vertical pass as one batched matmul with the band of the blur matrix.
+
+    A [n, n] matrix with the reflect-folded taps multiplies the image seen
+    as [n, W * C]; cutting it into 32-row blocks skips most of its zeros, so
+    this does ~1/4 of the dense matmul's work.
+    """
+    n = x.shape[0]
+    indices, windows, shape = _band_plan(n, radius, _BAND_BLOCK)
+    band = tf.scatter_nd(indices, tf.tile(kernel, [len(indices) // (2 * radius + 1)]), shape)
+    flat = tf.reshape(x, [n, -1])
+    out = tf.matmul(band, tf.gather(flat, windows))
+    return tf.reshape(tf.reshape(out, [shape[0] * shape[1], -1])[:n], tf.shape(x))
+
+
 def gaussian_blur(image, sigma, radius):
     """Separable Gaussian blur of an [H, W, C] image.
 
     Uses reflect padding where the reference pads with zeros ('SAME'), so
-    borders are not darkened.
+    borders are not darkened. Narrow kernels use shifted adds, wide ones
+    (with static H and W) a banded matmul on the rows, then on the
+    transposed image: the same sums in another order, so equal to float
+    rounding (~1e-7).
     """
     if radius == 0:
         return image
-    channels = tf.shape(image)[-1]
+    image = tf.convert_to_tensor(image, tf.float32)
     kernel = blur_kernel(sigma, radius)
-    kernel_v = tf.tile(tf.reshape(kernel, [-1, 1, 1, 1]), [1, 1, channels, 1])
-    kernel_h = tf.reshape(kernel_v, [1, -1, channels, 1])
-    x = tf.pad(image[tf.newaxis], [[0, 0], [radius, radius], [radius, radius], [0, 0]],
-               mode="REFLECT")
-    x = tf.nn.depthwise_conv2d(x, kernel_v, strides=[1, 1, 1, 1], padding="VALID")
-    x = tf.nn.depthwise_conv2d(x, kernel_h, strides=[1, 1, 1, 1], padding="VALID")
-    return tf.clip_by_value(x[0], 0.0, 1.0)
+    static = image.shape[0] is not None and image.shape[1] is not None
+    if static and radius > _SHIFT_ADD_MAX_RADIUS:
+        x = _blur_rows_banded(image, kernel, radius)
+        x = tf.transpose(_blur_rows_banded(tf.transpose(x, [1, 0, 2]), kernel, radius),
+                         [1, 0, 2])
+    else:
+        x = _blur_shift_add(image, kernel, radius, axis=0)
+        x = _blur_shift_add(x, kernel, radius, axis=1)
+    return tf.clip_by_value(x, 0.0, 1.0)
 
 
 def random_blur(image, seed, radius, p=0.5):
@@ -197,6 +284,15 @@ def random_blur(image, seed, radius, p=0.5):
 # --------------------------------------------------------------------- views
 
 
+def _finish_view(image, height, width, seeds, strength, blur):
+    """Flip, colour and blur of a resized crop, keyed by train_view's seeds 1-3."""
+    image = random_flip(image, seeds[1])
+    image = color_distortion(image, seeds[2], strength)
+    if blur:
+        image = random_blur(image, seeds[3], blur_radius(height, width))
+    return tf.ensure_shape(image, [height, width, 3])
+
+
 def train_view(image, height, width, *, seed=None, color_jitter_strength=1.0, blur=True):
     """One SimCLR training view: float32 [height, width, 3] in [0, 1].
 
@@ -204,19 +300,64 @@ def train_view(image, height, width, *, seed=None, color_jitter_strength=1.0, bl
     of (image, seed); without it a fresh seed is drawn from TF's global RNG.
     """
     _check_size(height, width)
-    if color_jitter_strength < 0:
-        raise ValueError(
-            f"color_jitter_strength must be >= 0, got {color_jitter_strength!r}")
+    _check_strength(color_jitter_strength)
     if seed is None:
         seed = tf.random.uniform([2], maxval=2**31 - 1, dtype=tf.int64)
     seeds = tf.random.experimental.stateless_split(seed, num=4)
-    image = to_float(image)
-    image = random_resized_crop(image, height, width, seeds[0])
-    image = random_flip(image, seeds[1])
-    image = color_distortion(image, seeds[2], color_jitter_strength)
-    if blur:
-        image = random_blur(image, seeds[3], blur_radius(height, width))
-    return tf.ensure_shape(image, [height, width, 3])
+    image = random_resized_crop(_check_image(image), height, width, seeds[0])
+    return _finish_view(image, height, width, seeds, color_jitter_strength, blur)
+
+
+def decode_crops(encoded, crop_seeds, aspect=1.0):
+    """Decodes an encoded image's crop boxes, one per seed -> list of uint8 crops.
+
+    The boxes are ``sample_crop_box(image shape, seed, aspect)``: the same as
+    cropping the decoded image. A JPEG's shape comes from its header and it
+    is decoded once, only within the union of the boxes
+    (``decode_and_crop_jpeg``), skipping the IDCT and colour conversion
+    outside it; two separate partial decodes would each redo the entropy
+    decoding and cost more than one full decode. Other formats (PNG, ...)
+    are decoded whole. Always 3 channels.
+    """
+    def boxes(shape):
+        return [sample_crop_box(shape, s, aspect) for s in crop_seeds]
+
+    def from_jpeg():
+        bxs = boxes(tf.image.extract_jpeg_shape(encoded))
+        low = tf.reduce_min(tf.stack([o for o, _ in bxs]), 0)
+        high = tf.reduce_max(tf.stack([o + z for o, z in bxs]), 0)
+        window = tf.image.decode_and_crop_jpeg(encoded, tf.concat([low, high - low], 0),
+                                               channels=3)
+        return window, tf.stack([o - low for o, _ in bxs]), tf.stack([z for _, z in bxs])
+
+    def from_other():
+        image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+        bxs = boxes(tf.shape(image))
+        return image, tf.stack([o for o, _ in bxs]), tf.stack([z for _, z in bxs])
+
+    window, offsets, sizes = tf.cond(tf.io.is_jpeg(encoded), from_jpeg, from_other)
+    window = tf.ensure_shape(window, [None, None, 3])
+    return [_crop(window, offsets[i], sizes[i]) for i in range(len(crop_seeds))]
+
+
+def train_views_from_encoded(encoded, height, width, *, seeds, color_jitter_strength=1.0,
+                             blur=True):
+    """SimCLR views of one encoded (JPEG, PNG...) image, one per seed in ``seeds``.
+
+    View i is ``train_view(decoded, height, width, seed=seeds[i], ...)``: the
+    same crop box, flip, colours and blur, with the JPEG decoded once and
+    only within the views' boxes (``decode_crops``). Decoding a window can
+    change pixels next to its edges by a few levels (JPEG's chroma
+    upsampling sees other neighbours), so the views match to that, not bitwise.
+    """
+    _check_size(height, width)
+    _check_strength(color_jitter_strength)
+    seeds = list(seeds) if isinstance(seeds, (list, tuple)) else tf.unstack(seeds)
+    splits = [tf.random.experimental.stateless_split(seed, num=4) for seed in seeds]
+    crops = decode_crops(encoded, [s[0] for s in splits], aspect=width / height)
+    return [_finish_view(_resize(to_float(crop), height, width), height, width, s,
+                         color_jitter_strength, blur)
+            for crop, s in zip(crops, splits)]
 
 
 def eval_view(image, height, width):

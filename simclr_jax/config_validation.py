@@ -37,6 +37,8 @@ def validate_pretrain_config(config: ml_collections.ConfigDict) -> None:
         _fail("knn_every_epochs", config.knn_every_epochs, "expected >= 0 (0 = only at the end)")
     if config.loss_impl not in ("auto", "naive", "blockwise"):
         _fail("loss_impl", config.loss_impl, "choose 'auto', 'naive' or 'blockwise'")
+    if config.get("nonfinite_policy", "stop") not in ("stop", "skip"):
+        _fail("nonfinite_policy", config.nonfinite_policy, "choose 'stop' or 'skip'")
     if config.dtype not in _VALID_DTYPES:
         _fail("dtype", config.dtype, f"choose one of {_VALID_DTYPES}")
     if config.color_jitter_strength < 0:

@@ -108,6 +108,9 @@ def make_train_step(
     online linear probe on ``stop_gradient(h)`` of both views learns from it
     alongside (as the reference TF2 code does): it reports how linearly
     separable h is as training goes, and cannot change the encoder's gradient.
+
+    A step whose loss or gradient is not finite changes nothing but the step
+    counter and reports ``metrics['nonfinite'] = 1``.
     """
 
     def step_on_device(state: TrainState, views: jax.Array, labels: jax.Array):
@@ -143,13 +146,18 @@ def make_train_step(
             state.params
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        # A non-finite loss or gradient leaves parameters, optimiser state and
+        # BN statistics as they were; the train loop decides to stop or go on.
+        finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+        keep_if_finite = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         new_state = TrainState(
             step=state.step + 1,
-            params=optax.apply_updates(state.params, updates),
-            batch_stats=batch_stats,
-            opt_state=opt_state,
+            params=keep_if_finite(optax.apply_updates(state.params, updates), state.params),
+            batch_stats=keep_if_finite(batch_stats, state.batch_stats),
+            opt_state=keep_if_finite(opt_state, state.opt_state),
         )
-        metrics = dict(metrics, loss=loss, learning_rate=learning_rate(state.step))
+        metrics = dict(metrics, loss=loss, learning_rate=learning_rate(state.step),
+                       nonfinite=1.0 - finite.astype(jnp.float32))
         return new_state, metrics
 
     sharded = jax.shard_map(

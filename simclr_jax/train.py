@@ -12,7 +12,8 @@ from absl import logging
 from clu import periodic_actions
 from jax.sharding import Mesh
 
-from simclr_jax import checkpoint, config_validation, evaluate, input_pipeline, models, optim, sharding, writers
+from simclr_jax import (checkpoint, config_validation, evaluate, input_pipeline, models, optim, preemption,
+                        sharding, writers)
 from simclr_jax.step import (TrainState, create_train_state, make_train_step, model_params,
                              with_probe_optimizer)
 
@@ -27,10 +28,9 @@ def _device_batches(dataset, mesh: Mesh, prefetch: int = 2) -> Iterator[dict]:
     yield from queue
 
 
-def _mean_metrics(history: list[dict]) -> dict[str, float]:
-    """Averages metrics accumulated on device; the only host sync of the loop."""
-    stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *history))
-    return {k: float(np.mean(v)) for k, v in stacked.items()}
+def _fetch(history: list[dict]) -> dict[str, np.ndarray]:
+    """Per-step metrics accumulated on device, as numpy; the loop's only host sync."""
+    return jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *history))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -80,43 +80,86 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         model, tx, learning_rate, config.temperature, mesh, probe_classes, config.loss_impl
     )
     knn_every = int(round(config.knn_every_epochs * steps_per_epoch))
+    per_process_batch = sharding.per_process_batch_size(config.batch_size)
     dataset = input_pipeline.pretrain_dataset(
-        config,
-        per_process_batch_size=sharding.per_process_batch_size(config.batch_size),
-        # A resumed run draws fresh augmentations rather than replaying the first ones.
-        seed=config.seed + start_step,
+        config, per_process_batch_size=per_process_batch, seed=config.seed,
+        # Resume where the interrupted run was in the same stream: exact resume.
+        skip_examples=start_step * per_process_batch,
     )
     batches = _device_batches(dataset, mesh)
     report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
+    nonfinite = _NonfiniteGuard(config.get("nonfinite_policy", "stop"), manager)
 
     logging.info(
         "Pretraining %s on %d devices: %d steps of %d images (%d per epoch) from step %d",
         config.dataset, mesh.devices.size, total_steps, config.batch_size, steps_per_epoch, start_step,
     )
     history, interval_start = [], time.perf_counter()
-    for step in range(start_step + 1, total_steps + 1):
-        with jax.profiler.StepTraceAnnotation("train", step_num=step):
-            state, metrics = train_step(state, next(batches))
-        history.append(metrics)
-        report_progress(step)
-        if step % config.log_every_steps == 0 or step == total_steps:
-            scalars = _mean_metrics(history)
-            elapsed = time.perf_counter() - interval_start
-            scalars["images_per_sec"] = len(history) * config.batch_size / elapsed
-            scalars["epoch"] = step / steps_per_epoch
-            writer.write_scalars(step, scalars)
-            history, interval_start = [], time.perf_counter()
-        knn_due = (knn_every and step % knn_every == 0) or step == total_steps
-        if knn_due and num_classes and config.knn_monitor:
-            writer.write_scalars(step, _knn_monitor(config, state, mesh))
-            interval_start = time.perf_counter()  # keep evaluation out of images/s
-        if step % config.checkpoint_every_steps == 0 or step == total_steps:
-            checkpoint.save(manager, step, state, force=True)
+    with preemption.StopRequest() as stop_request:
+        for step in range(start_step + 1, total_steps + 1):
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                state, metrics = train_step(state, next(batches))
+            history.append(metrics)
+            report_progress(step)
+            stopping = stop_request.stop_now(step)
+            save_due = step % config.checkpoint_every_steps == 0 or step == total_steps or stopping
+            # Metrics reach the host every log_every_steps, and before every save, so
+            # a non-finite step is caught before a checkpoint could follow it.
+            if step % config.log_every_steps == 0 or save_due:
+                scalars = nonfinite.check(_fetch(history), step)
+                elapsed = time.perf_counter() - interval_start
+                scalars["images_per_sec"] = len(history) * config.batch_size / elapsed
+                scalars["epoch"] = step / steps_per_epoch
+                writer.write_scalars(step, scalars)
+                history, interval_start = [], time.perf_counter()
+            knn_due = (knn_every and step % knn_every == 0) or step == total_steps
+            if knn_due and num_classes and config.knn_monitor and not stopping:
+                writer.write_scalars(step, _knn_monitor(config, state, mesh))
+                interval_start = time.perf_counter()  # keep evaluation out of images/s
+            if save_due:
+                checkpoint.save(manager, step, state, force=True)
+            if stopping:
+                logging.warning("Stopped at step %d of %d on request; checkpoint saved in %s. Run the same "
+                                "command to resume.", step, total_steps, manager.directory)
+                break
 
     manager.wait_until_finished()
     manager.close()
     writer.flush()
     return state
+
+
+class _NonfiniteGuard:
+    """Acts on steps whose loss or gradient was not finite (the step skipped
+    their update): 'stop' raises, naming the step and the last good
+    checkpoint; 'skip' counts them and goes on."""
+
+    def __init__(self, policy: str, manager):
+        self.policy, self.manager, self.skipped = policy, manager, 0
+
+    def check(self, stacked: dict, step: int) -> dict[str, float]:
+        flags = stacked.pop("nonfinite")
+        bad = np.flatnonzero(flags)
+        if bad.size:
+            first = step - len(flags) + 1 + int(bad[0])
+            if self.policy == "stop":
+                self.manager.wait_until_finished()
+                last_good = self.manager.latest_step()
+                where = (f"the last good checkpoint is step {last_good} in {self.manager.directory}"
+                         if last_good is not None else "no checkpoint was saved yet")
+                raise FloatingPointError(
+                    f"non-finite loss or gradient at step {first} ({bad.size} of the last {len(flags)} "
+                    f"steps); the update was not applied and training stopped; {where}. Lower the "
+                    "learning rate or set --config.nonfinite_policy=skip to skip such steps.")
+            self.skipped += bad.size
+            logging.warning("Skipped %d non-finite updates, the first at step %d (%d in all).",
+                            bad.size, first, self.skipped)
+        good = np.ones(len(flags), bool)
+        good[bad] = False
+        scalars = {k: float(np.mean(v[good])) if good.any() else float("nan") for k, v in stacked.items()}
+        if self.skipped:
+            scalars["skipped_updates"] = float(self.skipped)
+        return scalars
 
 
 def _knn_monitor(config, state: TrainState, mesh: Mesh) -> dict[str, float]:

@@ -229,3 +229,79 @@ def test_blur_radius_is_ten_percent_of_height():
     assert augment.blur_radius(224, 224) == 11  # 23-tap kernel, as the reference
     assert augment.blur_radius(32, 32) == 1
     assert augment.blur_radius(16, 16) == 0
+
+
+@pytest.mark.parametrize("h,w,radius", [(224, 224, 11), (100, 60, 7), (33, 47, 5), (40, 30, 4)])
+def test_gaussian_blur_matches_reflect_padded_numpy(h, w, radius):
+    # Covers both implementations: shifted adds (radius <= 6) and the banded
+    # matmul (wider kernels, blocks of 32 rows with a ragged last block).
+    image = _random_image(h, w, seed=h, dtype=np.float32)
+    sigma = 1.7
+    k = augment.blur_kernel(sigma, radius).numpy().astype(np.float64)
+    padded = np.pad(image.astype(np.float64), [(radius, radius), (0, 0), (0, 0)], mode="reflect")
+    vertical = sum(k[t] * padded[t:t + h] for t in range(2 * radius + 1))
+    padded = np.pad(vertical, [(0, 0), (radius, radius), (0, 0)], mode="reflect")
+    expected = sum(k[t] * padded[:, t:t + w] for t in range(2 * radius + 1))
+    np.testing.assert_allclose(augment.gaussian_blur(image, sigma, radius), expected, atol=1e-5)
+
+
+def _jpeg(h=70, w=90, seed=0):
+    """A smooth (photo-like) image as JPEG bytes, and its full decode."""
+    rng = np.random.RandomState(seed)
+    small = rng.randint(0, 256, (7, 9, 3)).astype(np.float32)
+    image = tf.cast(tf.image.resize(small, [h, w], method="bicubic"), tf.float32)
+    image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+    encoded = tf.io.encode_jpeg(image, quality=90)
+    return encoded, tf.io.decode_jpeg(encoded, channels=3)
+
+
+def _crop_seeds(seeds):
+    return [tf.random.experimental.stateless_split(s, num=4)[0] for s in seeds]
+
+
+@pytest.mark.parametrize("aspect", [1.0, 1.5])
+def test_decode_crops_matches_decode_then_crop(aspect):
+    encoded, decoded = _jpeg()
+    for k in range(10):
+        seeds = _crop_seeds([tf.constant([k, 1]), tf.constant([k, 2])])
+        crops = augment.decode_crops(encoded, seeds, aspect=aspect)
+        for seed, crop in zip(seeds, crops):
+            offset, size = augment.sample_crop_box(tf.shape(decoded), seed, aspect=aspect)
+            expected = tf.slice(decoded, tf.concat([offset, [0]], 0), tf.concat([size, [-1]], 0))
+            assert crop.dtype == tf.uint8
+            assert crop.shape == expected.shape  # the very same box
+            # Decoding only a window can move the pixels on its far edges by a
+            # few levels (chroma upsampling lacks their outer neighbours).
+            diff = np.abs(crop.numpy().astype(int) - expected.numpy().astype(int))
+            np.testing.assert_array_equal(diff[:-1, :-1], 0)
+            assert diff.max() <= 32  # this test image has strong colour edges
+
+
+def test_decode_crops_decodes_png_whole_and_exactly():
+    image = _random_image(30, 50)
+    encoded = tf.io.encode_png(image)
+    seeds = _crop_seeds([tf.constant([5, 6])])
+    (crop,) = augment.decode_crops(encoded, seeds)
+    offset, size = augment.sample_crop_box([30, 50, 3], seeds[0])
+    expected = image[offset[0]:offset[0] + size[0], offset[1]:offset[1] + size[1]]
+    np.testing.assert_array_equal(crop, expected)
+
+
+@pytest.mark.parametrize("size,blur", [(32, False), (64, True)])
+def test_train_views_from_encoded_match_train_view(size, blur):
+    encoded, decoded = _jpeg()
+    seeds = tf.constant([[3, 4], [5, 6]], tf.int64)
+    views = augment.train_views_from_encoded(encoded, size, size, seeds=seeds,
+                                             color_jitter_strength=0.5, blur=blur)
+    assert len(views) == 2
+    for seed, view in zip(seeds, views):
+        assert view.shape == (size, size, 3) and view.dtype == tf.float32
+        expected = augment.train_view(decoded, size, size, seed=seed,
+                                      color_jitter_strength=0.5, blur=blur)
+        diff = np.abs(view.numpy() - expected.numpy())
+        assert diff.max() < 0.05 and diff.mean() < 1e-3, (diff.max(), diff.mean())
+    # PNG input takes the decode-whole path: bitwise the same as train_view.
+    png = tf.io.encode_png(decoded)
+    views = augment.train_views_from_encoded(png, size, size, seeds=[seeds[0]], blur=blur)
+    np.testing.assert_array_equal(views[0], augment.train_view(decoded, size, size,
+                                                               seed=seeds[0], blur=blur))

@@ -141,3 +141,16 @@ def test_real_cifar10_pretrain_batches(real_data_dir):
     assert ((means > 0.3) & (means < 0.6)).all(), means
     labels = np.concatenate([b["label"] for b in batches])
     assert ((labels >= 0) & (labels < 10)).all()
+
+
+def test_pretrain_encoded_path_matches_decoded_path(mock_cifar10):
+    # Without the cache, images stay encoded until the views are made; the
+    # stream and the augmentations are those of the decoded path. The mocked
+    # images are PNGs (decoded whole), so they match bitwise; JPEG windows
+    # are compared with full decodes in test_augment.
+    config = _config(blur=True)
+    decoded = _first(input_pipeline.pretrain_dataset(config, per_process_batch_size=8, seed=3))
+    config.cache_dataset = False
+    encoded = _first(input_pipeline.pretrain_dataset(config, per_process_batch_size=8, seed=3))
+    np.testing.assert_array_equal(encoded["label"], decoded["label"])
+    np.testing.assert_array_equal(encoded["views"], decoded["views"])
