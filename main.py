@@ -23,6 +23,11 @@ config_flags.DEFINE_config_file(
     "config", os.path.join(HERE, "configs", "cifar10.py"), "Recipe: a configs/*.py file.", lock_config=True
 )
 flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go (default: ./workdir/<recipe>).")
+flags.DEFINE_integer(
+    "cpu_devices", -1,
+    "Split the host CPU into this many JAX devices (XLA's host device count); -1: the largest power "
+    "of two <= the core count, at most 8; 0: leave XLA_FLAGS alone. Only CPU training uses them: "
+    "XLA:CPU runs a batch split over per-core devices ~1.5x faster than one device (README, Speed).")
 flags.DEFINE_integer("init_timeout_s", 300, "Multi-process: how long to wait for every process to join.")
 flags.DEFINE_integer("heartbeat_timeout_s", 100,
                      "Multi-process: a peer silent this long counts as dead and the run stops.")
@@ -35,10 +40,23 @@ class _QuietOrbax(logging.logging.Filter):
         return record.levelno >= logging.logging.WARNING or "orbax" not in record.pathname
 
 
+def _split_cpu_into_devices(count: int) -> None:
+    """Sets XLA's host device count before JAX starts, unless XLA_FLAGS has one."""
+    xla_flags = os.environ.get("XLA_FLAGS", "")
+    if count == 0 or "xla_force_host_platform_device_count" in xla_flags:
+        return
+    if count < 0:
+        count = 1
+        while count * 2 <= min(os.cpu_count() or 1, 8):
+            count *= 2
+    os.environ["XLA_FLAGS"] = f"{xla_flags} --xla_force_host_platform_device_count={count}".strip()
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietOrbax())
+    _split_cpu_into_devices(FLAGS.cpu_devices)
     from simclr_jax import distributed
 
     # Before JAX touches a device: several processes (hosts) join one run here.
