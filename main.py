@@ -11,6 +11,7 @@ JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (see
 simclr_jax/distributed.py and the README).
 """
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -86,5 +87,17 @@ def main(argv):
         raise
 
 
+def _unknown_field_message(error: AttributeError) -> str:
+    """ml_collections' "did you mean" for a mistyped --config.FIELD, as one line."""
+    text = str(error.args[0]) if error.args else str(error)
+    text = text.strip("'\"").replace("\\n", ": ").replace("\n", ": ").replace("\\'", "'")
+    return f"unknown config field {text}"
+
+
 if __name__ == "__main__":
-    app.run(main)
+    try:
+        app.run(main)
+    except AttributeError as e:
+        if FLAGS.is_parsed():  # not a command-line mistake
+            raise
+        sys.exit(f"main.py: {_unknown_field_message(e)} (see configs/ for the fields of each recipe)")

@@ -66,4 +66,6 @@ def get_config() -> ml_collections.ConfigDict:
     # A non-finite loss or gradient: 'stop' (with the step and the last good
     # checkpoint), or 'skip' the update and go on.
     config.nonfinite_policy = "stop"
+    # workdir/augmentations.png (and TensorBoard): two views of a few images.
+    config.write_pictures = True
     return config

@@ -56,4 +56,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.knn.k = 200
     config.knn.temperature = 0.1
     config.seed = 0
+    # knn and cached linear_eval: workdir/embedding_tsne.png and retrieval.png.
+    config.write_pictures = True
     return config

@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from simclr_jax import checkpoint, finetune, input_pipeline, models, probes, sharding, writers
+from simclr_jax import checkpoint, finetune, input_pipeline, models, pictures, probes, sharding, writers
 
 RANDOM = "random"
 
@@ -153,19 +153,24 @@ def num_classes(config) -> int:
     return classes
 
 
-def knn_top1(config, model, variables, mesh) -> dict[str, float]:
-    """Weighted kNN (train split as memory bank, test split as queries)."""
+def knn_top1(config, model, variables, mesh, on_features=None) -> dict[str, float]:
+    """Weighted kNN (train split as memory bank, test split as queries).
+    ``on_features(train_x, train_y, test_x, test_y)`` sees the features."""
     train_x, train_y = split_features(config, model, variables, config.train_split, mesh)
     test_x, test_y = split_features(config, model, variables, config.test_split, mesh)
+    if on_features:
+        on_features(train_x, train_y, test_x, test_y)
     result = probes.knn_accuracy(train_x, train_y, test_x, test_y, num_classes(config),
                                  k=config.knn.k, temperature=config.knn.temperature)
     return dict(result, num_examples=len(test_y))
 
 
-def cached_linear_probe(config, model, variables, mesh) -> dict[str, float]:
+def cached_linear_probe(config, model, variables, mesh, on_features=None) -> dict[str, float]:
     """Linear classifier on features extracted once (no augmentation)."""
     train_x, train_y = split_features(config, model, variables, config.train_split, mesh)
     test_x, test_y = split_features(config, model, variables, config.test_split, mesh)
+    if on_features:
+        on_features(train_x, train_y, test_x, test_y)
     lin = config.linear
     result = probes.evaluate_linear_probe(
         train_x, train_y, test_x, test_y, num_classes(config), epochs=lin.epochs,
@@ -189,12 +194,12 @@ def append_result(workdir: str, record: dict[str, Any]) -> None:
     os.replace(path + ".tmp", path)
 
 
-def linear_eval(config, model, variables, mesh) -> dict[str, float]:
+def linear_eval(config, model, variables, mesh, on_features=None) -> dict[str, float]:
     """config.linear.cached: features extracted once (fast, the default), or
     False for the paper's full protocol (augmented views through the frozen
-    encoder at every step, finetune.linear_eval)."""
+    encoder at every step, finetune.linear_eval; no ``on_features``)."""
     if config.linear.get("cached", True):
-        return cached_linear_probe(config, model, variables, mesh)
+        return cached_linear_probe(config, model, variables, mesh, on_features)
     return finetune.linear_eval(config, model, variables, mesh)
 
 
@@ -218,7 +223,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     model = models.model_from_config(config.model)
     variables, step = encoder_variables(model, config.image_size, config.pretrained, mesh=mesh,
                                         step=config.checkpoint_step, seed=config.seed)
-    result = PROTOCOLS[config.protocol](config, model, variables, mesh)
+    # Pictures (knn, cached linear_eval) reuse the protocol's features.
+    features = []
+    extra = ({"on_features": lambda *arrays: features.append(arrays)}
+             if config.get("write_pictures", False) and config.protocol in ("knn", "linear_eval") else {})
+    result = PROTOCOLS[config.protocol](config, model, variables, mesh, **extra)
     record = dict(
         protocol=config.protocol, pretrained=config.pretrained, dataset=config.dataset,
         split=config.test_split, checkpoint_step=int(step), head_layer=config.get("head_layer", 0),
@@ -230,4 +239,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         writer = writers.create_writer(workdir)
         writer.write_scalars(int(step), {f"{config.protocol}/{k}": record[k] for k in ("top1", "top5")})
         writer.close()
+        if features:
+            start = time.perf_counter()
+            paths = pictures.write_evaluation_pictures(config, workdir, *features[0])
+            logging.info("Wrote %s (%.1f s)", ", ".join(paths), time.perf_counter() - start)
     return record

@@ -5,16 +5,20 @@ the caller turns a per-process batch into a global jax.Array. All randomness
 is keyed by the ``seed`` argument, so with ``config.deterministic_input``
 (default True) the same seed yields the same stream of batches.
 """
+import dataclasses
 import os
+from concurrent import futures
 
 import jax
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
 from simclr_jax import augment
 
 AUTOTUNE = tf.data.AUTOTUNE
-FOLDER_PREFIX = "folder:"  # config.dataset = 'folder:ROOT' reads an image folder
+FOLDER_PREFIX = "folder:"  # config.dataset = 'folder:ROOT' reads a labelled image folder
+IMAGES_PREFIX = "images:"  # config.dataset = 'images:ROOT' reads every image under ROOT, unlabelled
 
 
 def _check_positive_int(name, value):
@@ -44,9 +48,13 @@ def load_split(dataset, split, data_dir, *, shuffle_files=False, seed=None,
     (it honours TFDS_DATA_DIR). ``autocache=False`` is for callers that cache
     themselves, so the data is not held twice. ``decoders`` go to TFDS (e.g.
     SkipDecoding to read labels only); ``process_slice=False`` opens the whole
-    split on every process. ``dataset='folder:ROOT'`` reads an image folder
-    (see ``load_folder_split``).
+    split on every process. ``dataset='folder:ROOT'`` reads a labelled image
+    folder (see ``load_folder_split``), ``dataset='images:ROOT'`` every image
+    under ROOT without labels (see ``load_image_files``; ``split`` is ignored).
     """
+    if dataset.startswith(IMAGES_PREFIX):
+        return load_image_files(dataset[len(IMAGES_PREFIX):], shuffle_files=shuffle_files, seed=seed,
+                                decoders=decoders, process_slice=process_slice)
     if dataset.startswith(FOLDER_PREFIX):
         return load_folder_split(dataset[len(FOLDER_PREFIX):], split, decoders=decoders,
                                  process_slice=process_slice)
@@ -104,6 +112,106 @@ def load_folder_split(root, split, *, decoders=None, process_slice=True):
     if process_slice and jax.process_count() > 1:
         ds = ds.shard(jax.process_count(), jax.process_index())
     return ds, num_examples, builder.info
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # any case
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG")  # JPEG, PNG
+_CHECKED = {}  # (root, listing) -> (paths, skipped) of the last few folders checked
+
+
+@dataclasses.dataclass(frozen=True)
+class UnlabelledInfo:
+    """What ``load_image_files`` returns in place of a TFDS DatasetInfo.
+
+    ``features`` has no 'label', so ``evaluate.label_classes`` is 0 and the
+    online probe and kNN monitor stay off. ``skipped`` lists the files with
+    an image extension that were not a readable JPEG or PNG.
+    """
+    root: str
+    num_examples: int
+    skipped: tuple = ()
+    features: dict = dataclasses.field(default_factory=dict)
+
+
+def _file_head(path):
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            return f.read(len(_SIGNATURES[0]) + 1)
+    except (OSError, tf.errors.OpError):
+        return b""  # unreadable: skipped like a corrupt file
+
+
+def list_image_files(root):
+    """(sorted image paths under ``root`` at any depth, sorted skipped paths).
+
+    A path is kept when its extension is in IMAGE_EXTENSIONS and its first
+    bytes are a JPEG or PNG signature; those that are not (corrupt,
+    unreadable, mis-named) are skipped with one warning; the check is
+    remembered for an unchanged listing. Raises ValueError for a missing
+    folder or one holding no images.
+    """
+    root = os.path.expanduser(root)
+    if not tf.io.gfile.isdir(root):  # gfile: gs:// roots work too
+        raise ValueError(f"image folder {root!r} (config.dataset='{IMAGES_PREFIX}{root}') does not exist")
+    candidates = sorted(
+        os.path.join(folder, name)
+        for folder, _, names in tf.io.gfile.walk(root)
+        for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
+    key = (root, len(candidates), hash(tuple(candidates)))
+    if key not in _CHECKED:  # training lists the folder twice: check and warn once
+        with futures.ThreadPoolExecutor(32) as pool:  # many small reads: threads help on remote storage
+            heads = list(pool.map(_file_head, candidates))
+        paths = [p for p, head in zip(candidates, heads) if head.startswith(_SIGNATURES)]
+        skipped = [p for p, head in zip(candidates, heads) if not head.startswith(_SIGNATURES)]
+        if skipped:
+            logging.warning("Skipping %d of %d image files under %s that are not readable JPEG or PNG "
+                            "files, e.g. %s", len(skipped), len(candidates), root, skipped[:3])
+        if len(_CHECKED) >= 4:
+            _CHECKED.clear()
+        _CHECKED[key] = (paths, skipped)
+    paths, skipped = _CHECKED[key]
+    if not paths:
+        raise ValueError(
+            f"no images in {root!r} (config.dataset='{IMAGES_PREFIX}{root}'): looked for "
+            f"{'/'.join(IMAGE_EXTENSIONS)} files (any case) at any depth and found "
+            f"{len(candidates)} with those extensions, {len(skipped)} of them not JPEG or PNG")
+    return paths, skipped
+
+
+def load_image_files(root, *, shuffle_files=False, seed=None, decoders=None, process_slice=True):
+    """``load_split`` for every JPEG/PNG under ``root``, at any depth, without labels.
+
+    Yields {'image': uint8 [H, W, 3], 'label': int32 -1}: grayscale is
+    replicated to 3 channels, an alpha channel dropped, any size. The files
+    are sorted and a process takes every process_count-th one; with
+    ``shuffle_files`` their order is reshuffled each pass, following
+    ``seed``. Files that fail the signature check are skipped up front (see
+    ``list_image_files``); files that pass it but still fail to decode
+    (truncated) are dropped by ``ignore_errors`` and TF logs each. With
+    ``decoders={'image': tfds.decode.SkipDecoding()}`` images stay encoded,
+    and the caller decodes them and should ``ignore_errors`` after that.
+    Returns (dataset, number of listed images, UnlabelledInfo).
+    """
+    root = os.path.expanduser(root)
+    paths, skipped = list_image_files(root)
+    info = UnlabelledInfo(root=root, num_examples=len(paths), skipped=tuple(skipped))
+    mine = paths[jax.process_index()::jax.process_count()] if process_slice else paths
+    ds = tf.data.Dataset.from_tensor_slices(tf.constant(mine, tf.string))
+    if shuffle_files:
+        ds = ds.shuffle(max(len(mine), 1), seed=seed, reshuffle_each_iteration=True)
+    skip_decoding = isinstance((decoders or {}).get("image"), tfds.decode.SkipDecoding)
+
+    def example(path):
+        image = tf.io.read_file(path)
+        if not skip_decoding:
+            image = tf.io.decode_image(image, channels=3, expand_animations=False)
+            image = tf.ensure_shape(image, [None, None, 3])
+        return {"image": image, "label": tf.constant(-1, tf.int32)}
+
+    ds = ds.map(example, num_parallel_calls=AUTOTUNE)
+    if not skip_decoding:
+        ds = ds.ignore_errors(log_warning=True)
+    return ds, len(paths), info
 
 
 def image_and_label(example):
@@ -182,6 +290,11 @@ def pretrain_dataset(config, *, per_process_batch_size, seed, skip_examples=0):
     # stream (before augmenting them), so a resumed run sees exactly the
     # batches and views an uninterrupted one would.
     ds = ds.enumerate().skip(skip_examples).map(two_views, num_parallel_calls=AUTOTUNE)
+    if config.dataset.startswith(IMAGES_PREFIX) and not config.cache_dataset:
+        # A file of an image folder can pass the signature check and still fail
+        # to decode (truncated): drop it, as load_image_files does when decoding.
+        # (Resume then repeats as many examples as were dropped before it.)
+        ds = ds.ignore_errors(log_warning=True)
     ds = ds.batch(per_process_batch_size, drop_remainder=True)
     ds = ds.with_options(_options(config.get("deterministic_input", True)))
     return ds.prefetch(AUTOTUNE)

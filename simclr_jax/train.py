@@ -12,8 +12,8 @@ from absl import logging
 from clu import periodic_actions
 from jax.sharding import Mesh
 
-from simclr_jax import (checkpoint, config_validation, evaluate, input_pipeline, models, optim, preemption,
-                        sharding, writers)
+from simclr_jax import (checkpoint, config_validation, evaluate, input_pipeline, models, optim, pictures,
+                        preemption, sharding, writers)
 from simclr_jax.step import (TrainState, create_train_state, make_train_step, model_params,
                              with_probe_optimizer)
 
@@ -87,6 +87,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         skip_examples=start_step * per_process_batch,
     )
     batches = _device_batches(dataset, mesh)
+    if jax.process_index() == 0 and config.get("write_pictures", False):
+        # Its own small pipeline: the training stream above is untouched.
+        pictures.write_augmentation_grid(config, workdir, writer, step=start_step)
     report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
     nonfinite = _NonfiniteGuard(config.get("nonfinite_policy", "stop"), manager)
 
@@ -94,7 +97,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         "Pretraining %s on %d devices: %d steps of %d images (%d per epoch) from step %d",
         config.dataset, mesh.devices.size, total_steps, config.batch_size, steps_per_epoch, start_step,
     )
-    history, interval_start = [], time.perf_counter()
+    history, interval_start, knn, run_start = [], time.perf_counter(), {}, time.perf_counter()
     with preemption.StopRequest() as stop_request:
         for step in range(start_step + 1, total_steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -111,10 +114,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 scalars["images_per_sec"] = len(history) * config.batch_size / elapsed
                 scalars["epoch"] = step / steps_per_epoch
                 writer.write_scalars(step, scalars)
+                logging.info(_progress_line(step, total_steps, config.batch_size, scalars))
                 history, interval_start = [], time.perf_counter()
             knn_due = (knn_every and step % knn_every == 0) or step == total_steps
             if knn_due and num_classes and config.knn_monitor and not stopping:
-                writer.write_scalars(step, _knn_monitor(config, state, mesh))
+                knn = _knn_monitor(config, state, mesh)
+                writer.write_scalars(step, knn)
                 interval_start = time.perf_counter()  # keep evaluation out of images/s
             if save_due:
                 checkpoint.save(manager, step, state, force=True)
@@ -124,9 +129,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 break
 
     manager.wait_until_finished()
+    if jax.process_index() == 0:
+        logging.info(_summary(workdir, manager, int(state.step), total_steps, time.perf_counter() - run_start, knn))
     manager.close()
     writer.flush()
     return state
+
+
+def _progress_line(step: int, total_steps: int, batch_size: int, scalars: dict) -> str:
+    """One readable line: where the run is, how fast, how long to go, how well."""
+    rate = scalars["images_per_sec"]
+    eta = (total_steps - step) * batch_size / rate if rate > 0 else float("nan")
+    eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if np.isfinite(eta) and eta < 86400 * 99 else "?"
+    if eta >= 86400 and np.isfinite(eta):
+        eta_text = f"{int(eta // 86400)}d {eta_text}"
+    return (f"step {step}/{total_steps} (epoch {scalars['epoch']:.2f}) | loss {scalars['loss']:.4f} | "
+            f"contrastive acc {scalars['contrastive_acc']:.3f} | {rate:.1f} images/s | ETA {eta_text}")
+
+
+def _summary(workdir, manager, step, total_steps, seconds, knn) -> str:
+    """The one-screen account of where everything went."""
+    workdir = os.path.abspath(workdir)
+    lines = [
+        f"Pretraining {'finished' if step >= total_steps else 'stopped'} at step {step}/{total_steps} "
+        f"after {seconds / 60:.1f} min.",
+        f"  checkpoints   {manager.directory} (steps {manager.all_steps()})",
+        f"  metrics       {os.path.join(workdir, 'metrics.jsonl')}",
+        f"  TensorBoard   tensorboard --logdir={workdir}",
+    ]
+    pictures = [name for name in sorted(os.listdir(workdir)) if name.endswith(".png")]
+    if pictures:
+        lines.append(f"  pictures      {', '.join(os.path.join(workdir, name) for name in pictures)}")
+    if knn:
+        lines.append(f"  kNN top-1     {knn['knn_top1']:.4f} (top-5 {knn['knn_top5']:.4f})")
+    lines.append(f"  evaluate      python main.py --config=configs/linear_eval.py --config.pretrained={workdir} "
+                 f"--workdir={workdir}/eval")
+    if step < total_steps:
+        lines.append("  resume        run the same command again")
+    return "\n".join(lines)
 
 
 class _NonfiniteGuard:

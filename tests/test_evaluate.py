@@ -101,6 +101,7 @@ def test_pretrain_then_knn_and_linear_probe_on_real_cifar10(real_data_dir, tmp_p
     config.model = _model_config()
     config.train_split = "train[:5000]"
     config.linear.epochs = 10
+    config.write_pictures = False  # tests/test_pictures.py covers them
     eval_dir = str(tmp_path / "eval")
     knn_result = evaluate.evaluate(config, eval_dir)
     config.protocol = "linear_eval"
