@@ -136,15 +136,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     return state
 
 
+def _duration(seconds: float) -> str:
+    """'1d 02:03:04', '00:05:00', or '?' when the rate is not known yet."""
+    if not np.isfinite(seconds) or seconds < 0:
+        return "?"
+    days, rest = divmod(int(round(seconds)), 86400)
+    clock = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"{days}d {clock}" if days else clock
+
+
 def _progress_line(step: int, total_steps: int, batch_size: int, scalars: dict) -> str:
     """One readable line: where the run is, how fast, how long to go, how well."""
     rate = scalars["images_per_sec"]
     eta = (total_steps - step) * batch_size / rate if rate > 0 else float("nan")
-    eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if np.isfinite(eta) and eta < 86400 * 99 else "?"
-    if eta >= 86400 and np.isfinite(eta):
-        eta_text = f"{int(eta // 86400)}d {eta_text}"
     return (f"step {step}/{total_steps} (epoch {scalars['epoch']:.2f}) | loss {scalars['loss']:.4f} | "
-            f"contrastive acc {scalars['contrastive_acc']:.3f} | {rate:.1f} images/s | ETA {eta_text}")
+            f"contrastive acc {scalars['contrastive_acc']:.3f} | {rate:.1f} images/s | ETA {_duration(eta)}")
 
 
 def _summary(workdir, manager, step, total_steps, seconds, knn) -> str:
@@ -152,14 +158,14 @@ def _summary(workdir, manager, step, total_steps, seconds, knn) -> str:
     workdir = os.path.abspath(workdir)
     lines = [
         f"Pretraining {'finished' if step >= total_steps else 'stopped'} at step {step}/{total_steps} "
-        f"after {seconds / 60:.1f} min.",
-        f"  checkpoints   {manager.directory} (steps {manager.all_steps()})",
+        f"after {_duration(seconds)}.",
+        f"  checkpoints   {manager.directory} (steps {list(manager.all_steps())})",
         f"  metrics       {os.path.join(workdir, 'metrics.jsonl')}",
         f"  TensorBoard   tensorboard --logdir={workdir}",
     ]
-    pictures = [name for name in sorted(os.listdir(workdir)) if name.endswith(".png")]
-    if pictures:
-        lines.append(f"  pictures      {', '.join(os.path.join(workdir, name) for name in pictures)}")
+    pngs = [os.path.join(workdir, name) for name in sorted(os.listdir(workdir)) if name.endswith(".png")]
+    if pngs:
+        lines.append(f"  pictures      {', '.join(pngs)}")
     if knn:
         lines.append(f"  kNN top-1     {knn['knn_top1']:.4f} (top-5 {knn['knn_top5']:.4f})")
     lines.append(f"  evaluate      python main.py --config=configs/linear_eval.py --config.pretrained={workdir} "
