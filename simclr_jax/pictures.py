@@ -250,8 +250,8 @@ def write_augmentation_grid(config, workdir: str, writer, step: int = 0, num_ima
     views, labels = augmentation_views(config, num_images)
     writer.write_images(step, {"augmentations": augmentation_grid(views)[None]})
     names = class_names(config) if (labels >= 0).any() else []
-    title = (f"Two augmented views of each image (crop {config.image_size} px, colour strength "
-             f"{config.color_jitter_strength}, blur {'on' if config.blur else 'off'})")
+    title = (f"Two augmented views per image: crop {config.image_size} px, colour "
+             f"{config.color_jitter_strength}, {'blur' if config.blur else 'no blur'}")
     grid = labelled_augmentation_grid(views, labels if (labels >= 0).any() else None, names, title)
     return save_png(os.path.join(workdir, "augmentations.png"), grid)
 

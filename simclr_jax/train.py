@@ -130,7 +130,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     manager.wait_until_finished()
     if jax.process_index() == 0:
-        logging.info(_summary(workdir, manager, int(state.step), total_steps, time.perf_counter() - run_start, knn))
+        logging.info(_summary(config, workdir, manager, int(state.step), total_steps,
+                              time.perf_counter() - run_start, knn))
     manager.close()
     writer.flush()
     return state
@@ -153,7 +154,27 @@ def _progress_line(step: int, total_steps: int, batch_size: int, scalars: dict) 
             f"contrastive acc {scalars['contrastive_acc']:.3f} | {rate:.1f} images/s | ETA {_duration(eta)}")
 
 
-def _summary(workdir, manager, step, total_steps, seconds, knn) -> str:
+def _evaluate_command(config, workdir: str) -> str:
+    """The linear-evaluation command for this run, with the overrides it needs
+    (architecture, data) where they differ from configs/linear_eval.py."""
+    command = f"python main.py --config=configs/linear_eval.py --config.pretrained={workdir}"
+    try:
+        from configs import linear_eval  # the recipe the command runs; absent outside the repository
+    except ImportError:
+        return command + f" --workdir={workdir}/eval"
+    defaults = linear_eval.get_config()
+    overrides = [f"--config.model.{key}={config.model[key]}" for key in sorted(config.model)
+                 if key in defaults.model and config.model[key] != defaults.model[key]]
+    for key in ("dataset", "data_dir", "image_size"):
+        if config.get(key) is not None and config[key] != defaults[key]:
+            overrides.append(f"--config.{key}={config[key]}")
+    if config.dataset.startswith(input_pipeline.IMAGES_PREFIX):  # unlabelled: evaluate on labelled images
+        overrides = [o for o in overrides if not o.startswith("--config.dataset=")]
+        overrides.append("--config.dataset=folder:LABELLED_ROOT")
+    return " ".join([command, *overrides, f"--workdir={workdir}/eval"])
+
+
+def _summary(config, workdir, manager, step, total_steps, seconds, knn) -> str:
     """The one-screen account of where everything went."""
     workdir = os.path.abspath(workdir)
     lines = [
@@ -168,8 +189,7 @@ def _summary(workdir, manager, step, total_steps, seconds, knn) -> str:
         lines.append(f"  pictures      {', '.join(pngs)}")
     if knn:
         lines.append(f"  kNN top-1     {knn['knn_top1']:.4f} (top-5 {knn['knn_top5']:.4f})")
-    lines.append(f"  evaluate      python main.py --config=configs/linear_eval.py --config.pretrained={workdir} "
-                 f"--workdir={workdir}/eval")
+    lines.append(f"  evaluate      {_evaluate_command(config, workdir)}")
     if step < total_steps:
         lines.append("  resume        run the same command again")
     return "\n".join(lines)
