@@ -14,7 +14,11 @@ linear.cached selects how:
 - False: the paper's full protocol (finetune.linear_eval): every step sends
   freshly augmented training images (random resized crop + flip, no colour,
   no blur) through the frozen encoder (BatchNorm in inference mode) for
-  linear.epochs epochs of raw features. Slower, needs an accelerator.
+  linear.epochs epochs. With linear.standardize (default) each feature
+  dimension is first standardised with statistics of 10,000 augmented
+  training views (fixed, so the classifier stays linear in h); False trains
+  on raw h as the paper, which at this learning rate can spike on encoders
+  with large features. Slower, needs an accelerator.
 
 --config.pretrained=random gives the random-init baseline. The model section
 must describe the pretrained architecture (checked). Any TFDS image
@@ -51,6 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.linear.batch_size = 512
     config.linear.learning_rate = 0.1  # peak = learning_rate * batch_size / 256
     config.linear.weight_decay = 0.0
+    config.linear.standardize = True  # linear.cached=False: standardised h (False: raw h, the paper)
 
     config.knn = ml_collections.ConfigDict()
     config.knn.k = 200

@@ -36,6 +36,7 @@ DATA = sharding.DATA_AXIS
 MOMENTUM = 0.9  # Nesterov, as the paper's linear evaluation and fine-tuning
 SCHEDULES = ("cosine", "constant")
 _SKIP_IMAGES = {"image": tfds.decode.SkipDecoding()}
+STANDARDIZE_EXAMPLES = 10_000  # augmented training views that set linear.standardize's statistics
 
 
 # --------------------------------------------------------------------------- config
@@ -77,6 +78,8 @@ def check_config(config, mesh, section: Optional[str] = None) -> None:
         raise ValueError(f"config.{section}.learning_rate={settings.learning_rate!r} must be > 0")
     if not settings.epochs > 0:
         raise ValueError(f"config.{section}.epochs={settings.epochs!r} must be > 0")
+    if not isinstance(settings.get("standardize", False), bool):
+        raise ValueError(f"config.{section}.standardize={settings.standardize!r} must be True or False")
     head_layers = config.model.head_layers
     if not 0 <= config.head_layer <= head_layers:
         raise ValueError(f"config.head_layer={config.head_layer!r} must be in [0, {head_layers}] (0 = h)")
@@ -180,6 +183,9 @@ class ClassifierState:
     params: Any  # {'classifier'}, plus 'model' (the SimCLR params) when the encoder trains
     batch_stats: Any  # the SimCLR BatchNorm statistics when the encoder trains, else {}
     opt_state: Any
+    # Fixed per-dimension {'mean', 'inv_std'} of the frozen features, applied
+    # before the classifier ({} = raw features): see feature_standardizer.
+    feature_norm: Any = flax.struct.field(default_factory=dict)
 
 
 def _classifier(num_classes: int) -> nn.Dense:
@@ -196,6 +202,14 @@ def _features(model, variables, images, head_layer: int, train: bool):
                                         method=models.SimCLR.features, mutable=["batch_stats"])
         return features, updates["batch_stats"]
     return model.apply(variables, images, train, head_layer, method=models.SimCLR.features), None
+
+
+def _standardize(features, feature_norm):
+    """(features - mean) * inv_std: an affine map, so classifier and map
+    together are still one linear classifier on the features."""
+    if not feature_norm:
+        return features
+    return (features - feature_norm["mean"]) * feature_norm["inv_std"]
 
 
 def _keep_unused_head_stats(new, old, head_layer: int):
@@ -225,7 +239,7 @@ def make_train_step(model, tx, num_classes: int, head_layer: int, mesh, *, train
             else:
                 features, _ = _features(model, frozen, images, head_layer, train=False)
                 features, stats = lax.stop_gradient(features), state.batch_stats
-            logits = classifier.apply({"params": params["classifier"]}, features)
+            logits = classifier.apply({"params": params["classifier"]}, _standardize(features, state.feature_norm))
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
             accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
             return lax.pmean(loss, DATA), (lax.pmean(accuracy, DATA), stats)
@@ -233,7 +247,7 @@ def make_train_step(model, tx, num_classes: int, head_layer: int, mesh, *, train
         (loss, (accuracy, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         new_state = ClassifierState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                                    batch_stats=stats, opt_state=opt_state)
+                                    batch_stats=stats, opt_state=opt_state, feature_norm=state.feature_norm)
         return new_state, {"loss": loss, "accuracy": accuracy}
 
     sharded = jax.shard_map(on_device, mesh=mesh, in_specs=(P(), P(), P(DATA), P(DATA)),
@@ -253,7 +267,8 @@ def _optimizer(settings, batch_size: int, total_steps: int) -> optax.GradientTra
                        optax.sgd(learning_rate, momentum=MOMENTUM, nesterov=True))
 
 
-def _create_state(tx, classifier_params, variables, train_encoder: bool, mesh) -> ClassifierState:
+def _create_state(tx, classifier_params, variables, train_encoder: bool, mesh,
+                  feature_norm=None) -> ClassifierState:
     params, batch_stats = {"classifier": classifier_params}, {}
     if train_encoder:
         # Copies: the step donates its state, which must not free the caller's variables.
@@ -262,12 +277,36 @@ def _create_state(tx, classifier_params, variables, train_encoder: bool, mesh) -
     # Every leaf replicated, as the step returns it, so the second step reuses the first's compilation.
     opt_state = jax.jit(tx.init, out_shardings=sharding.replicated(mesh))(params)
     return ClassifierState(step=sharding.put_replicated(np.zeros((), np.int32), mesh), params=params,
-                           batch_stats=batch_stats, opt_state=opt_state)
+                           batch_stats=batch_stats, opt_state=opt_state,
+                           feature_norm=sharding.put_replicated(feature_norm or {}, mesh))
 
 
 # --------------------------------------------------------------------------- loop
 
-def score_test_split(config, model, variables, classifier_params, num_classes: int, mesh) -> dict:
+def feature_standardizer(model, variables, batches, mesh, head_layer: int, num_batches: int) -> dict:
+    """{'mean', 'inv_std'} per dimension of the frozen features of ``num_batches``
+    augmented training batches. Raw h spans orders of magnitude between
+    encoders (SGD at 0.1 x B/256 on the smoke encoder's h began at loss 70);
+    standardised, one learning rate suits all. Constant dimensions keep scale 1."""
+    @jax.jit
+    def moments(images):
+        features = _features(model, variables, images, head_layer, train=False)[0].astype(jnp.float32)
+        return (features.shape[0], features.sum(0), jnp.square(features).sum(0),
+                features.max(0), features.min(0))
+
+    count, total, squares, high, low = 0, 0.0, 0.0, -np.inf, np.inf
+    for _ in range(num_batches):
+        n, s, q, hi, lo = jax.device_get(moments(sharding.put_batch(next(batches)["image"], mesh)))
+        count, total, squares = count + n, total + s.astype(np.float64), squares + q.astype(np.float64)
+        high, low = np.maximum(high, hi), np.minimum(low, lo)
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean ** 2, 0.0))
+    inv_std = 1.0 / np.where((high == low) | (std == 0), 1.0, std)
+    return {"mean": mean.astype(np.float32), "inv_std": inv_std.astype(np.float32)}
+
+
+def score_test_split(config, model, variables, classifier_params, num_classes: int, mesh,
+                     feature_norm=None) -> dict:
     """{'top1', 'top5', 'num_examples'} on eval views of the test split.
 
     Batches are padded to eval_batch_size (one compilation, an even split over
@@ -275,11 +314,12 @@ def score_test_split(config, model, variables, classifier_params, num_classes: i
     """
     head_layer, batch_size = config.head_layer, sharding.per_process_batch_size(config.eval_batch_size)
     classifier = _classifier(num_classes)
-    logits_fn = jax.jit(lambda v, c, x: classifier.apply(
-        {"params": c}, _features(model, v, x, head_layer, train=False)[0]))
+    logits_fn = jax.jit(lambda v, c, n, x: classifier.apply(
+        {"params": c}, _standardize(_features(model, v, x, head_layer, train=False)[0], n)))
     dataset = input_pipeline.eval_dataset(config, config.test_split, batch_size=batch_size)
     logits, labels = sharding.map_padded_batches(
-        lambda images: logits_fn(variables, classifier_params, images), dataset, mesh, batch_size)
+        lambda images: logits_fn(variables, classifier_params, feature_norm or {}, images), dataset, mesh,
+        batch_size)
     return dict(probes.topk_accuracy(logits, labels), num_examples=len(labels))
 
 
@@ -312,12 +352,19 @@ def train_classifier(config, model, variables, mesh, *, section: str, train_enco
     dim = jax.eval_shape(lambda v: _features(model, v, dummy, head_layer, False)[0], variables).shape[-1]
     init = lambda: _classifier(num_classes).init(jax.random.key(0), jnp.zeros((1, dim)))["params"]
     classifier_params = jax.jit(init, out_shardings=sharding.replicated(mesh))()
-    state = _create_state(tx, classifier_params, variables, train_encoder, mesh)
-    frozen = {} if train_encoder else variables
-    train_step = make_train_step(train_model, tx, num_classes, head_layer, mesh, train_encoder=train_encoder)
     per_process = sharding.per_process_batch_size(batch_size)
     batches = train_batches(config, examples, per_process_batch_size=per_process, seed=config.seed)
     batches = batches.as_numpy_iterator()
+    feature_norm = None
+    if not train_encoder and settings.get("standardize", False):
+        # Its own stream (seed + 1), so the classifier's batches are the same with or without it.
+        views = train_batches(config, examples, per_process_batch_size=per_process, seed=config.seed + 1)
+        num_batches = max(1, min(num_train, STANDARDIZE_EXAMPLES) // batch_size)
+        feature_norm = feature_standardizer(model, variables, views.as_numpy_iterator(), mesh, head_layer,
+                                            num_batches)
+    state = _create_state(tx, classifier_params, variables, train_encoder, mesh, feature_norm)
+    frozen = {} if train_encoder else variables
+    train_step = make_train_step(train_model, tx, num_classes, head_layer, mesh, train_encoder=train_encoder)
 
     logging.info("%s: %s the encoder on %d examples of %s:%s, %d steps of %d (head_layer %d)", section,
                  "training" if train_encoder else "freezing", num_train, dataset, split, total_steps,
@@ -337,7 +384,8 @@ def train_classifier(config, model, variables, mesh, *, section: str, train_enco
 
     trained = ({"params": state.params["model"], "batch_stats": state.batch_stats} if train_encoder
                else variables)
-    result = score_test_split(config, model, trained, state.params["classifier"], num_classes, mesh)
+    result = score_test_split(config, model, trained, state.params["classifier"], num_classes, mesh,
+                              feature_norm)
     result = dict(result, num_train_examples=num_train, train_steps=total_steps)
     logging.info("%s result: %s", section, result)
     return result, trained

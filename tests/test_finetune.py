@@ -48,7 +48,7 @@ def _random_batch(seed=0, n=16):
     return images, rng.integers(0, NUM_CLASSES, n).astype(np.int32)
 
 
-def _run_steps(mesh, train_encoder, num_steps=2, total_steps=4):
+def _run_steps(mesh, train_encoder, num_steps=2, total_steps=4, feature_norm=None):
     """(initial variables, initial state, final state, per-step losses) of the real step."""
     model = models.model_from_config(_model_config())
     variables, _ = evaluate.encoder_variables(model, IMAGE_SIZE, "random", mesh=mesh)
@@ -56,7 +56,7 @@ def _run_steps(mesh, train_encoder, num_steps=2, total_steps=4):
     dim = 8 * models.stage_widths(_model_config().width_multiplier)[0]
     classifier = finetune._classifier(NUM_CLASSES).init(jax.random.key(1), np.zeros((1, dim)))["params"]
     classifier = sharding.put_replicated(classifier, mesh)
-    state = finetune._create_state(tx, classifier, variables, train_encoder, mesh)
+    state = finetune._create_state(tx, classifier, variables, train_encoder, mesh, feature_norm)
     initial = jax.device_get(state)
     step = finetune.make_train_step(model.clone(axis_name=sharding.DATA_AXIS), tx, NUM_CLASSES, 0, mesh,
                                     train_encoder=train_encoder)
@@ -95,11 +95,17 @@ def test_batch_size_off_the_device_count_names_the_field(protocol, field, tmp_pa
 
 # --------------------------------------------------------------------------- the step
 
-def test_frozen_step_is_nesterov_sgd_on_inference_features():
+@pytest.mark.parametrize("standardize", [False, True])
+def test_frozen_step_is_nesterov_sgd_on_inference_features(standardize):
     """Two linear-eval steps on 8 devices against numpy: softmax cross-entropy
-    over the global batch, Nesterov momentum 0.9, cosine from lr x B/256."""
+    over the global batch, Nesterov momentum 0.9, cosine from lr x B/256, on
+    raw h or on (h - mean) * inv_std."""
     mesh = sharding.make_mesh()
-    variables, initial, final, _ = _run_steps(mesh, train_encoder=False)
+    dim = 8 * models.stage_widths(_model_config().width_multiplier)[0]
+    rng = np.random.default_rng(7)
+    norm = ({"mean": rng.normal(size=dim).astype(np.float32),
+             "inv_std": rng.uniform(0.5, 3.0, size=dim).astype(np.float32)} if standardize else None)
+    variables, initial, final, _ = _run_steps(mesh, train_encoder=False, feature_norm=norm)
     feature_fn = evaluate.make_feature_fn(models.model_from_config(_model_config()), 0)
     kernel = np.asarray(initial.params["classifier"]["kernel"], np.float64)
     bias = np.asarray(initial.params["classifier"]["bias"], np.float64)
@@ -108,6 +114,8 @@ def test_frozen_step_is_nesterov_sgd_on_inference_features():
     for t in range(2):
         images, labels = _random_batch(t)
         h = np.asarray(feature_fn(variables, images), np.float64)  # BatchNorm in inference mode
+        if standardize:
+            h = (h - norm["mean"]) * norm["inv_std"]
         logits = h @ kernel + bias
         p = np.exp(logits - logits.max(1, keepdims=True))
         p /= p.sum(1, keepdims=True)
@@ -126,6 +134,24 @@ def test_frozen_step_is_nesterov_sgd_on_inference_features():
     np.testing.assert_allclose(got["kernel"], kernel, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(got["bias"], bias, rtol=1e-4, atol=1e-6)
     assert set(final.params) == {"classifier"} and final.batch_stats == {}
+
+
+def test_feature_standardizer_matches_numpy_over_the_same_batches():
+    """Mean and 1/std per dimension over all rows of the batches it read, on
+    8 devices; a dimension that never changes keeps scale 1."""
+    mesh = sharding.make_mesh()
+    model = models.model_from_config(_model_config())
+    variables, _ = evaluate.encoder_variables(model, IMAGE_SIZE, "random", mesh=mesh)
+    batches = [{"image": _random_batch(seed)[0]} for seed in range(3)]
+    norm = finetune.feature_standardizer(model, variables, iter(batches), mesh, head_layer=0, num_batches=3)
+    feature_fn = evaluate.make_feature_fn(model, 0)
+    h = np.concatenate([np.asarray(feature_fn(variables, b["image"]), np.float64) for b in batches])
+    std = h.std(0)
+    constant = h.max(0) == h.min(0)
+    np.testing.assert_allclose(norm["mean"], h.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(norm["inv_std"], np.where(constant, 1.0, 1.0 / np.where(constant, 1.0, std)),
+                               rtol=1e-3)
+    assert std[~constant].min() > 0
 
 
 def test_finetune_step_on_eight_devices_matches_one_device():
