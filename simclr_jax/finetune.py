@@ -283,9 +283,9 @@ def _create_state(tx, classifier_params, variables, train_encoder: bool, mesh,
 
 # --------------------------------------------------------------------------- loop
 
-def feature_standardizer(model, variables, batches, mesh, head_layer: int, num_batches: int) -> dict:
-    """{'mean', 'inv_std'} per dimension of the frozen features of ``num_batches``
-    augmented training batches. Raw h spans orders of magnitude between
+def feature_standardizer(model, variables, batches, mesh, head_layer: int) -> dict:
+    """{'mean', 'inv_std'} per dimension of the frozen features of ``batches``
+    (augmented training batches). Raw h spans orders of magnitude between
     encoders (SGD at 0.1 x B/256 on the smoke encoder's h began at loss 70);
     standardised, one learning rate suits all. Constant dimensions keep scale 1."""
     @jax.jit
@@ -295,8 +295,8 @@ def feature_standardizer(model, variables, batches, mesh, head_layer: int, num_b
                 features.max(0), features.min(0))
 
     count, total, squares, high, low = 0, 0.0, 0.0, -np.inf, np.inf
-    for _ in range(num_batches):
-        n, s, q, hi, lo = jax.device_get(moments(sharding.put_batch(next(batches)["image"], mesh)))
+    for batch in batches:
+        n, s, q, hi, lo = jax.device_get(moments(sharding.put_batch(batch["image"], mesh)))
         count, total, squares = count + n, total + s.astype(np.float64), squares + q.astype(np.float64)
         high, low = np.maximum(high, hi), np.minimum(low, lo)
     mean = total / count
@@ -360,8 +360,9 @@ def train_classifier(config, model, variables, mesh, *, section: str, train_enco
         # Its own stream (seed + 1), so the classifier's batches are the same with or without it.
         views = train_batches(config, examples, per_process_batch_size=per_process, seed=config.seed + 1)
         num_batches = max(1, min(num_train, STANDARDIZE_EXAMPLES) // batch_size)
-        feature_norm = feature_standardizer(model, variables, views.as_numpy_iterator(), mesh, head_layer,
-                                            num_batches)
+        # A finite stream, read to its end.
+        feature_norm = feature_standardizer(model, variables, views.take(num_batches).as_numpy_iterator(),
+                                            mesh, head_layer)
     state = _create_state(tx, classifier_params, variables, train_encoder, mesh, feature_norm)
     frozen = {} if train_encoder else variables
     train_step = make_train_step(train_model, tx, num_classes, head_layer, mesh, train_encoder=train_encoder)

@@ -143,7 +143,7 @@ def test_feature_standardizer_matches_numpy_over_the_same_batches():
     model = models.model_from_config(_model_config())
     variables, _ = evaluate.encoder_variables(model, IMAGE_SIZE, "random", mesh=mesh)
     batches = [{"image": _random_batch(seed)[0]} for seed in range(3)]
-    norm = finetune.feature_standardizer(model, variables, iter(batches), mesh, head_layer=0, num_batches=3)
+    norm = finetune.feature_standardizer(model, variables, batches, mesh, head_layer=0)
     feature_fn = evaluate.make_feature_fn(model, 0)
     h = np.concatenate([np.asarray(feature_fn(variables, b["image"]), np.float64) for b in batches])
     std = h.std(0)
