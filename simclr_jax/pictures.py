@@ -117,8 +117,10 @@ def labelled_augmentation_grid(views, labels=None, class_names=None, title=None)
 
 def nearest_neighbours(queries, bank, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(indices [Q, k], cosine similarities [Q, k]) of each query's k nearest bank rows."""
-    normalise = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    similarity = normalise(np.asarray(queries, np.float32)) @ normalise(np.asarray(bank, np.float32)).T
+    from simclr_jax.losses import l2_normalize
+
+    queries, bank = (l2_normalize(np.asarray(x, np.float32)) for x in (queries, bank))
+    similarity = np.asarray(queries @ bank.T)
     k = min(k, similarity.shape[1])
     indices = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
     return indices, np.take_along_axis(similarity, indices, axis=1)
@@ -161,11 +163,13 @@ def embedding_plot(features, labels, class_names, path, max_points=2000, seed=0,
     from matplotlib.figure import Figure
     from sklearn.manifold import TSNE
 
+    from simclr_jax.losses import l2_normalize
+
     features, labels = np.asarray(features, np.float32), np.asarray(labels)
     if len(features) > max_points:
         keep = np.sort(np.random.default_rng(seed).choice(len(features), max_points, replace=False))
         features, labels = features[keep], labels[keep]
-    features = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    features = np.asarray(l2_normalize(features))
     perplexity = min(30.0, max(1.0, (len(features) - 1) / 3))
     points = TSNE(2, init="pca", perplexity=perplexity, random_state=seed).fit_transform(features)
 
@@ -249,10 +253,11 @@ def write_augmentation_grid(config, workdir: str, writer, step: int = 0, num_ima
     on process 0 only). Returns the path."""
     views, labels = augmentation_views(config, num_images)
     writer.write_images(step, {"augmentations": augmentation_grid(views)[None]})
-    names = class_names(config) if (labels >= 0).any() else []
+    has_labels = bool((labels >= 0).any())
     title = (f"Two augmented views per image: crop {config.image_size} px, colour "
              f"{config.color_jitter_strength}, {'blur' if config.blur else 'no blur'}")
-    grid = labelled_augmentation_grid(views, labels if (labels >= 0).any() else None, names, title)
+    grid = labelled_augmentation_grid(views, labels if has_labels else None,
+                                      class_names(config) if has_labels else [], title)
     return save_png(os.path.join(workdir, "augmentations.png"), grid)
 
 

@@ -97,7 +97,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         "Pretraining %s on %d devices: %d steps of %d images (%d per epoch) from step %d",
         config.dataset, mesh.devices.size, total_steps, config.batch_size, steps_per_epoch, start_step,
     )
-    history, interval_start, knn, run_start = [], time.perf_counter(), {}, time.perf_counter()
+    run_start = interval_start = time.perf_counter()
+    history, knn = [], {}  # metrics since the last log; the latest kNN monitor result
     with preemption.StopRequest() as stop_request:
         for step in range(start_step + 1, total_steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
