@@ -55,7 +55,7 @@ import tensorflow as tf  # noqa: E402
 
 from configs import cifar10 as cifar10_config  # noqa: E402
 from configs import imagenet as imagenet_config  # noqa: E402
-from simclr_jax import input_pipeline  # noqa: E402
+from simclr_jax.data import input_pipeline  # noqa: E402
 
 flags.DEFINE_integer("image_size", None, "32 (CIFAR-10) or 224 (JPEGs); omitted: both.")
 flags.DEFINE_boolean("blur", None, "Gaussian blur on/off; omitted: both.")

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from simclr_jax import losses  # noqa: E402
+from simclr_jax.pretraining import losses  # noqa: E402
 
 SWEEP = (512, 1024, 2048, 4096, 8192, 16384)
 

@@ -32,7 +32,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from simclr_jax import models, optim, sharding, step  # noqa: E402
+from simclr_jax import models, sharding  # noqa: E402
+from simclr_jax.pretraining import optim, step  # noqa: E402
 
 flags.DEFINE_integer("depth", 18, "ResNet depth: 18, 34, 50, 101, 152 or 200.")
 flags.DEFINE_float("width_multiplier", 1.0, "ResNet width multiplier.")

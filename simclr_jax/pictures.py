@@ -117,7 +117,7 @@ def labelled_augmentation_grid(views, labels=None, class_names=None, title=None)
 
 def nearest_neighbours(queries, bank, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(indices [Q, k], cosine similarities [Q, k]) of each query's k nearest bank rows."""
-    from simclr_jax.losses import l2_normalize
+    from simclr_jax.pretraining.losses import l2_normalize
 
     queries, bank = (l2_normalize(np.asarray(x, np.float32)) for x in (queries, bank))
     similarity = np.asarray(queries @ bank.T)
@@ -163,7 +163,7 @@ def embedding_plot(features, labels, class_names, path, max_points=2000, seed=0,
     from matplotlib.figure import Figure
     from sklearn.manifold import TSNE
 
-    from simclr_jax.losses import l2_normalize
+    from simclr_jax.pretraining.losses import l2_normalize
 
     features, labels = np.asarray(features, np.float32), np.asarray(labels)
     if len(features) > max_points:
@@ -198,7 +198,7 @@ def embedding_plot(features, labels, class_names, path, max_points=2000, seed=0,
 
 def class_names(config) -> list:
     """The dataset's class names (TFDS ``info.features['label'].names``), or []."""
-    from simclr_jax import input_pipeline
+    from simclr_jax.data import input_pipeline
 
     _, _, info = input_pipeline.load_split(config.dataset, config.train_split, config.data_dir)
     label = info.features["label"] if "label" in info.features else None
@@ -211,7 +211,7 @@ def images_at(config, split: str, indices) -> np.ndarray:
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
-    from simclr_jax import augment, input_pipeline
+    from simclr_jax.data import augment, input_pipeline
 
     indices = np.asarray(indices, np.int64)
     ds, _, _ = input_pipeline.load_split(config.dataset, split, config.data_dir, autocache=False,
@@ -232,7 +232,7 @@ def augmentation_views(config, num_images: int = 8) -> tuple[np.ndarray, np.ndar
     the training stream is untouched."""
     import tensorflow as tf
 
-    from simclr_jax import augment, input_pipeline
+    from simclr_jax.data import augment, input_pipeline
 
     ds, _, _ = input_pipeline.load_split(config.dataset, config.train_split, config.data_dir,
                                          autocache=False)

@@ -29,7 +29,7 @@ def fixed_global_batches(data_dir: str) -> np.ndarray:
     """
     import tensorflow as tf
 
-    from simclr_jax import augment, input_pipeline
+    from simclr_jax.data import augment, input_pipeline
 
     ds, _, _ = input_pipeline.load_split("cifar10", "test", data_dir, process_slice=False)
 
@@ -47,7 +47,8 @@ def train_steps(global_batches: np.ndarray, devices=None) -> tuple[list[float], 
     """Losses and final parameters of NUM_STEPS steps; each process feeds its rows."""
     import jax
 
-    from simclr_jax import models, optim, sharding, step
+    from simclr_jax import models, sharding
+    from simclr_jax.pretraining import optim, step
 
     mesh = sharding.make_mesh(devices)
     model = models.SimCLR(depth=18, width_multiplier=1 / 16, cifar_stem=True, proj_dim=16,
@@ -72,7 +73,7 @@ def main(out_dir: str, data_dir: str) -> None:
     import jax
     import tensorflow as tf
 
-    from simclr_jax import input_pipeline
+    from simclr_jax.data import input_pipeline
 
     tf.config.set_visible_devices([], "GPU")
     index = jax.process_index()

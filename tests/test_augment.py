@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from simclr_jax import augment
+from simclr_jax.data import augment
 
 N = 800  # samples per probability test
 

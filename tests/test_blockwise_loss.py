@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from simclr_jax import losses, sharding
-from simclr_jax.losses import nt_xent, nt_xent_blockwise
+from simclr_jax import sharding
+from simclr_jax.pretraining import losses
+from simclr_jax.pretraining.losses import nt_xent, nt_xent_blockwise
 
 
 def _views(n, d, seed):

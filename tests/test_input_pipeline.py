@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from simclr_jax import input_pipeline
+from simclr_jax.data import input_pipeline
 
 NUM_EXAMPLES = 10  # per mocked split
 

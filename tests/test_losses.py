@@ -6,7 +6,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from simclr_jax import sharding
-from simclr_jax.losses import nt_xent
+from simclr_jax.pretraining.losses import nt_xent
 
 
 def reference_nt_xent(z1, z2, tau):

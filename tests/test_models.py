@@ -9,6 +9,7 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
 from simclr_jax import models
+from simclr_jax.models import resnet
 
 
 def _abstract_variables(module, input_shape):
@@ -104,7 +105,7 @@ def test_tiny_forward_zero_init_and_batch_stats(tiny):
 
 
 @pytest.mark.parametrize("block_cls,features", [
-    (models.BasicBlock, 8), (models.Bottleneck, 2)])
+    (resnet.BasicBlock, 8), (resnet.Bottleneck, 2)])
 def test_block_at_init_is_relu_of_shortcut(block_cls, features):
     # Identity shortcut: 8 input channels = features * expansion.
     block = block_cls(features=features)
@@ -117,7 +118,7 @@ def test_block_at_init_is_relu_of_shortcut(block_cls, features):
 
 
 def test_bottleneck_stride_on_3x3_and_projection():
-    block = models.Bottleneck(features=4, strides=2)
+    block = resnet.Bottleneck(features=4, strides=2)
     variables = _abstract_variables(block, (1, 8, 8, 8))
     params = variables["params"]
     assert params["conv1"]["kernel"].shape == (1, 1, 8, 4)

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from simclr_jax import optim
+from simclr_jax.pretraining import optim
 
 SHAPES = {
     "conv": {"kernel": (3, 3, 2, 4)},

@@ -4,9 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from simclr_jax import models, optim, sharding
-from simclr_jax import step as train
-from simclr_jax.losses import nt_xent
+from simclr_jax import models, sharding
+from simclr_jax.pretraining import optim
+from simclr_jax.pretraining import step as train
+from simclr_jax.pretraining.losses import nt_xent
 
 IMAGE_SIZE = 16
 GLOBAL_BATCH = 16

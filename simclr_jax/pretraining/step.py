@@ -19,7 +19,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from simclr_jax import sharding
-from simclr_jax.losses import nt_xent
+from simclr_jax.pretraining.losses import nt_xent
 
 
 PROBE = "online_probe"  # key of the online linear probe in TrainState.params

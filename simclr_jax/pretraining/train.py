@@ -12,9 +12,11 @@ from absl import logging
 from clu import periodic_actions
 from jax.sharding import Mesh
 
-from simclr_jax import (checkpoint, config_validation, evaluate, input_pipeline, models, optim, pictures,
-                        preemption, sharding, writers)
-from simclr_jax.step import (TrainState, create_train_state, make_train_step, model_params,
+from simclr_jax import checkpoint, config_validation, models, pictures, preemption, sharding, writers
+from simclr_jax.data import input_pipeline
+from simclr_jax.evaluation import run as evaluate
+from simclr_jax.pretraining import optim
+from simclr_jax.pretraining.step import (TrainState, create_train_state, make_train_step, model_params,
                              with_probe_optimizer)
 
 

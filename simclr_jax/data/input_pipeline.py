@@ -14,7 +14,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from simclr_jax import augment
+from simclr_jax.data import augment
 
 AUTOTUNE = tf.data.AUTOTUNE
 FOLDER_PREFIX = "folder:"  # config.dataset = 'folder:ROOT' reads a labelled image folder

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from simclr_jax.losses import l2_normalize
+from simclr_jax.pretraining.losses import l2_normalize
 
 NORMALIZE_MODES = ("standardize", "l2", "none")
 
