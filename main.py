@@ -1,7 +1,7 @@
 """Pretrains or evaluates SimCLR: python main.py --config=configs/NAME.py --workdir=DIR.
 
 Pretraining recipes (cifar10, imagenet, smoke) train and checkpoint into
-workdir; evaluation recipes (knn, linear_eval, ...) read
+workdir; evaluation recipes (knn, cached_linear, linear_eval, finetune) read
 --config.pretrained=PRETRAIN_WORKDIR and write eval_results.json into workdir.
 Any config field can be overridden, e.g. --config.batch_size=256.
 
@@ -28,7 +28,7 @@ flags.DEFINE_integer(
     "cpu_devices", -1,
     "Split the host CPU into this many JAX devices (XLA's host device count); -1: the largest power "
     "of two <= the core count, at most 8; 0: leave XLA_FLAGS alone. Only CPU training uses them: "
-    "XLA:CPU runs a batch split over per-core devices ~1.5x faster than one device (README, Speed).")
+    "XLA:CPU runs a batch split over per-core devices faster than one device (README, Speed).")
 flags.DEFINE_integer("init_timeout_s", 300, "Multi-process: how long to wait for every process to join.")
 flags.DEFINE_integer("heartbeat_timeout_s", 100,
                      "Multi-process: a peer silent this long counts as dead and the run stops.")
@@ -67,7 +67,8 @@ def main(argv):
     tf.config.set_visible_devices([], "GPU")  # tf.data only: leave accelerators to JAX
     import jax
 
-    from simclr_jax import evaluate, train
+    from simclr_jax.evaluation import run as evaluation
+    from simclr_jax.pretraining import train
 
     workdir = FLAGS.workdir
     if workdir is None:
@@ -76,9 +77,9 @@ def main(argv):
     logging.info("Config:\n%s", FLAGS.config)
     try:
         if "protocol" in FLAGS.config:  # an evaluation recipe
-            evaluate.evaluate(FLAGS.config, workdir)
+            evaluation.evaluate(FLAGS.config, workdir)
         else:
-            train.train_and_evaluate(FLAGS.config, workdir)
+            train.train_and_evaluate(FLAGS.config, workdir, make_evaluators=evaluation.pretraining_evaluators)
     except Exception:
         if jax.process_count() > 1:
             logging.error("Process %d of %d stopped on the error below. In a multi-process run a "

@@ -4,7 +4,7 @@ Batch 512, 1000 epochs, LARS with base learning rate 1.0 (linear scaling:
 1.0 * 512/256 = 2.0 peak), 10 warm-up epochs, temperature 0.5, colour
 strength 0.5 and no blur, as in the paper's appendix B.9 and the official
 repository's CIFAR-10 command (which also sets weight decay 1e-4).
-Expected: ~91% linear-probe top-1 after 1000 epochs on the lossless data.
+Expected: ~91% linear-evaluation top-1 after 1000 epochs on the lossless data.
 """
 import ml_collections
 
@@ -15,6 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Data. data_dir=None lets TFDS resolve it (honouring TFDS_DATA_DIR).
     config.dataset = "cifar10"
     config.data_dir = ml_collections.config_dict.placeholder(str)
+    config.download = True  # let TFDS download and prepare the data if it is not there yet
     config.train_split = "train"
     config.image_size = 32
     config.color_jitter_strength = 0.5
@@ -51,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.online_probe = True
     config.probe_learning_rate = 1e-3  # Adam, for the probe only
     config.knn_monitor = True
-    config.knn_every_epochs = 50.0  # and at the end; 0 = only at the end
+    config.eval_every_epochs = 50.0  # the monitors run this often and at the end; 0 = only at the end
     config.test_split = "test"
     config.eval_batch_size = 512  # feature extraction; a multiple of the device count
     config.knn = ml_collections.ConfigDict()

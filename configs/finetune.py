@@ -11,28 +11,28 @@ BatchNorm runs in train mode with global statistics; SGD with Nesterov
 momentum 0.9 at learning_rate * batch_size / 256 (0.05 x B/256), no weight
 decay, no warm-up, cosine decay (or schedule='constant'); only random resized
 crop + flip augment. The paper trains 60 epochs on 1% and 30 on 10% of
-ImageNet; this recipe's default is 30 epochs on 10% of CIFAR-10 (5000 images,
-~600 steps). Top-1/top-5 are measured on the test split.
+ImageNet; this recipe trains 30 epochs on 10% of CIFAR-10 (5000 images).
 
 ImageNet with the paper's fixed subsets: --config.dataset=imagenet2012
 --config.test_split=validation --config.finetune.subset_split=imagenet2012_subset/1pct
 (its train split replaces sampling; label_fraction is then ignored).
 """
 import ml_collections
+from ml_collections.config_dict import placeholder
 
-from configs import linear_eval
+from configs import evaluation
 
 
-def get_config() -> ml_collections.ConfigDict:
-    config = linear_eval.get_config()
-    config.protocol = "finetune"
-
+def get_config():
+    config = evaluation.base("finetune")
+    config.shuffle_buffer_size = 50_000
     config.finetune = ml_collections.ConfigDict()
     config.finetune.label_fraction = 0.1  # in (0, 1]; 0.01 and 0.1 in the paper, 1.0 = all
     config.finetune.subset_seed = 0  # which examples make the subset
-    config.finetune.subset_split = ml_collections.config_dict.placeholder(str)  # TFDS dataset name
+    config.finetune.subset_split = placeholder(str)  # a TFDS dataset whose train split is the subset
     config.finetune.epochs = 30.0  # over the labelled subset
     config.finetune.batch_size = 256  # a multiple of the device count
     config.finetune.learning_rate = 0.05  # peak = learning_rate * batch_size / 256
+    config.finetune.weight_decay = 0.0
     config.finetune.schedule = "cosine"  # or 'constant'
     return config

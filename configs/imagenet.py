@@ -28,7 +28,7 @@ def get_config():
     config.optimizer.weight_decay = 1e-6
 
     config.test_split = "validation"
-    config.knn_every_epochs = 0.0  # kNN over 1.28M images: only at the end
+    config.eval_every_epochs = 0.0  # kNN over 1.28M images: only at the end
     config.log_every_steps = 100
     config.checkpoint_every_steps = 2000
     return config

@@ -1,15 +1,21 @@
-"""Weighted kNN monitor (k=200, T=0.1, cosine on h) of a pretrained encoder.
+"""Weighted kNN (k=200, T=0.1, cosine on h) of a pretrained encoder.
 
     python main.py --config=configs/knn.py --config.pretrained=PRETRAIN_WORKDIR \
         --workdir=PRETRAIN_WORKDIR/eval
 
 The train split is the memory bank and the test split the queries, as
-InstDisc, solo-learn and lightly do.
+InstDisc, solo-learn and lightly do. No training: the quickest read of an
+encoder, and the same evaluator as pretraining's kNN monitor.
 """
-from configs import linear_eval
+import ml_collections
+
+from configs import evaluation
 
 
 def get_config():
-    config = linear_eval.get_config()
-    config.protocol = "knn"
+    config = evaluation.base("knn")
+    config.knn = ml_collections.ConfigDict()
+    config.knn.k = 200
+    config.knn.temperature = 0.1
+    config.write_pictures = True  # workdir/embedding_tsne.png and retrieval.png
     return config

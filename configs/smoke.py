@@ -19,7 +19,7 @@ def get_config():
     config.shuffle_buffer_size = 10_000
     config.optimizer.base_learning_rate = 8.0
     config.optimizer.warmup_epochs = 0.5  # 195 steps
-    config.knn_every_epochs = 0.0  # kNN monitor only at the end
+    config.eval_every_epochs = 0.0  # kNN monitor only at the end
     config.log_every_steps = 25
     config.checkpoint_every_steps = 250
     return config

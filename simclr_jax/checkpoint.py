@@ -1,31 +1,35 @@
-"""Orbax checkpoints of the training state: save, resume, inspect.
+"""A run's persistent state: Orbax checkpoints and the run's config.json.
 
 Checkpoints live in ``workdir/checkpoints/<step>``. Orbax writes each one
 into a temporary directory and renames it when complete, so an interrupted
 save never becomes the latest step. Saves are asynchronous: training goes on
 while the arrays are written; ``wait_until_finished`` joins them.
+
+Everything that reads a checkpoint is here: resuming the whole training state
+(``restore``) and restoring only a model's variables for evaluation
+(``restore_variables``: Orbax partial restore onto any mesh, so a checkpoint
+written by 8 devices evaluates on 1 and vice versa).
 """
+import json
 import os
 from typing import Any, Optional
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
+
+CONFIG_FILE = "config.json"
 
 
 def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
-def create_manager(
-    workdir: str, *, save_every_steps: int, max_to_keep: int, read_only: bool = False
-) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(
-        save_interval_steps=max(1, save_every_steps),
-        max_to_keep=max_to_keep,
-        enable_async_checkpointing=True,
-        create=not read_only,
-        read_only=read_only,
-    )
+def create_manager(workdir: str, *, save_every_steps: int, max_to_keep: int,
+                   read_only: bool = False) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(save_interval_steps=max(1, save_every_steps), max_to_keep=max_to_keep,
+                                           enable_async_checkpointing=True, create=not read_only,
+                                           read_only=read_only)
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
@@ -45,3 +49,65 @@ def restore(manager: ocp.CheckpointManager, like: Any, step: Optional[int] = Non
         raise FileNotFoundError(f"no checkpoint in {manager.directory}")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+# --------------------------------------------------------------------------- a finished run
+
+def run_workdir(path: str) -> str:
+    """The pretraining workdir of ``path`` (the workdir itself or its checkpoints/ folder)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"no such directory: {path!r}; pass a pretraining workdir (the --workdir of main.py, holding "
+            f"{CONFIG_FILE} and checkpoints/) or its checkpoints/ folder")
+    path = os.path.abspath(path)
+    if os.path.basename(os.path.normpath(path)) == "checkpoints" and not os.path.exists(
+            os.path.join(path, CONFIG_FILE)):
+        return os.path.dirname(os.path.normpath(path))
+    return path
+
+
+def write_run_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """workdir/config.json: what evaluation reads the architecture from."""
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, CONFIG_FILE), "w", encoding="utf-8") as f:
+        f.write(config.to_json_best_effort(indent=2))
+
+
+def read_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The pretraining config saved in ``workdir`` (see ``write_run_config``)."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{workdir} has no {CONFIG_FILE}, which names the encoder's architecture and image size; pass "
+            f"the pretraining workdir that main.py wrote (it holds {CONFIG_FILE} next to checkpoints/)")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    if "model" not in config or "image_size" not in config:
+        raise ValueError(f"{path} is not a pretraining config: it lacks 'model' or 'image_size'")
+    return ml_collections.ConfigDict(config)
+
+
+def restore_variables(workdir: str, abstract_variables: Any, step: Optional[int] = None) -> tuple[Any, int]:
+    """(the model variables of ``workdir``'s checkpoint at ``step``, that step).
+
+    ``abstract_variables`` is {'params', 'batch_stats'} of ShapeDtypeStructs
+    with the target shardings; only those are read (the optimiser state and
+    online probe are left on disk). ``step`` None or < 0 means the latest.
+    """
+    root = checkpoint_dir(workdir)
+    manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+        step = manager.latest_step() if step is None or step < 0 else step
+        if step is None or step not in manager.all_steps():
+            raise FileNotFoundError(f"no checkpoint for step {step} in {root}; available steps: "
+                                    f"{list(manager.all_steps())}")
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_variables)
+        try:
+            restored = manager.restore(step, args=ocp.args.PyTreeRestore(
+                item=abstract_variables, restore_args=restore_args, partial_restore=True))
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"the checkpoint in {root} (step {step}) does not fit the architecture in "
+                             f"{CONFIG_FILE} ({e.__class__.__name__}: {str(e)[:300]})") from None
+    finally:
+        manager.close()
+    return restored, step

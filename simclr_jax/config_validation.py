@@ -1,75 +1,193 @@
-"""Checks a pretraining config before anything is loaded or compiled.
+"""Every recipe checked in one place, before anything is loaded or compiled.
 
-Each failure is one ValueError that names the field, the bad value and what
-to set instead, so a mistake costs seconds rather than a compile.
+There are five recipe kinds: pretraining (no ``protocol`` field) and the
+evaluation protocols ``knn``, ``cached_linear``, ``linear_eval`` and
+``finetune``. Each kind has exactly the fields listed in ``FIELDS`` (a
+missing or an extra field is an error, so no field is ever read through a
+silent default and none is set without effect), and each field has one rule.
+A failure is one ValueError naming the field, the bad value and what to set.
 """
+from typing import Callable, Optional
+
+import jax
 import ml_collections
 
-_VALID_DEPTHS = (18, 34, 50, 101, 152, 200)
-_VALID_DTYPES = ("float32", "bfloat16", "float16")
+from simclr_jax.models import VALID_DEPTHS
+
+DTYPES = ("float32", "bfloat16")
+PROTOCOLS = ("knn", "cached_linear", "linear_eval", "finetune")
+LOSS_IMPLS = ("auto", "naive", "blockwise")
+SCHEDULES = ("cosine", "constant")
+MODEL_FIELDS = ("depth", "width_multiplier", "cifar_stem", "head_layers", "proj_dim")
+
+_DATA = ("dataset", "data_dir", "download", "train_split", "cache_dataset", "seed")
+_KNN = ("knn.k", "knn.temperature")
+_LINEAR = ("linear.epochs", "linear.batch_size", "linear.learning_rate", "linear.weight_decay")
+_EVALUATION = (*_DATA, "protocol", "pretrained", "checkpoint_step", "random_init", "test_split",
+               "image_size", *(f"model.{name}" for name in MODEL_FIELDS), "head_layer", "eval_batch_size")
+FIELDS = {
+    "pretrain": (
+        *_DATA, "image_size", "color_jitter_strength", "blur", "shuffle_buffer_size",
+        *(f"model.{name}" for name in MODEL_FIELDS), "dtype", "batch_size", "num_epochs",
+        "num_train_steps", "temperature", "loss_impl", "optimizer.base_learning_rate",
+        "optimizer.lr_scaling", "optimizer.warmup_epochs", "optimizer.weight_decay", "optimizer.momentum",
+        "optimizer.trust_coefficient", "online_probe", "probe_learning_rate", "knn_monitor",
+        "eval_every_epochs", "test_split", "eval_batch_size", *_KNN, "log_every_steps",
+        "checkpoint_every_steps", "keep_checkpoints", "nonfinite_policy", "write_pictures"),
+    "knn": (*_EVALUATION, *_KNN, "write_pictures"),
+    "cached_linear": (*_EVALUATION, *_LINEAR, "write_pictures"),
+    "linear_eval": (*_EVALUATION, *_LINEAR, "linear.standardize", "shuffle_buffer_size"),
+    "finetune": (*_EVALUATION, "shuffle_buffer_size", "finetune.label_fraction", "finetune.subset_seed",
+                 "finetune.subset_split", "finetune.epochs", "finetune.batch_size", "finetune.learning_rate",
+                 "finetune.weight_decay", "finetune.schedule"),
+}
+
+
+def recipe_kind(config: ml_collections.ConfigDict) -> str:
+    """'pretrain', or the evaluation protocol the config names."""
+    if "protocol" not in config:
+        return "pretrain"
+    if config.protocol not in PROTOCOLS:
+        _fail("protocol", config.protocol, f"choose one of {PROTOCOLS}")
+    return config.protocol
 
 
 def _fail(field: str, value, expected: str):
     raise ValueError(f"config.{field}={value!r} is invalid: {expected}.")
 
 
-def _positive_int(config, field: str):
-    value = config
+def _leaves(config, prefix: str = "") -> set:
+    fields = set()
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            fields |= _leaves(value, f"{prefix}{key}.")
+        else:
+            fields.add(prefix + key)
+    return fields
+
+
+def _check_field_set(config, kind: str) -> None:
+    expected, present = set(FIELDS[kind]), _leaves(config)
+    if missing := sorted(expected - present):
+        raise ValueError(f"the {kind} config lacks {missing}; start from a recipe in configs/ (they set "
+                         "every field)")
+    if extra := sorted(present - expected):
+        raise ValueError(f"config fields {extra} are not read by a {kind} run; remove them")
+
+
+def _get(config, field: str):
     for part in field.split("."):
-        value = value[part]
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        _fail(field, value, "expected a positive integer")
+        config = config[part]
+    return config
 
 
-def validate_pretrain_config(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError on the first invalid field of a pretraining config."""
-    for field in ("batch_size", "image_size", "log_every_steps", "checkpoint_every_steps",
-                  "keep_checkpoints", "shuffle_buffer_size", "eval_batch_size", "knn.k"):
-        _positive_int(config, field)
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
-    if not config.temperature > 0:
-        _fail("temperature", config.temperature, "the NT-Xent temperature must be > 0 (SimCLR uses 0.1-0.5)")
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# Rules: field -> (holds(value), what to say when it does not).
+_POSITIVE_INT = (lambda v: _is_int(v) and v > 0, "expected a positive integer")
+_NONNEG_INT = (lambda v: _is_int(v) and v >= 0, "expected an integer >= 0")
+_POSITIVE = (lambda v: _is_number(v) and v > 0, "expected > 0")
+_NONNEG = (lambda v: _is_number(v) and v >= 0, "expected >= 0")
+_BOOL = (lambda v: isinstance(v, bool), "expected True or False")
+_NAME = (lambda v: isinstance(v, str) and bool(v), "expected a non-empty string")
+_OPTIONAL_NAME = (lambda v: v is None or (isinstance(v, str) and bool(v)), "expected a string or None")
+RULES: dict[str, tuple[Callable, str]] = {
+    "dataset": _NAME, "data_dir": _OPTIONAL_NAME, "download": _BOOL, "train_split": _NAME,
+    "test_split": _NAME, "cache_dataset": _BOOL, "seed": (_is_int, "expected an integer"),
+    "image_size": _POSITIVE_INT, "shuffle_buffer_size": _POSITIVE_INT, "blur": _BOOL,
+    "color_jitter_strength": (lambda v: _is_number(v) and v >= 0,
+                              "expected >= 0 (0.5 for CIFAR, 1.0 for ImageNet)"),
+    "model.depth": (lambda v: v in VALID_DEPTHS, f"choose one of {VALID_DEPTHS}"),
+    "model.width_multiplier": _POSITIVE, "model.cifar_stem": _BOOL,
+    "model.head_layers": _POSITIVE_INT, "model.proj_dim": _POSITIVE_INT,
+    "dtype": (lambda v: v in DTYPES,
+              f"choose one of {DTYPES}" + "; float16 needs loss scaling, which is not implemented: use "
+              "bfloat16 (float32's range at half the memory, what TPUs and recent GPUs compute in)"),
+    "batch_size": _POSITIVE_INT, "eval_batch_size": _POSITIVE_INT,
+    "num_epochs": _NONNEG, "num_train_steps": (_is_int, "expected an integer (> 0 overrides num_epochs)"),
+    "temperature": (lambda v: _is_number(v) and v > 0,
+                    "the NT-Xent temperature must be > 0 (SimCLR uses 0.1-0.5)"),
+    "loss_impl": (lambda v: v in LOSS_IMPLS, "choose 'auto', 'naive' or 'blockwise'"),
+    "optimizer.base_learning_rate": _POSITIVE,
+    "optimizer.lr_scaling": (lambda v: v in ("linear", "sqrt"),
+                             "choose 'linear' (base*B/256) or 'sqrt' (base*sqrt(B))"),
+    "optimizer.warmup_epochs": _NONNEG, "optimizer.weight_decay": _NONNEG,
+    "optimizer.momentum": (lambda v: _is_number(v) and 0 <= v < 1, "expected in [0, 1)"),
+    "optimizer.trust_coefficient": _POSITIVE,
+    "online_probe": _BOOL, "probe_learning_rate": _POSITIVE, "knn_monitor": _BOOL,
+    "eval_every_epochs": (lambda v: _is_number(v) and v >= 0, "expected >= 0 (0 = only at the end)"),
+    "knn.k": _POSITIVE_INT, "knn.temperature": (lambda v: _is_number(v) and v > 0, "expected > 0 (peers use 0.1)"),
+    "log_every_steps": _POSITIVE_INT, "checkpoint_every_steps": _POSITIVE_INT, "keep_checkpoints": _POSITIVE_INT,
+    "nonfinite_policy": (lambda v: v in ("stop", "skip"), "choose 'stop' or 'skip'"),
+    "write_pictures": _BOOL,
+    "pretrained": (lambda v: isinstance(v, str) and bool(v),
+                   "set --config.pretrained=PRETRAIN_WORKDIR (a pretraining workdir)"),
+    "checkpoint_step": (lambda v: _is_int(v) and v >= -1, "expected a step number, or -1 for the latest"),
+    "protocol": _NAME, "random_init": _BOOL, "head_layer": _NONNEG_INT,
+    "linear.epochs": _POSITIVE_INT, "linear.batch_size": _POSITIVE_INT, "linear.learning_rate": _POSITIVE,
+    "linear.weight_decay": _NONNEG, "linear.standardize": _BOOL,
+    "finetune.label_fraction": (lambda v: _is_number(v) and 0 < v <= 1,
+                                "expected in (0, 1]: the fraction of the train split's labels (the paper "
+                                "uses 0.01 and 0.1; 1.0 = all labels)"),
+    "finetune.subset_seed": (_is_int, "expected an integer"), "finetune.subset_split": _OPTIONAL_NAME,
+    "finetune.epochs": _POSITIVE, "finetune.batch_size": _POSITIVE_INT, "finetune.learning_rate": _POSITIVE,
+    "finetune.weight_decay": _NONNEG,
+    "finetune.schedule": (lambda v: v in SCHEDULES, f"choose one of {SCHEDULES}"),
+}
+# Evaluation configs may leave the architecture unset: it comes from the checkpoint.
+_FROM_CHECKPOINT = {"image_size", *(f"model.{name}" for name in MODEL_FIELDS)}
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = None,
+             num_processes: Optional[int] = None) -> str:
+    """Raises ValueError on the first bad field; returns the recipe kind.
+
+    Batch sizes must split evenly over ``num_devices`` and ``num_processes``
+    (default: JAX's global device and process counts).
+    """
+    kind = recipe_kind(config)
+    _check_field_set(config, kind)
+    for field in FIELDS[kind]:
+        value = _get(config, field)
+        if kind != "pretrain" and field in _FROM_CHECKPOINT and value is None:
+            continue
+        holds, expected = RULES[field]
+        if not holds(value):
+            _fail(field, value, expected)
+    if kind == "pretrain":
+        _check_pretrain(config)
+    _check_batch_sizes(config, kind, num_devices or jax.device_count(), num_processes or jax.process_count())
+    return kind
+
+
+def _check_pretrain(config) -> None:
     if config.num_train_steps <= 0 and config.num_epochs <= 0:
         _fail("num_epochs", config.num_epochs, "set num_epochs > 0 or num_train_steps > 0")
-    if not config.knn.temperature > 0:
-        _fail("knn.temperature", config.knn.temperature, "expected > 0 (peers use 0.1)")
-    if config.knn_every_epochs < 0:
-        _fail("knn_every_epochs", config.knn_every_epochs, "expected >= 0 (0 = only at the end)")
-    if config.loss_impl not in ("auto", "naive", "blockwise"):
-        _fail("loss_impl", config.loss_impl, "choose 'auto', 'naive' or 'blockwise'")
-    if config.get("nonfinite_policy", "stop") not in ("stop", "skip"):
-        _fail("nonfinite_policy", config.nonfinite_policy, "choose 'stop' or 'skip'")
-    if config.dtype not in _VALID_DTYPES:
-        _fail("dtype", config.dtype, f"choose one of {_VALID_DTYPES}")
-    if config.color_jitter_strength < 0:
-        _fail("color_jitter_strength", config.color_jitter_strength, "expected >= 0 (0.5 for CIFAR, 1.0 for ImageNet)")
+    check_image_size(config.image_size, config.model.cifar_stem)
 
-    model = config.model
-    if model.depth not in _VALID_DEPTHS:
-        _fail("model.depth", model.depth, f"choose one of {_VALID_DEPTHS}")
-    if not model.width_multiplier > 0:
-        _fail("model.width_multiplier", model.width_multiplier, "expected > 0")
-    if not config.probe_learning_rate > 0:
-        _fail("probe_learning_rate", config.probe_learning_rate, "expected > 0")
-    _positive_int(config, "model.head_layers")
-    _positive_int(config, "model.proj_dim")
 
-    # The ImageNet stem halves the resolution five times, the CIFAR stem three.
-    downsampling = 8 if model.cifar_stem else 32
-    if config.image_size < downsampling:
-        stem = "CIFAR" if model.cifar_stem else "ImageNet"
-        _fail("image_size", config.image_size,
-              f"the {stem}-stem ResNet downsamples by {downsampling}, so the crop must be at least "
-              f"{downsampling}x{downsampling} pixels")
+def check_image_size(image_size: int, cifar_stem: bool) -> None:
+    """The ImageNet stem halves the resolution five times, the CIFAR stem three."""
+    downsampling = 8 if cifar_stem else 32
+    if image_size < downsampling:
+        stem = "CIFAR" if cifar_stem else "ImageNet"
+        _fail("image_size", image_size, f"the {stem}-stem ResNet downsamples by {downsampling}, so the crop "
+              f"must be at least {downsampling}x{downsampling} pixels")
 
-    opt = config.optimizer
-    if opt.lr_scaling not in ("linear", "sqrt"):
-        _fail("optimizer.lr_scaling", opt.lr_scaling, "choose 'linear' (base*B/256) or 'sqrt' (base*sqrt(B))")
-    if not opt.base_learning_rate > 0:
-        _fail("optimizer.base_learning_rate", opt.base_learning_rate, "expected > 0")
-    if opt.weight_decay < 0:
-        _fail("optimizer.weight_decay", opt.weight_decay, "expected >= 0")
-    if opt.warmup_epochs < 0:
-        _fail("optimizer.warmup_epochs", opt.warmup_epochs, "expected >= 0")
-    if not 0 <= opt.momentum < 1:
-        _fail("optimizer.momentum", opt.momentum, "expected in [0, 1)")
+
+def _check_batch_sizes(config, kind: str, num_devices: int, num_processes: int) -> None:
+    fields = {"pretrain": ("batch_size", "eval_batch_size"), "linear_eval": ("eval_batch_size", "linear.batch_size"),
+              "finetune": ("eval_batch_size", "finetune.batch_size")}.get(kind, ("eval_batch_size",))
+    for field in fields:
+        value = _get(config, field)
+        if value % num_devices or value % num_processes:
+            raise ValueError(
+                f"config.{field}={value} must be a positive multiple of the {num_devices} devices in the "
+                f"mesh (and of the {num_processes} processes); set --config.{field} to a multiple of "
+                f"{num_devices}.")

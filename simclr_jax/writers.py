@@ -67,3 +67,18 @@ def read_jsonl(path: str) -> list[dict[str, float]]:
     """The records a JsonlWriter wrote, in order."""
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def flat_hparams(config) -> dict:
+    """A config as TensorBoard hparams: {'optimizer.momentum': 0.9, ...}, scalars only."""
+    flat = {}
+
+    def visit(prefix, value):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                visit(f"{prefix}{key}.", item)
+        else:
+            flat[prefix[:-1]] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    visit("", json.loads(config.to_json_best_effort()))
+    return flat

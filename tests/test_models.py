@@ -104,30 +104,88 @@ def test_tiny_forward_zero_init_and_batch_stats(tiny):
     np.testing.assert_allclose(after, 0.1 * stem.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
 
 
+def _block(block_cls, features, strides=1, train=False):
+    """A block with the conv and norm partials ResNet would hand it."""
+    return block_cls(features=features, strides=strides, conv=resnet.conv_def(jnp.float32),
+                     norm=resnet.norm_def(train, None, jnp.float32))
+
+
 @pytest.mark.parametrize("block_cls,features", [
     (resnet.BasicBlock, 8), (resnet.Bottleneck, 2)])
 def test_block_at_init_is_relu_of_shortcut(block_cls, features):
     # Identity shortcut: 8 input channels = features * expansion.
-    block = block_cls(features=features)
     x = jax.random.normal(jax.random.key(2), (2, 4, 4, 8))
-    variables = _init(block, x)
-    apply = jax.jit(block.apply, static_argnames=("train", "mutable"))
+    variables = jax.jit(_block(block_cls, features).init)(jax.random.key(0, impl="rbg"), x)
+    assert "proj_conv" not in variables["params"]
     for train in (False, True):
-        y, _ = apply(variables, x, train=train, mutable=("batch_stats",))
+        apply = jax.jit(functools.partial(_block(block_cls, features, train=train).apply,
+                                          mutable=("batch_stats",)))
+        y, _ = apply(variables, x)
         np.testing.assert_allclose(y, jax.nn.relu(x), atol=1e-6)
 
 
 def test_bottleneck_stride_on_3x3_and_projection():
-    block = resnet.Bottleneck(features=4, strides=2)
-    variables = _abstract_variables(block, (1, 8, 8, 8))
+    block = _block(resnet.Bottleneck, features=4, strides=2)
+    x = jnp.zeros((1, 8, 8, 8))
+    out, variables = jax.eval_shape(lambda: block.init_with_output(jax.random.key(0), x))
     params = variables["params"]
     assert params["conv1"]["kernel"].shape == (1, 1, 8, 4)
     assert params["conv2"]["kernel"].shape == (3, 3, 4, 4)
     assert params["proj_conv"]["kernel"].shape == (1, 1, 8, 16)
-    out = jax.eval_shape(
-        lambda: block.init_with_output(
-            jax.random.key(0), jnp.zeros((1, 8, 8, 8)), train=False)[0])
     assert out.shape == (1, 4, 4, 16)
+
+
+def test_norm_def_is_simclr_batchnorm():
+    """momentum 0.9, epsilon 1e-5 and the two-pass variance, against float64 numpy.
+
+    The input's mean (100) is large next to its spread (0.01): float32
+    E[x^2] - E[x]^2 would lose the variance entirely, and epsilon is a tenth
+    of it, so a different epsilon moves the output by percents.
+    """
+    rng = np.random.default_rng(5)
+    x = (100.0 + 0.01 * rng.normal(size=(64, 3))).astype(np.float32)
+    bn = resnet.norm_def(train=True, axis_name=None, dtype=jnp.float32)()
+    variables = bn.init(jax.random.key(0), x)
+    y, updated = bn.apply(variables, x, mutable=["batch_stats"])
+
+    x64 = x.astype(np.float64)
+    mean, var = x64.mean(axis=0), x64.var(axis=0)
+    np.testing.assert_allclose(y, (x64 - mean) / np.sqrt(var + 1e-5), rtol=1e-3, atol=1e-3)
+    stats = updated["batch_stats"]
+    np.testing.assert_allclose(stats["mean"], 0.1 * mean, rtol=1e-6)
+    np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * var, rtol=1e-6)
+
+
+def _expected_param_paths(depth):
+    """Every parameter path of SimCLR(depth, head_layers=2), written out from
+    the architecture: checkpoints saved under these names must keep loading."""
+    kind, blocks_per_stage = {18: ("basic", (2, 2, 2, 2)), 50: ("bottleneck", (3, 4, 6, 3))}[depth]
+    convs = ("conv1", "conv2") if kind == "basic" else ("conv1", "conv2", "conv3")
+    paths = {"encoder/stem_conv/kernel", "encoder/stem_bn/scale", "encoder/stem_bn/bias"}
+    for stage, num_blocks in enumerate(blocks_per_stage):
+        for b in range(num_blocks):
+            prefix = f"encoder/stage{stage + 1}_block{b + 1}"
+            # The first block of each stage changes shape (stride 2, or the
+            # bottleneck's x4 channels) and so has a projection shortcut.
+            layers = [(c, f"bn{c[-1]}") for c in convs]
+            if b == 0 and (stage > 0 or kind == "bottleneck"):
+                layers.append(("proj_conv", "proj_bn"))
+            for conv, bn in layers:
+                paths |= {f"{prefix}/{conv}/kernel", f"{prefix}/{bn}/scale", f"{prefix}/{bn}/bias"}
+    paths |= {"head/dense1/kernel", "head/bn1/scale", "head/bn1/bias", "head/dense2/kernel", "head/bn2/scale"}
+    return paths
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_parameter_names_are_checkpoint_compatible(depth):
+    variables = _abstract_variables(models.SimCLR(depth, head_layers=2), (1, 32, 32, 3))
+    paths = {"/".join(k.key for k in path)
+             for path, _ in jax.tree_util.tree_leaves_with_path(variables["params"])}
+    assert paths == _expected_param_paths(depth)
+    stats = {"/".join(k.key for k in path)
+             for path, _ in jax.tree_util.tree_leaves_with_path(variables["batch_stats"])}
+    bn_layers = {p.rsplit("/", 1)[0] for p in paths if p.endswith("/scale")}
+    assert stats == {f"{layer}/{s}" for layer in bn_layers for s in ("mean", "var")}
 
 
 def test_projection_head_structure():

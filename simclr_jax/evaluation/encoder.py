@@ -1,69 +1,48 @@
-"""A pretrained encoder for user code: images in, features out.
+"""A pretrained encoder: model, restored variables and architecture, in one object.
 
     encoder = simclr_jax.load_encoder("runs/smoke")  # a pretraining workdir
     h = encoder.embed(images)                        # uint8 [B, H, W, 3] -> float32 [B, D]
 
 The architecture and image size come from the workdir's ``config.json``
 (written by pretraining), the weights from its latest (or a chosen)
-checkpoint, restored as evaluation restores them. ``embed`` applies the
-evaluation preprocessing (``augment.eval_view``: uint8 -> [0, 1], a centre
-crop for images larger than CIFAR's 32 px, bicubic resize to the training
-size) and runs the same jitted feature function as the evaluation code, in
-fixed-size chunks split over this process's devices, so it compiles once.
+checkpoint. Every evaluation protocol starts from the same object
+(``restore_encoder``), so user code and the protocols see the same features.
+``embed`` applies the evaluation preprocessing (``augment.eval_view``: uint8
+-> [0, 1], a centre crop for images larger than CIFAR's 32 px, bicubic resize
+to the training size) and runs the jitted feature function in fixed-size
+chunks split over this process's devices, so it compiles once.
 """
-import json
-import os
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from simclr_jax import augment, evaluate, models, sharding
-
-CONFIG_FILE = "config.json"
-
-
-def _workdir(path: str) -> str:
-    """The pretraining workdir of ``path`` (the workdir or its checkpoints folder)."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(
-            f"no such directory: {path!r}; pass a pretraining workdir (the --workdir of "
-            f"main.py, holding {CONFIG_FILE} and checkpoints/) or its checkpoints/ folder")
-    path = os.path.abspath(path)
-    if (os.path.basename(os.path.normpath(path)) == "checkpoints"
-            and not os.path.exists(os.path.join(path, CONFIG_FILE))):
-        return os.path.dirname(os.path.normpath(path))
-    return path
-
-
-def _read_config(workdir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"{workdir} has no {CONFIG_FILE}, which names the encoder's architecture and image "
-            f"size; pass the pretraining workdir that main.py wrote (it holds {CONFIG_FILE} "
-            "next to checkpoints/), or its checkpoints/ folder")
-    with open(path, encoding="utf-8") as f:
-        config = json.load(f)
-    if "model" not in config or "image_size" not in config:
-        raise ValueError(f"{path} is not a pretraining config: it lacks 'model' or 'image_size'")
-    return ml_collections.ConfigDict(config)
+from simclr_jax import checkpoint, config_validation, sharding
+from simclr_jax.data import augment
+from simclr_jax.evaluation.features import feature_function
+from simclr_jax.models import SimCLR, model_from_config
 
 
 class Encoder:
-    """A restored encoder: ``embed(images)`` -> features (see the module docstring)."""
+    """A restored encoder: ``embed(images)`` -> features (see the module docstring).
 
-    def __init__(self, model: models.SimCLR, variables: dict, image_size: int, *,
+    ``model_config`` and ``image_size`` are the architecture it was trained
+    with; ``variables`` its {'params', 'batch_stats'}, replicated on ``mesh``.
+    """
+
+    def __init__(self, model_config: ml_collections.ConfigDict, variables: dict, image_size: int, *,
                  mesh: jax.sharding.Mesh, head_layer: int = 0, batch_size: int = 256, step: int = 0):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.model_config, self.model = model_config, model_from_config(model_config)
+        self.variables, self.mesh, self.step = variables, mesh, step
+        self.image_size, self.head_layer = int(image_size), head_layer
         devices = mesh.devices.size
-        self.model, self.variables, self.mesh = model, variables, mesh
-        self.image_size, self.head_layer, self.step = int(image_size), head_layer, step
         self.batch_size = -(-batch_size // devices) * devices  # a multiple of the device count
-        self._features = evaluate.make_feature_fn(model, head_layer)
+        self._features = feature_function(self.model, head_layer)
         shape = jax.ShapeDtypeStruct((devices, self.image_size, self.image_size, 3), np.float32)
         self.feature_dim = int(jax.eval_shape(self._features, variables, shape).shape[-1])
         size = self.image_size
@@ -85,27 +64,26 @@ class Encoder:
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim not in (3, 4) or images.shape[-1] != 3:
             raise ValueError(
-                f"embed expects uint8 RGB images of shape [B, H, W, 3] (or one [H, W, 3]) with "
-                f"values 0..255, got {images.dtype} {images.shape}"
-                + ("; convert [0, 1] floats with (x * 255).round().astype(np.uint8)"
-                   if images.dtype.kind == "f" else ""))
+                f"embed expects uint8 RGB images of shape [B, H, W, 3] (or one [H, W, 3]) with values 0..255, "
+                f"got {images.dtype} {images.shape}"
+                + ("; convert [0, 1] floats with (x * 255).round().astype(np.uint8)" if images.dtype.kind == "f"
+                   else ""))
         if images.ndim == 3:
             return self.embed(images[None])[0]
         if min(images.shape[1:3]) < 1:
             raise ValueError(f"embed got empty images, shape {images.shape}")
-        n, chunk = len(images), self.batch_size
-        outputs = []
-        for start in range(0, n, chunk):
+        chunk, outputs = self.batch_size, []
+        for start in range(0, len(images), chunk):
             views = self.preprocess(images[start:start + chunk])
             rows = len(views)
             if rows < chunk:  # pad to the compiled shape
                 views = np.concatenate([views, np.zeros((chunk - rows,) + views.shape[1:], views.dtype)])
             # Dispatch is asynchronous: the next chunk is preprocessed while this one runs.
             outputs.append((self._features(self.variables, sharding.put_batch(views, self.mesh)), rows))
-        features = [np.asarray(jax.device_get(out))[:rows] for out, rows in outputs]
-        if not features:
+        if not outputs:
             return np.zeros((0, self.feature_dim), np.float32)
-        return np.concatenate(features).astype(np.float32, copy=False)
+        return np.concatenate([np.asarray(jax.device_get(out))[:rows] for out, rows in outputs]).astype(
+            np.float32, copy=False)
 
     def __repr__(self):
         return (f"Encoder(depth={self.model.depth}, width_multiplier={self.model.width_multiplier}, "
@@ -113,21 +91,63 @@ class Encoder:
                 f"head_layer={self.head_layer}, devices={self.mesh.devices.size})")
 
 
-def load_encoder(path: str, *, step: Optional[int] = None, head_layer: int = 0,
-                 batch_size: int = 256) -> Encoder:
+def _init_variables(model: SimCLR, image_size: int, seed: int, mesh) -> dict:
+    """Random-init {'params', 'batch_stats'} (placed) or, for ``seed=None``, their
+    abstract shapes with the replicated sharding (what a restore fills in)."""
+    def init(key):
+        return dict(model.init(key, jnp.zeros((1, image_size, image_size, 3)), train=False))
+
+    replicated = sharding.replicated(mesh)
+    if seed is None:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                            jax.eval_shape(init, jax.random.key(0, impl="rbg")))
+    return jax.jit(init, out_shardings=replicated)(jax.random.key(seed, impl="rbg"))
+
+
+def load_encoder(path: str, *, step: Optional[int] = None, head_layer: int = 0, batch_size: int = 256,
+                 random_init_seed: Optional[int] = None, mesh: Optional[jax.sharding.Mesh] = None) -> Encoder:
     """Restores the encoder of a pretraining workdir (or its checkpoints/ folder).
 
     ``step``: the checkpoint to read (default: the latest). ``head_layer``: 0
     returns h, the encoder's output; i >= 1 the output of projection-head
-    layer i. ``batch_size``: images per compiled chunk (rounded up to a
-    multiple of the device count). Runs on this process's devices.
+    layer i. ``batch_size``: images per compiled chunk of ``embed`` (rounded
+    up to a multiple of the device count). ``random_init_seed``: the same
+    architecture at random initialisation instead (the baseline; needs only
+    config.json). ``mesh``: default this process's devices.
     """
-    workdir = _workdir(path)
-    config = _read_config(workdir)
-    model = models.model_from_config(config.model)
-    evaluate.make_feature_fn(model, head_layer)  # a bad head_layer fails before restoring
-    mesh = sharding.make_mesh(jax.local_devices())
-    variables, restored_step = evaluate.encoder_variables(
-        model, int(config.image_size), workdir, mesh=mesh, step=step)
-    return Encoder(model, variables, config.image_size, mesh=mesh, head_layer=head_layer,
-                   batch_size=batch_size, step=int(restored_step))
+    workdir = checkpoint.run_workdir(path)
+    run_config = checkpoint.read_run_config(workdir)
+    model_config, image_size = run_config.model, int(run_config.image_size)
+    model = model_from_config(model_config)
+    feature_function(model, head_layer)  # a bad head_layer fails before restoring
+    mesh = mesh or sharding.make_mesh(jax.local_devices())
+    if random_init_seed is not None:
+        variables, step = _init_variables(model, image_size, random_init_seed, mesh), 0
+    else:
+        variables, step = checkpoint.restore_variables(workdir, _init_variables(model, image_size, None, mesh), step)
+    return Encoder(model_config, variables, image_size, mesh=mesh, head_layer=head_layer, batch_size=batch_size,
+                   step=int(step))
+
+
+def resolve_architecture(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The evaluation config with ``model`` and ``image_size`` filled in from the
+    pretrained workdir's config.json. A field the user set must agree with
+    the checkpoint: a contradiction is an error naming both values."""
+    trained = checkpoint.read_run_config(checkpoint.run_workdir(config.pretrained))
+    conflicts = [f"{field}: checkpoint {trained_value!r}, config {value!r}" for field, value, trained_value in
+                 [("image_size", config.image_size, trained.image_size)]
+                 + [(f"model.{name}", config.model[name], trained.model[name])
+                    for name in config_validation.MODEL_FIELDS]
+                 if value is not None and value != trained_value]
+    if conflicts:
+        raise ValueError(f"the config contradicts the architecture {config.pretrained} was trained with ("
+                         + "; ".join(conflicts) + "): drop those overrides, the checkpoint's own config.json "
+                         "already says them")
+    resolved = ml_collections.ConfigDict(config.to_dict())
+    resolved.image_size = int(trained.image_size)
+    resolved.model = ml_collections.ConfigDict({name: trained.model[name] for name in config_validation.MODEL_FIELDS})
+    config_validation.check_image_size(resolved.image_size, resolved.model.cifar_stem)
+    if resolved.head_layer > resolved.model.head_layers:
+        raise ValueError(f"config.head_layer={resolved.head_layer} is invalid: the checkpoint's head has "
+                         f"{resolved.model.head_layers} layers (0 = h)")
+    return resolved

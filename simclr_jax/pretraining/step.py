@@ -87,6 +87,19 @@ def create_train_state(
     return jax.jit(init, out_shardings=sharding.replicated(mesh))()
 
 
+def _counts_follow_step(opt_state: Any, step: jax.Array) -> Any:
+    """``opt_state`` with every optax ``count`` set to ``step``.
+
+    The schedules inside the optimiser (LARS's learning rate, Adam's bias
+    correction) read their own counts, which a skipped non-finite step would
+    leave behind ``state.step``: the logged ``learning_rate(step)`` would no
+    longer be the applied one, and the schedule would never reach its end.
+    """
+    if not optax.tree_utils.tree_get_all_with_path(opt_state, "count"):
+        return opt_state  # no schedule, e.g. LARS with a constant learning rate
+    return optax.tree_utils.tree_set(opt_state, count=step)
+
+
 def make_train_step(
     model: flax.linen.Module,
     tx: optax.GradientTransformation,
@@ -110,7 +123,8 @@ def make_train_step(
     separable h is as training goes, and cannot change the encoder's gradient.
 
     A step whose loss or gradient is not finite changes nothing but the step
-    counter and reports ``metrics['nonfinite'] = 1``.
+    counter (which the optimiser's counts follow, see ``_counts_follow_step``)
+    and reports ``metrics['nonfinite'] = 1``.
     """
 
     def step_on_device(state: TrainState, views: jax.Array, labels: jax.Array):
@@ -146,15 +160,17 @@ def make_train_step(
             state.params
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        # A non-finite loss or gradient leaves parameters, optimiser state and
-        # BN statistics as they were; the train loop decides to stop or go on.
+        # A non-finite loss or gradient leaves parameters, optimiser state (but
+        # its counts) and BN statistics as they were; the train loop decides
+        # to stop or go on.
         finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
         keep_if_finite = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_step = state.step + 1
         new_state = TrainState(
-            step=state.step + 1,
+            step=new_step,
             params=keep_if_finite(optax.apply_updates(state.params, updates), state.params),
             batch_stats=keep_if_finite(batch_stats, state.batch_stats),
-            opt_state=keep_if_finite(opt_state, state.opt_state),
+            opt_state=_counts_follow_step(keep_if_finite(opt_state, state.opt_state), new_step),
         )
         metrics = dict(metrics, loss=loss, learning_rate=learning_rate(state.step),
                        nonfinite=1.0 - finite.astype(jnp.float32))

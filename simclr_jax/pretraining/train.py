@@ -1,8 +1,14 @@
-"""SimCLR pretraining loop: data, step, metrics, checkpoints, resume."""
-import json
-import os
+"""SimCLR pretraining loop: data, step, metrics, checkpoints, resume, monitors.
+
+The loop knows no evaluation protocol. Monitors come from the caller as
+``make_evaluators(config, model, mesh) -> [evaluator, ...]``, each an object
+with a ``name`` and ``run(variables) -> {'top1', 'top5', ...}`` (main.py
+passes the kNN monitor, simclr_jax.evaluation.run.pretraining_evaluators).
+They run every ``config.eval_every_epochs`` and at the end, always after the
+step's checkpoint is on disk: an evaluation that fails never costs training.
+"""
 import time
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -14,10 +20,11 @@ from jax.sharding import Mesh
 
 from simclr_jax import checkpoint, config_validation, models, pictures, preemption, sharding, writers
 from simclr_jax.data import input_pipeline
-from simclr_jax.evaluation import run as evaluate
-from simclr_jax.pretraining import optim
+from simclr_jax.pretraining import optim, progress
 from simclr_jax.pretraining.step import (TrainState, create_train_state, make_train_step, model_params,
-                             with_probe_optimizer)
+                                         with_probe_optimizer)
+
+EvaluatorFactory = Callable[[ml_collections.ConfigDict, models.SimCLR, Mesh], list]
 
 
 def _device_batches(dataset, mesh: Mesh, prefetch: int = 2) -> Iterator[dict]:
@@ -35,97 +42,86 @@ def _fetch(history: list[dict]) -> dict[str, np.ndarray]:
     return jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *history))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Pretrains SimCLR as ``config`` says, resuming from ``workdir`` if possible."""
-    config_validation.validate_pretrain_config(config)
-    mesh = sharding.make_mesh()
-    sharding.check_batch_size(config.batch_size, mesh)
-    sharding.check_batch_size(config.eval_batch_size, mesh)
-
-    # Data errors (unknown dataset or split, data not prepared) surface here,
-    # before anything is compiled.
-    _, num_examples, info = input_pipeline.load_split(config.dataset, config.train_split, config.data_dir)
+def _setup(config, workdir: str, mesh: Mesh):
+    """Everything the loop needs that can fail on bad data or a bad workdir,
+    before anything compiles: (state, model, tx, schedule, manager, steps per epoch,
+    total steps, probe classes)."""
+    num_examples = input_pipeline.split_size(config, config.train_split)
     steps_per_epoch = num_examples // config.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(
-            f"batch_size={config.batch_size} is larger than the {num_examples} examples "
-            f"of {config.dataset}:{config.train_split}; lower --config.batch_size."
-        )
+        raise ValueError(f"batch_size={config.batch_size} is larger than the {num_examples} examples of "
+                         f"{config.dataset}:{config.train_split}; lower --config.batch_size.")
     tx, learning_rate = optim.create_optimizer(config, steps_per_epoch)
-    total_steps = optim.total_train_steps(config, steps_per_epoch)
-
-    model = models.model_from_config(
-        config.model, axis_name=sharding.DATA_AXIS, dtype=jnp.dtype(config.dtype)
-    )
-    # Labels, when the dataset has them, feed the online probe and the kNN monitor.
-    num_classes = evaluate.label_classes(info)
-    probe_classes = num_classes if config.online_probe else 0
+    model = models.model_from_config(config.model, axis_name=sharding.DATA_AXIS, dtype=jnp.dtype(config.dtype))
+    # Labels, when the dataset has them, feed the online probe.
+    probe_classes = input_pipeline.label_count(config) if config.online_probe else 0
     if probe_classes:
         tx = with_probe_optimizer(tx, config.probe_learning_rate)
     state = create_train_state(model, tx, config.image_size, config.seed, mesh, probe_classes)
-    manager = checkpoint.create_manager(
-        workdir, save_every_steps=config.checkpoint_every_steps, max_to_keep=config.keep_checkpoints
-    )
+    manager = checkpoint.create_manager(workdir, save_every_steps=config.checkpoint_every_steps,
+                                        max_to_keep=config.keep_checkpoints)
     if manager.latest_step() is not None:
         state = checkpoint.restore(manager, state)
         logging.info("Resumed from step %d in %s", int(state.step), manager.directory)
-    start_step = int(state.step)
+    total_steps = optim.total_train_steps(config, steps_per_epoch)
+    return state, model, tx, learning_rate, manager, steps_per_epoch, total_steps, probe_classes
 
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       make_evaluators: Optional[EvaluatorFactory] = None) -> TrainState:
+    """Pretrains SimCLR as ``config`` says, resuming from ``workdir`` if possible."""
+    mesh = sharding.make_mesh()
+    config_validation.validate(config, mesh.devices.size)
+    state, model, tx, learning_rate, manager, steps_per_epoch, total_steps, probe_classes = _setup(
+        config, workdir, mesh)
+    start_step = int(state.step)
     writer = writers.create_writer(workdir)
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json_best_effort(indent=2))
-        writer.write_hparams(_flat_hparams(config))
-
-    train_step = make_train_step(
-        model, tx, learning_rate, config.temperature, mesh, probe_classes, config.loss_impl
-    )
-    knn_every = int(round(config.knn_every_epochs * steps_per_epoch))
+        checkpoint.write_run_config(workdir, config)
+        writer.write_hparams(writers.flat_hparams(config))
+        if config.write_pictures:  # its own small pipeline: the training stream is untouched
+            pictures.write_augmentation_grid(config, workdir, writer, step=start_step)
+    train_step = make_train_step(model, tx, learning_rate, config.temperature, mesh, probe_classes,
+                                 config.loss_impl)
+    evaluators = make_evaluators(config, models.model_from_config(config.model), mesh) if make_evaluators else []
+    eval_every = int(round(config.eval_every_epochs * steps_per_epoch))
     per_process_batch = sharding.per_process_batch_size(config.batch_size)
-    dataset = input_pipeline.pretrain_dataset(
+    # Resume where the interrupted run was in the same stream: exact resume.
+    batches = _device_batches(input_pipeline.pretrain_dataset(
         config, per_process_batch_size=per_process_batch, seed=config.seed,
-        # Resume where the interrupted run was in the same stream: exact resume.
-        skip_examples=start_step * per_process_batch,
-    )
-    batches = _device_batches(dataset, mesh)
-    if jax.process_index() == 0 and config.get("write_pictures", False):
-        # Its own small pipeline: the training stream above is untouched.
-        pictures.write_augmentation_grid(config, workdir, writer, step=start_step)
+        skip_examples=start_step * per_process_batch), mesh)
     report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
-    nonfinite = _NonfiniteGuard(config.get("nonfinite_policy", "stop"), manager)
+    nonfinite = _NonfiniteGuard(config.nonfinite_policy, manager)
+    cpu_estimate = progress.CpuEstimate(start_step, total_steps, config.batch_size)
+    logging.info("Pretraining %s on %d devices: %d steps of %d images (%d per epoch) from step %d",
+                 config.dataset, mesh.devices.size, total_steps, config.batch_size, steps_per_epoch, start_step)
 
-    logging.info(
-        "Pretraining %s on %d devices: %d steps of %d images (%d per epoch) from step %d",
-        config.dataset, mesh.devices.size, total_steps, config.batch_size, steps_per_epoch, start_step,
-    )
     run_start = interval_start = time.perf_counter()
-    history, knn = [], {}  # metrics since the last log; the latest kNN monitor result
+    history, evaluations = [], {}  # metrics since the last log; the latest monitor results
     with preemption.StopRequest() as stop_request:
         for step in range(start_step + 1, total_steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 state, metrics = train_step(state, next(batches))
             history.append(metrics)
             report_progress(step)
+            cpu_estimate.after_step(step, metrics)
             stopping = stop_request.stop_now(step)
             save_due = step % config.checkpoint_every_steps == 0 or step == total_steps or stopping
             # Metrics reach the host every log_every_steps, and before every save, so
             # a non-finite step is caught before a checkpoint could follow it.
             if step % config.log_every_steps == 0 or save_due:
                 scalars = nonfinite.check(_fetch(history), step)
-                elapsed = time.perf_counter() - interval_start
-                scalars["images_per_sec"] = len(history) * config.batch_size / elapsed
+                scalars["images_per_sec"] = len(history) * config.batch_size / (time.perf_counter() - interval_start)
                 scalars["epoch"] = step / steps_per_epoch
                 writer.write_scalars(step, scalars)
-                logging.info(_progress_line(step, total_steps, config.batch_size, scalars))
+                logging.info(progress.progress_line(step, total_steps, config.batch_size, scalars))
                 history, interval_start = [], time.perf_counter()
-            knn_due = (knn_every and step % knn_every == 0) or step == total_steps
-            if knn_due and num_classes and config.knn_monitor and not stopping:
-                knn = _knn_monitor(config, state, mesh)
-                writer.write_scalars(step, knn)
-                interval_start = time.perf_counter()  # keep evaluation out of images/s
             if save_due:
                 checkpoint.save(manager, step, state, force=True)
+            eval_due = (eval_every and step % eval_every == 0) or step == total_steps
+            if evaluators and eval_due and not stopping:
+                evaluations = _run_evaluators(evaluators, state, step, writer, manager)
+                interval_start = time.perf_counter()  # keep evaluation out of images/s
             if stopping:
                 logging.warning("Stopped at step %d of %d on request; checkpoint saved in %s. Run the same "
                                 "command to resume.", step, total_steps, manager.directory)
@@ -133,69 +129,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     manager.wait_until_finished()
     if jax.process_index() == 0:
-        logging.info(_summary(config, workdir, manager, int(state.step), total_steps,
-                              time.perf_counter() - run_start, knn))
+        logging.info(progress.summary(config, workdir, manager, int(state.step), total_steps,
+                                      time.perf_counter() - run_start, evaluations))
     manager.close()
     writer.flush()
     return state
 
 
-def _duration(seconds: float) -> str:
-    """'1d 02:03:04', '00:05:00', or '?' when the rate is not known yet."""
-    if not np.isfinite(seconds) or seconds < 0:
-        return "?"
-    days, rest = divmod(int(round(seconds)), 86400)
-    clock = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
-    return f"{days}d {clock}" if days else clock
-
-
-def _progress_line(step: int, total_steps: int, batch_size: int, scalars: dict) -> str:
-    """One readable line: where the run is, how fast, how long to go, how well."""
-    rate = scalars["images_per_sec"]
-    eta = (total_steps - step) * batch_size / rate if rate > 0 else float("nan")
-    return (f"step {step}/{total_steps} (epoch {scalars['epoch']:.2f}) | loss {scalars['loss']:.4f} | "
-            f"contrastive acc {scalars['contrastive_acc']:.3f} | {rate:.1f} images/s | ETA {_duration(eta)}")
-
-
-def _evaluate_command(config, workdir: str) -> str:
-    """The linear-evaluation command for this run, with the overrides it needs
-    (architecture, data) where they differ from configs/linear_eval.py."""
-    command = f"python main.py --config=configs/linear_eval.py --config.pretrained={workdir}"
-    try:
-        from configs import linear_eval  # the recipe the command runs; absent outside the repository
-    except ImportError:
-        return command + f" --workdir={workdir}/eval"
-    defaults = linear_eval.get_config()
-    overrides = [f"--config.model.{key}={config.model[key]}" for key in sorted(config.model)
-                 if key in defaults.model and config.model[key] != defaults.model[key]]
-    for key in ("dataset", "data_dir", "image_size"):
-        if config.get(key) is not None and config[key] != defaults[key]:
-            overrides.append(f"--config.{key}={config[key]}")
-    if config.dataset.startswith(input_pipeline.IMAGES_PREFIX):  # unlabelled: evaluate on labelled images
-        overrides = [o for o in overrides if not o.startswith("--config.dataset=")]
-        overrides.append("--config.dataset=folder:LABELLED_ROOT")
-    return " ".join([command, *overrides, f"--workdir={workdir}/eval"])
-
-
-def _summary(config, workdir, manager, step, total_steps, seconds, knn) -> str:
-    """The one-screen account of where everything went."""
-    workdir = os.path.abspath(workdir)
-    lines = [
-        f"Pretraining {'finished' if step >= total_steps else 'stopped'} at step {step}/{total_steps} "
-        f"after {_duration(seconds)}.",
-        f"  checkpoints   {manager.directory} (steps {list(manager.all_steps())})",
-        f"  metrics       {os.path.join(workdir, 'metrics.jsonl')}",
-        f"  TensorBoard   tensorboard --logdir={workdir}",
-    ]
-    pngs = [os.path.join(workdir, name) for name in sorted(os.listdir(workdir)) if name.endswith(".png")]
-    if pngs:
-        lines.append(f"  pictures      {', '.join(pngs)}")
-    if knn:
-        lines.append(f"  kNN top-1     {knn['knn_top1']:.4f} (top-5 {knn['knn_top5']:.4f})")
-    lines.append(f"  evaluate      {_evaluate_command(config, workdir)}")
-    if step < total_steps:
-        lines.append("  resume        run the same command again")
-    return "\n".join(lines)
+def _run_evaluators(evaluators, state: TrainState, step: int, writer, manager) -> dict:
+    """Runs each monitor on the current encoder, once every save in flight is on
+    disk, so that a crash or out-of-memory error here costs no training."""
+    manager.wait_until_finished()
+    variables = {"params": model_params(state.params), "batch_stats": state.batch_stats}
+    results = {}
+    for evaluator in evaluators:
+        start = time.perf_counter()
+        results[evaluator.name] = evaluator.run(variables)
+        logging.info("%s monitor at step %d: %s (%.1f s)", evaluator.name, step, results[evaluator.name],
+                     time.perf_counter() - start)
+        writer.write_scalars(step, {f"{evaluator.name}_{k}": v for k, v in results[evaluator.name].items()
+                                    if k in ("top1", "top5")})
+    return results
 
 
 class _NonfiniteGuard:
@@ -229,27 +183,3 @@ class _NonfiniteGuard:
         if self.skipped:
             scalars["skipped_updates"] = float(self.skipped)
         return scalars
-
-
-def _knn_monitor(config, state: TrainState, mesh: Mesh) -> dict[str, float]:
-    """Weighted kNN top-1/top-5 of the current encoder (train bank, test queries)."""
-    eval_model = models.model_from_config(config.model)
-    variables = {"params": model_params(state.params), "batch_stats": state.batch_stats}
-    start = time.perf_counter()
-    result = evaluate.knn_top1(config, eval_model, variables, mesh)
-    logging.info("kNN monitor: %s (%.1f s)", result, time.perf_counter() - start)
-    return {"knn_top1": result["top1"], "knn_top5": result["top5"]}
-
-
-def _flat_hparams(config: ml_collections.ConfigDict) -> dict:
-    flat = {}
-
-    def visit(prefix, value):
-        if isinstance(value, (dict, ml_collections.ConfigDict)):
-            for key, item in value.items():
-                visit(f"{prefix}{key}.", item)
-        else:
-            flat[prefix[:-1]] = value if isinstance(value, (int, float, str, bool)) else str(value)
-
-    visit("", json.loads(config.to_json_best_effort()))
-    return flat

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from simclr_jax import probes
+from simclr_jax.data import input_pipeline
+from simclr_jax.evaluation import cached_linear, knn, metrics
 
 
 # --------------------------------------------------------------------------- top-k
@@ -16,17 +17,17 @@ def test_topk_on_hand_made_scores():
         [0.2, 0.2, 0.1, 0.0, 0.0, 0.0],
     ], np.float32)
     labels = np.array([1, 4, 5, 0, 1])
-    correct = probes.topk_correct(scores, labels, ks=(1, 2, 5))
+    correct = metrics.topk_correct(scores, labels, ks=(1, 2, 5))
     np.testing.assert_array_equal(correct[1], [True, False, False, True, False])
     np.testing.assert_array_equal(correct[2], [True, False, False, True, True])
     np.testing.assert_array_equal(correct[5], [True, True, False, True, True])
-    assert probes.topk_accuracy(scores, labels) == {"top1": 0.4, "top5": 0.8}
+    assert metrics.topk_accuracy(scores, labels) == {"top1": 0.4, "top5": 0.8}
 
 
 def test_topk_with_fewer_classes_than_k_is_trivially_correct():
     scores = np.array([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]], np.float32)
     labels = np.array([0, 0, 1])
-    assert probes.topk_accuracy(scores, labels) == pytest.approx({"top1": 1 / 3, "top5": 1.0})
+    assert metrics.topk_accuracy(scores, labels) == pytest.approx({"top1": 1 / 3, "top5": 1.0})
 
 
 # --------------------------------------------------------------------------- kNN
@@ -52,7 +53,7 @@ def test_knn_separable_classes_are_all_correct():
     train_x = np.eye(8)[train_y] + 0.05 * rng.normal(size=(len(train_y), 8))
     query_y = rng.integers(0, num_classes, size=40)
     query_x = 3.0 * np.eye(8)[query_y] + 0.1 * rng.normal(size=(40, 8))
-    acc = probes.knn_accuracy(train_x, train_y, query_x, query_y, num_classes, k=20)
+    acc = knn.knn_accuracy(train_x, train_y, query_x, query_y, num_classes, k=20)
     assert acc == {"top1": 1.0, "top5": 1.0}
 
 
@@ -63,12 +64,12 @@ def test_knn_temperature_decides_a_known_case():
     bank = np.array([[1.0, 0.0], [2.0, 0.0], [0.5, 0.0], [0.0, 1.0]], np.float32)
     labels = np.array([0, 0, 0, 1])
     query = np.array([[0.6, 0.8]], np.float32)
-    warm = probes.knn_scores(bank, labels, query, 2, k=4, temperature=1.0)
+    warm = knn.knn_scores(bank, labels, query, 2, k=4, temperature=1.0)
     np.testing.assert_allclose(warm, [[3 * np.exp(0.6), np.exp(0.8)]], rtol=1e-5)
-    cold = probes.knn_scores(bank, labels, query, 2, k=4, temperature=0.1)
+    cold = knn.knn_scores(bank, labels, query, 2, k=4, temperature=0.1)
     np.testing.assert_allclose(cold, [[3 * np.exp(6.0), np.exp(8.0)]], rtol=1e-5)
-    assert probes.knn_accuracy(bank, labels, query, [1], 2, k=4, temperature=1.0)["top1"] == 0.0
-    assert probes.knn_accuracy(bank, labels, query, [1], 2, k=4, temperature=0.1)["top1"] == 1.0
+    assert knn.knn_accuracy(bank, labels, query, [1], 2, k=4, temperature=1.0)["top1"] == 0.0
+    assert knn.knn_accuracy(bank, labels, query, [1], 2, k=4, temperature=0.1)["top1"] == 1.0
 
 
 @pytest.mark.parametrize("k,temperature", [(1, 0.1), (7, 0.1), (25, 0.5)])
@@ -77,7 +78,7 @@ def test_knn_scores_match_numpy_reference(k, temperature):
     bank = rng.normal(size=(60, 16)).astype(np.float32)
     bank_labels = rng.integers(0, 5, size=60)
     queries = rng.normal(size=(13, 16)).astype(np.float32)
-    got = probes.knn_scores(bank, bank_labels, queries, 5, k=k, temperature=temperature)
+    got = knn.knn_scores(bank, bank_labels, queries, 5, k=k, temperature=temperature)
     want = reference_knn_scores(bank, bank_labels, queries, 5, k, temperature)
     assert got.shape == (13, 5)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -88,7 +89,7 @@ def test_knn_k_larger_than_bank_uses_every_example():
     bank = rng.normal(size=(9, 4)).astype(np.float32)
     bank_labels = rng.integers(0, 3, size=9)
     queries = rng.normal(size=(5, 4)).astype(np.float32)
-    got = probes.knn_scores(bank, bank_labels, queries, 3, k=200, temperature=0.2)
+    got = knn.knn_scores(bank, bank_labels, queries, 3, k=200, temperature=0.2)
     np.testing.assert_allclose(got, reference_knn_scores(bank, bank_labels, queries, 3, 9, 0.2),
                                rtol=1e-5, atol=1e-6)
 
@@ -98,16 +99,16 @@ def test_knn_query_batching_does_not_change_scores():
     bank = rng.normal(size=(50, 8)).astype(np.float32)
     bank_labels = rng.integers(0, 4, size=50)
     queries = rng.normal(size=(23, 8)).astype(np.float32)
-    whole = probes.knn_scores(bank, bank_labels, queries, 4, k=10)
+    whole = knn.knn_scores(bank, bank_labels, queries, 4, k=10)
     for batch in (1, 7, 23, 100):
         np.testing.assert_allclose(
-            probes.knn_scores(bank, bank_labels, queries, 4, k=10, query_batch_size=batch),
+            knn.knn_scores(bank, bank_labels, queries, 4, k=10, query_batch_size=batch),
             whole, rtol=1e-6)
 
 
 def test_knn_rejects_out_of_range_labels():
     with pytest.raises(ValueError, match="labels must be in"):
-        probes.knn_scores(np.ones((3, 2)), np.array([0, 1, 3]), np.ones((1, 2)), 3)
+        knn.knn_scores(np.ones((3, 2)), np.array([0, 1, 3]), np.ones((1, 2)), 3)
 
 
 # --------------------------------------------------------------------------- linear probe
@@ -120,33 +121,38 @@ def _blobs(rng, num_classes, per_class, dim, spread):
 
 # The three tests below share one training shape (400 x 16, 4 classes, batch
 # 32, 10 epochs), so the training program compiles once for all of them.
-PROBE = {"epochs": 10, "batch_size": 32}
+PROBE = {"epochs": 10, "batch_size": 32, "learning_rate": 0.1, "weight_decay": 0.0, "seed": 0}
 
 
-def test_linear_probe_separates_far_apart_blobs():
+def _accuracy(train_x, train_y, test_x, test_y, num_classes, **settings):
+    params = cached_linear.train_classifier(train_x, train_y, num_classes, **settings)
+    return metrics.topk_accuracy(cached_linear.classifier_logits(params, test_x), test_y)
+
+
+def test_cached_linear_separates_far_apart_blobs():
     rng = np.random.default_rng(0)
     x, y = _blobs(rng, 4, 160, 16, spread=5.0)
     order = rng.permutation(len(y))
     train, test = order[:400], order[400:]
-    acc = probes.evaluate_linear_probe(x[train], y[train], x[test], y[test], 4, **PROBE)
+    acc = _accuracy(x[train], y[train], x[test], y[test], 4, **PROBE)
     assert acc == {"top1": 1.0, "top5": 1.0}
 
 
-def test_linear_probe_on_random_labels_is_near_chance():
+def test_cached_linear_on_random_labels_is_near_chance():
     # 400 test points: chance is 25% with a standard error of ~2 points.
     rng = np.random.default_rng(1)
     x = rng.normal(size=(800, 16)).astype(np.float32)
     y = rng.integers(0, 4, size=800)
-    acc = probes.evaluate_linear_probe(x[:400], y[:400], x[400:], y[400:], 4, **PROBE)
+    acc = _accuracy(x[:400], y[:400], x[400:], y[400:], 4, **PROBE)
     assert 0.15 <= acc["top1"] <= 0.35
 
 
-def test_linear_probe_is_deterministic_for_a_seed():
+def test_cached_linear_is_deterministic_for_a_seed():
     rng = np.random.default_rng(2)
     x, y = _blobs(rng, 4, 100, 16, spread=1.0)
-    a = probes.train_linear_probe(x, y, 4, seed=5, **PROBE)
-    b = probes.train_linear_probe(x, y, 4, seed=5, **PROBE)
-    c = probes.train_linear_probe(x, y, 4, seed=6, **PROBE)
+    a = cached_linear.train_classifier(x, y, 4, **dict(PROBE, seed=5))
+    b = cached_linear.train_classifier(x, y, 4, **dict(PROBE, seed=5))
+    c = cached_linear.train_classifier(x, y, 4, **dict(PROBE, seed=6))
     for name in ("kernel", "bias"):
         np.testing.assert_array_equal(a[name], b[name])
     assert not np.array_equal(a["kernel"], c["kernel"])
@@ -154,46 +160,37 @@ def test_linear_probe_is_deterministic_for_a_seed():
 
 def test_one_full_batch_step_is_nesterov_sgd_from_zero():
     # From zero params the softmax is uniform, so the gradient is
-    # dW = X^T (1/C - onehot(y)) / n; Nesterov's first update is (1 + m) * grad,
-    # at the peak learning rate lr * n / 256.
+    # dW = X^T (1/C - onehot(y)) / n on the standardised features X; Nesterov's
+    # first update is (1 + m) * grad, at the peak learning rate lr * n / 256.
     rng = np.random.default_rng(3)
     x = rng.normal(size=(8, 5)).astype(np.float32)
     y = np.array([0, 1, 2, 0, 1, 2, 0, 0])
-    params = probes.train_linear_probe(x, y, 3, epochs=1, batch_size=8, learning_rate=0.5,
-                                       momentum=0.9, normalize="none")
+    params = cached_linear.train_classifier(x, y, 3, epochs=1, batch_size=8, learning_rate=0.5,
+                                            weight_decay=0.0, seed=0)
+    standardised = (x - x.mean(0)) / x.std(0)
     residual = 1 / 3 - np.eye(3)[y]
     lr = 0.5 * 8 / 256
-    np.testing.assert_allclose(params["kernel"], -lr * 1.9 * x.T @ residual / 8, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(params["kernel"], -lr * 1.9 * standardised.T @ residual / 8, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(params["bias"], -lr * 1.9 * residual.mean(0), rtol=1e-5, atol=1e-7)
 
 
-def test_probe_standardizes_with_training_statistics():
+def test_cached_linear_standardizes_with_training_statistics():
     rng = np.random.default_rng(4)
     x, y = _blobs(rng, 3, 20, 6, spread=2.0)
     x[:, 2] = 0.0   # a dead ReLU: constant, must not divide by zero
     x_test = rng.normal(size=(10, 6)).astype(np.float32)
-    params = probes.train_linear_probe(x, y, 3, epochs=2, batch_size=16)
+    params = cached_linear.train_classifier(x, y, 3, **dict(PROBE, epochs=2, batch_size=16))
     std = x.std(0)
     std[2] = 1.0
     want = (x_test - x.mean(0)) / std @ np.asarray(params["kernel"]) + np.asarray(params["bias"])
-    got = probes.linear_probe_logits(params, x_test)
+    got = cached_linear.classifier_logits(params, x_test)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     assert np.all(np.isfinite(got))
 
     # Standardising makes the probe blind to the features' overall scale.
-    tiny = probes.train_linear_probe(1e-4 * x, y, 3, epochs=2, batch_size=16)
-    np.testing.assert_allclose(probes.linear_probe_logits(tiny, 1e-4 * x_test), got,
+    tiny = cached_linear.train_classifier(1e-4 * x, y, 3, **dict(PROBE, epochs=2, batch_size=16))
+    np.testing.assert_allclose(cached_linear.classifier_logits(tiny, 1e-4 * x_test), got,
                                rtol=1e-3, atol=1e-3)
-
-
-def test_l2_probe_ignores_example_length():
-    rng = np.random.default_rng(5)
-    x, y = _blobs(rng, 3, 20, 6, spread=2.0)
-    params = probes.train_linear_probe(x, y, 3, epochs=2, batch_size=16, normalize="l2")
-    np.testing.assert_allclose(probes.linear_probe_logits(params, 7.0 * x),
-                               probes.linear_probe_logits(params, x), rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="normalize must be one of"):
-        probes.train_linear_probe(x, y, 3, normalize="whiten")
 
 
 # --------------------------------------------------------------------------- subsets
@@ -203,18 +200,18 @@ LABELS = np.tile(np.arange(10), 500)[np.random.default_rng(0).permutation(5000)]
 
 @pytest.mark.parametrize("fraction,per_class", [(0.01, 5), (0.1, 50)])
 def test_balanced_subset_takes_the_fraction_of_each_class(fraction, per_class):
-    subset = probes.balanced_subset(LABELS, fraction, seed=0)
+    subset = input_pipeline.balanced_subset(LABELS, fraction, seed=0)
     np.testing.assert_array_equal(np.bincount(LABELS[subset], minlength=10), [per_class] * 10)
     np.testing.assert_array_equal(subset, np.unique(subset))   # sorted, no repeats
-    np.testing.assert_array_equal(subset, probes.balanced_subset(LABELS, fraction, seed=0))
-    assert not np.array_equal(subset, probes.balanced_subset(LABELS, fraction, seed=1))
+    np.testing.assert_array_equal(subset, input_pipeline.balanced_subset(LABELS, fraction, seed=0))
+    assert not np.array_equal(subset, input_pipeline.balanced_subset(LABELS, fraction, seed=1))
 
 
 def test_balanced_subset_edges():
-    np.testing.assert_array_equal(probes.balanced_subset(LABELS, 1.0, seed=3), np.arange(5000))
+    np.testing.assert_array_equal(input_pipeline.balanced_subset(LABELS, 1.0, seed=3), np.arange(5000))
     # A class too small for the fraction still gets one example.
     rare = np.array([0] * 200 + [1] * 3)
-    assert np.bincount(rare[probes.balanced_subset(rare, 0.01, seed=0)]).tolist() == [2, 1]
+    assert np.bincount(rare[input_pipeline.balanced_subset(rare, 0.01, seed=0)]).tolist() == [2, 1]
     for bad in (0.0, 1.5, -0.1):
         with pytest.raises(ValueError, match=r"label fraction must be in \(0, 1\], got"):
-            probes.balanced_subset(LABELS, bad, seed=0)
+            input_pipeline.balanced_subset(LABELS, bad, seed=0)

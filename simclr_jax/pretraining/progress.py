@@ -1,0 +1,91 @@
+"""What a pretraining run tells its user: the progress line, the CPU warning
+and the end-of-run summary."""
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+CPU_WARNING_HOURS = 1.0  # a CPU run estimated longer than this is told about configs/smoke.py
+
+
+def duration(seconds: float) -> str:
+    """'1d 02:03:04', '00:05:00', or '?' when the rate is not known yet."""
+    if not np.isfinite(seconds) or seconds < 0:
+        return "?"
+    days, rest = divmod(int(round(seconds)), 86400)
+    clock = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"{days}d {clock}" if days else clock
+
+
+def progress_line(step: int, total_steps: int, batch_size: int, scalars: dict) -> str:
+    """One readable line: where the run is, how fast, how long to go, how well."""
+    rate = scalars["images_per_sec"]
+    eta = (total_steps - step) * batch_size / rate if rate > 0 else float("nan")
+    return (f"step {step}/{total_steps} (epoch {scalars['epoch']:.2f}) | loss {scalars['loss']:.4f} | "
+            f"contrastive acc {scalars['contrastive_acc']:.3f} | {rate:.1f} images/s | ETA {duration(eta)}")
+
+
+class CpuEstimate:
+    """On a host without an accelerator, times the first steps after compilation
+    and warns, with the estimated duration, when the run would take longer than
+    CPU_WARNING_HOURS: the full recipes are meant for GPUs and TPUs."""
+
+    def __init__(self, start_step: int, total_steps: int, batch_size: int, measure_steps: int = 3):
+        self.active = jax.default_backend() == "cpu"
+        self.first, self.last = start_step + 1, start_step + 1 + measure_steps
+        self.total_steps, self.batch_size, self.started = total_steps, batch_size, None
+        if self.active:
+            logging.warning("No accelerator found: JAX is training on the CPU (%d devices).", jax.device_count())
+
+    def after_step(self, step: int, metrics) -> None:
+        """Call after each step; syncs with the device only on the few steps it times."""
+        if not self.active or step not in (self.first, self.last) or self.last > self.total_steps:
+            return
+        jax.block_until_ready(metrics)
+        if step == self.first:  # the first step compiled: time the ones after it
+            self.started = time.perf_counter()
+            return
+        seconds_per_step = (time.perf_counter() - self.started) / (self.last - self.first)
+        remaining = seconds_per_step * (self.total_steps - step)
+        if remaining > CPU_WARNING_HOURS * 3600:
+            logging.warning(
+                "At %.1f images/s on this CPU the remaining %d steps need about %s. This recipe is meant for "
+                "GPUs and TPUs (README: install the matching JAX build); configs/smoke.py is the recipe for "
+                "a CPU (a few minutes).", self.batch_size / seconds_per_step, self.total_steps - step,
+                duration(remaining))
+
+
+def evaluate_command(config, workdir: str) -> str:
+    """The linear-evaluation command for this run: the architecture comes from
+    the workdir's config.json, so only the data needs restating."""
+    parts = ["python main.py --config=configs/cached_linear.py", f"--config.pretrained={workdir}"]
+    if config.dataset.startswith("images:"):  # unlabelled: evaluate on labelled images
+        parts.append("--config.dataset=folder:LABELLED_ROOT")
+    else:
+        parts.append(f"--config.dataset={config.dataset} --config.test_split={config.test_split}")
+    if config.data_dir is not None:
+        parts.append(f"--config.data_dir={config.data_dir}")
+    return " ".join([*parts, f"--workdir={workdir}/eval"])
+
+
+def summary(config, workdir, manager, step, total_steps, seconds, evaluations: dict) -> str:
+    """The one-screen account of where everything went."""
+    workdir = os.path.abspath(workdir)
+    lines = [
+        f"Pretraining {'finished' if step >= total_steps else 'stopped'} at step {step}/{total_steps} "
+        f"after {duration(seconds)}.",
+        f"  checkpoints   {manager.directory} (steps {list(manager.all_steps())})",
+        f"  metrics       {os.path.join(workdir, 'metrics.jsonl')}",
+        f"  TensorBoard   tensorboard --logdir={workdir}",
+    ]
+    pngs = [os.path.join(workdir, name) for name in sorted(os.listdir(workdir)) if name.endswith(".png")]
+    if pngs:
+        lines.append(f"  pictures      {', '.join(pngs)}")
+    for name, result in evaluations.items():
+        lines.append(f"  {name + ' top-1':<13} {result['top1']:.4f} (top-5 {result['top5']:.4f})")
+    lines.append(f"  evaluate      {evaluate_command(config, workdir)}")
+    if step < total_steps:
+        lines.append("  resume        run the same command again")
+    return "\n".join(lines)
