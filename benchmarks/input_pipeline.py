@@ -4,8 +4,8 @@
     python benchmarks/input_pipeline.py --image_size=224 --blur --threads=0
     python benchmarks/input_pipeline.py --prepare_only        # files for torch_input_pipeline.py
 
-Runs ``simclr_jax.input_pipeline.pretrain_dataset`` itself (augmentations
-from ``simclr_jax.augment``, nothing re-implemented here) on two sources:
+Runs ``simclr_jax.data.input_pipeline.pretrain_dataset`` itself (augmentations
+from ``simclr_jax.data.augment``, nothing re-implemented here) on two sources:
 
 - ``cifar10_real``, 32 px: the real CIFAR-10 train split from --data_dir
   with configs/cifar10.py (decoded uint8 cached in memory, shuffle buffer
@@ -21,9 +21,10 @@ from ``simclr_jax.augment``, nothing re-implemented here) on two sources:
 ``--threads=N`` gives tf.data a private pool of N threads and one thread per
 op (``max_intra_op_parallelism=1``, see --intra_op), so with the default
 N=1 the rate is what one host core sustains; ``--threads=0`` uses tf.data's
-default pool (all cores). Each run skips --warmup_batches batches, then
-times --num_views views (2 per image). With --blur or --image_size unset,
-both values are run.
+default pool (all cores). ``--nodeterministic`` lets tf.data reorder (the
+pipelines themselves are always deterministic). Each run skips
+--warmup_batches batches, then times --num_views views (2 per image). With
+--blur or --image_size unset, both values are run.
 
 Prints one JSON object per configuration:
   config        image_size, blur, source, jpeg_size ('WxH' of the JPEGs,
@@ -55,7 +56,7 @@ import tensorflow as tf  # noqa: E402
 
 from configs import cifar10 as cifar10_config  # noqa: E402
 from configs import imagenet as imagenet_config  # noqa: E402
-from simclr_jax.data import input_pipeline  # noqa: E402
+from simclr_jax.data import input_pipeline, sources  # noqa: E402
 
 flags.DEFINE_integer("image_size", None, "32 (CIFAR-10) or 224 (JPEGs); omitted: both.")
 flags.DEFINE_boolean("blur", None, "Gaussian blur on/off; omitted: both.")
@@ -65,7 +66,7 @@ flags.DEFINE_integer("batch_size", 128, "Images per batch (2 views each).")
 flags.DEFINE_integer("warmup_batches", 3, "Batches skipped before timing.")
 flags.DEFINE_integer("shuffle_buffer", None,
                      "Shuffle buffer; omitted: 50,000 (32 px), 1,000 (224 px).")
-flags.DEFINE_boolean("deterministic", None, "tf.data ordering; omitted: the config's.")
+flags.DEFINE_boolean("deterministic", True, "tf.data ordering (the pipelines' is deterministic).")
 flags.DEFINE_integer("intra_op", 1, "max_intra_op_parallelism; 0: tf.data's default.")
 flags.DEFINE_string("data_dir", os.path.join(os.path.dirname(ROOT), "shared", "data", "tfds"),
                     "TFDS folder holding the real cifar10.")
@@ -96,8 +97,7 @@ def prepare_jpegs(data_dir, root, num, size, quality):
     if os.path.exists(os.path.join(root, "DONE")):
         return root
     width, height = _parse_size(size)
-    ds, _, _ = input_pipeline.load_split("cifar10", f"train[:{num}]", data_dir,
-                                         process_slice=False)
+    ds, _, _ = sources.load_split("cifar10", f"train[:{num}]", data_dir, process_slice=False)
     for i, example in enumerate(ds):
         image = tf.image.resize(tf.cast(example["image"], tf.float32), [height, width],
                                 method="bicubic")
@@ -113,7 +113,7 @@ def prepare_jpegs(data_dir, root, num, size, quality):
 def prepare_cifar_npy(data_dir, path):
     """The decoded CIFAR-10 train split as uint8 [50000, 32, 32, 3] (for torch)."""
     if not os.path.exists(path):
-        ds, _, _ = input_pipeline.load_split("cifar10", "train", data_dir, process_slice=False)
+        ds, _, _ = sources.load_split("cifar10", "train", data_dir, process_slice=False)
         images = np.stack([ex["image"] for ex in ds.as_numpy_iterator()])
         np.save(path + ".tmp.npy", images)
         os.replace(path + ".tmp.npy", path)
@@ -136,8 +136,6 @@ def make_config(image_size, blur):
     config.blur = blur
     if FLAGS.shuffle_buffer is not None:
         config.shuffle_buffer_size = FLAGS.shuffle_buffer
-    if FLAGS.deterministic is not None:
-        config.deterministic_input = FLAGS.deterministic
     return config, source
 
 
@@ -151,6 +149,7 @@ def measure(image_size, blur):
 
     ds = input_pipeline.pretrain_dataset(config, per_process_batch_size=batch, seed=0)
     options = tf.data.Options()
+    options.deterministic = FLAGS.deterministic
     if FLAGS.intra_op > 0:
         options.threading.max_intra_op_parallelism = FLAGS.intra_op
     if FLAGS.threads > 0:

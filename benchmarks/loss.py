@@ -15,7 +15,7 @@ Prints one JSON object per configuration:
   device_peak_bytes  the allocator's peak bytes in use after the runs, where
                 the device reports it (GPU, TPU); otherwise null
 
-No TensorFlow here: only JAX and simclr_jax.losses.
+No TensorFlow here: only JAX and simclr_jax.pretraining.losses.
 """
 import json
 import os

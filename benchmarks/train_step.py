@@ -3,7 +3,7 @@
     python benchmarks/train_step.py --depth=18 --cifar_stem --image_size=32 --batch_size=128 --dtype=float32
     python benchmarks/train_step.py --depth=50 --image_size=224 --batch_size=256 --dtype=bfloat16   # GPU/TPU
 
-Builds exactly what pretraining runs (simclr_jax.step.make_train_step: the
+Builds exactly what pretraining runs (simclr_jax.pretraining.step.make_train_step: the
 jit(shard_map) step with global BatchNorm, NT-Xent over the gathered
 projections and LARS) on every device present, feeds it random views already
 on the devices, and prints one JSON object:
@@ -86,8 +86,8 @@ def measure(depth, width_multiplier, cifar_stem, image_size, batch_size, dtype, 
     flops = float(cost.get("flops", 0.0)) * mesh.devices.size if cost else None
 
     for _ in range(warmup):
-        state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
+        state, _ = compiled(state, batch)
+    jax.block_until_ready(state)  # defined with --warmup=0 too
     times = []
     for _ in range(max(steps, 1)):
         start = time.perf_counter()

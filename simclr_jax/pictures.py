@@ -197,12 +197,11 @@ def embedding_plot(features, labels, class_names, path, max_points=2000, seed=0,
 
 
 def class_names(config) -> list:
-    """The dataset's class names (TFDS ``info.features['label'].names``), or []."""
-    from simclr_jax.data import input_pipeline
+    """The dataset's class names, or [] (``sources.class_names`` of its train split)."""
+    from simclr_jax.data import sources
 
-    _, _, info = input_pipeline.load_split(config.dataset, config.train_split, config.data_dir)
-    label = info.features["label"] if "label" in info.features else None
-    return list(getattr(label, "names", None) or [])
+    return sources.class_names(config.dataset, config.train_split, config.data_dir,
+                               download=config.download)
 
 
 def images_at(config, split: str, indices) -> np.ndarray:
@@ -211,11 +210,11 @@ def images_at(config, split: str, indices) -> np.ndarray:
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
-    from simclr_jax.data import augment, input_pipeline
+    from simclr_jax.data import augment, sources
 
     indices = np.asarray(indices, np.int64)
-    ds, _, _ = input_pipeline.load_split(config.dataset, split, config.data_dir, autocache=False,
-                                         decoders={"image": tfds.decode.SkipDecoding()})
+    ds, _, _ = sources.load_split(config.dataset, split, config.data_dir, download=config.download,
+                                  autocache=False, decoders={"image": tfds.decode.SkipDecoding()})
     wanted = tf.constant(np.unique(indices))
     ds = ds.take(int(indices.max()) + 1).enumerate()
     ds = ds.filter(lambda i, example: tf.reduce_any(tf.equal(i, wanted)))
@@ -230,16 +229,14 @@ def augmentation_views(config, num_images: int = 8) -> tuple[np.ndarray, np.ndar
     """(views f32 [N, 2, S, S, 3], labels [N]): two training views of the first
     images of the train split, seeded by config.seed. A pipeline of its own, so
     the training stream is untouched."""
-    import tensorflow as tf
+    from simclr_jax.data import augment, input_pipeline, sources
 
-    from simclr_jax.data import augment, input_pipeline
-
-    ds, _, _ = input_pipeline.load_split(config.dataset, config.train_split, config.data_dir,
-                                         autocache=False)
-    size, base = config.image_size, tf.constant([config.seed, 0], tf.int64)
+    ds, _, _ = sources.load_split(config.dataset, config.train_split, config.data_dir,
+                                  download=config.download, autocache=False)
+    size, seeds_at = config.image_size, input_pipeline.example_seeds(config.seed, 2, process_index=0)
     views, labels = [], []
     for index, example in enumerate(ds.take(num_images)):
-        seeds = tf.random.experimental.stateless_split(tf.random.experimental.stateless_fold_in(base, index), 2)
+        seeds = seeds_at(index)
         views.append(np.stack([
             augment.train_view(example["image"], size, size, seed=seeds[v],
                                color_jitter_strength=config.color_jitter_strength, blur=config.blur).numpy()

@@ -29,9 +29,9 @@ def fixed_global_batches(data_dir: str) -> np.ndarray:
     """
     import tensorflow as tf
 
-    from simclr_jax.data import augment, input_pipeline
+    from simclr_jax.data import augment, sources
 
-    ds, _, _ = input_pipeline.load_split("cifar10", "test", data_dir, process_slice=False)
+    ds, _, _ = sources.load_split("cifar10", "test", data_dir, process_slice=False)
 
     def views(index, example):
         seeds = tf.random.experimental.stateless_split(tf.stack([index, tf.constant(7, tf.int64)]), 2)
@@ -72,13 +72,14 @@ def main(out_dir: str, data_dir: str) -> None:
     distributed.initialize(init_timeout_s=60, heartbeat_timeout_s=10)
     import jax
     import tensorflow as tf
+    import tensorflow_datasets as tfds
 
-    from simclr_jax.data import input_pipeline
+    from simclr_jax.data import sources
 
     tf.config.set_visible_devices([], "GPU")
     index = jax.process_index()
-    slice_ds, _, _ = input_pipeline.load_split("cifar10", "test", data_dir,
-                                               decoders={"image": input_pipeline.tfds.decode.SkipDecoding()})
+    slice_ds, _, _ = sources.load_split("cifar10", "test", data_dir,
+                                        decoders={"image": tfds.decode.SkipDecoding()})
     ids = np.array([example["id"] for example in slice_ds.as_numpy_iterator()])
     np.save(os.path.join(out_dir, f"slice_ids_{index}.npy"), ids)
 

@@ -55,6 +55,12 @@ def test_uint8_and_float_inputs_agree():
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def _bicubic(image, height, width):
+    """Reference resize of a float [0, 1] numpy image: TF's bicubic, clipped."""
+    resized = tf.image.resize(tf.constant(image, tf.float32), [height, width], method="bicubic")
+    return np.clip(resized.numpy(), 0.0, 1.0)
+
+
 def test_eval_view_is_identity_on_32x32_and_crops_larger():
     image = _random_image(32, 32)
     np.testing.assert_allclose(augment.eval_view(image, 32, 32), image / 255.0, atol=1e-6)
@@ -62,7 +68,12 @@ def test_eval_view_is_identity_on_32x32_and_crops_larger():
     big = _random_image(64, 80)
     expected = big[4:60, 12:68] / 255.0
     np.testing.assert_allclose(augment.eval_view(big, 56, 56), expected, atol=1e-6)
-    np.testing.assert_array_equal(augment.eval_view(big, 24, 24), augment.eval_view(big, 24, 24))
+    # The same window, bicubic-resized to 24x24.
+    np.testing.assert_allclose(augment.eval_view(big, 24, 24), _bicubic(expected, 24, 24), atol=1e-6)
+    # A 1:2 output: the largest centred 1:2 window of 64x80 is 40x80; 87.5% of it
+    # is 35x70, at rows 15:50 and columns 5:75.
+    np.testing.assert_allclose(augment.eval_view(big, 24, 48),
+                               _bicubic(big[15:50, 5:75] / 255.0, 24, 48), atol=1e-6)
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, None])
@@ -88,6 +99,45 @@ def test_same_seed_reproduces_and_seeds_differ():
     assert np.abs(a.numpy() - c.numpy()).mean() > 1e-2
     # Unseeded views draw fresh seeds.
     assert not np.array_equal(augment.train_view(image, 32, 32), augment.train_view(image, 32, 32))
+
+
+def _composed_view(image, size, seed, *, order, strength=0.5):
+    """A training view built from the public pieces, applied in ``order``,
+    with train_view's derived seeds: crop 0, flip 1, colour 2, blur 3."""
+    seeds = tf.random.experimental.stateless_split(seed, num=4)
+    steps = {
+        "crop": lambda x: augment.random_resized_crop(x, size, size, seeds[0]),
+        "flip": lambda x: augment.random_flip(x, seeds[1]),
+        "colour": lambda x: augment.color_distortion(x, seeds[2], strength),
+        "blur": lambda x: augment.random_blur(x, seeds[3], augment.blur_radius(size, size)),
+    }
+    x = augment.to_float(image)
+    for step in order:
+        x = steps[step](x)
+    return x.numpy()
+
+
+TRAIN_ORDER = ("crop", "flip", "colour", "blur")
+OTHER_ORDERS = {
+    "flip before crop": ("flip", "crop", "colour", "blur"),
+    "blur before colour": ("crop", "flip", "blur", "colour"),
+    "blur before crop": ("blur", "crop", "flip", "colour"),
+}
+
+
+def test_train_view_is_crop_then_flip_then_colour_then_blur():
+    image = _random_image(80, 96)
+    size, seeds = 64, [tf.constant([s, 11], tf.int64) for s in range(8)]
+    views = [augment.train_view(image, size, size, seed=s, color_jitter_strength=0.5).numpy()
+             for s in seeds]
+    for seed, view in zip(seeds, views):
+        np.testing.assert_allclose(view, _composed_view(image, size, seed, order=TRAIN_ORDER),
+                                   atol=1e-6)
+    # The pieces do not commute on these seeds, so the comparison above pins the order.
+    for name, order in OTHER_ORDERS.items():
+        gaps = [np.abs(view - _composed_view(image, size, seed, order=order)).max()
+                for seed, view in zip(seeds, views)]
+        assert max(gaps) > 0.05, (name, gaps)
 
 
 @pytest.mark.parametrize("shape", [(32, 32), (224, 224), (48, 96)])

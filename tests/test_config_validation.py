@@ -1,12 +1,13 @@
-"""Bad config values fail before anything loads or compiles, naming the field."""
+"""Bad config values fail before anything loads or compiles, naming the field; every recipe
+kind has exactly the fields it reads."""
 import os
 import subprocess
 import sys
 
 import pytest
 
-from configs import cifar10, imagenet, smoke
-from simclr_jax.config_validation import validate_pretrain_config
+from configs import cached_linear, cifar10, finetune, imagenet, knn, linear_eval, smoke
+from simclr_jax import config_validation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,10 +23,11 @@ BAD_VALUES = [
     ("temperature", 0.0, "temperature=0.0 is invalid: the NT-Xent temperature must be > 0"),
     ("temperature", -0.5, "temperature"),
     ("knn.temperature", 0.0, "knn.temperature"),
-    ("knn_every_epochs", -1.0, "knn_every_epochs"),
+    ("eval_every_epochs", -1.0, "eval_every_epochs"),
     ("loss_impl", "fast", "loss_impl='fast' is invalid: choose 'auto', 'naive' or 'blockwise'"),
     ("nonfinite_policy", "ignore", "nonfinite_policy='ignore' is invalid: choose 'stop' or 'skip'"),
     ("dtype", "float8", "dtype='float8'"),
+    ("dtype", "float16", "float16 needs loss scaling, which is not implemented: use bfloat16"),
     ("color_jitter_strength", -1.0, "color_jitter_strength"),
     ("model.depth", 19, "model.depth=19 is invalid: choose one of (18, 34, 50, 101, 152, 200)"),
     ("model.width_multiplier", 0.0, "model.width_multiplier"),
@@ -53,26 +55,26 @@ def test_bad_value_names_field_and_fix(field, value, message):
     config = cifar10.get_config()
     _set(config, field, value)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
-        validate_pretrain_config(config)
+        config_validation.validate(config, 8, 1)
 
 
 def test_no_epochs_and_no_steps():
     config = cifar10.get_config()
     config.num_epochs, config.num_train_steps = 0, -1
     with pytest.raises(ValueError, match="set num_epochs > 0 or num_train_steps > 0"):
-        validate_pretrain_config(config)
+        config_validation.validate(config, 8, 1)
 
 
 def test_imagenet_stem_needs_32_pixels():
     config = imagenet.get_config()
     config.image_size = 16
     with pytest.raises(ValueError, match="ImageNet-stem ResNet downsamples by 32"):
-        validate_pretrain_config(config)
+        config_validation.validate(config, 8, 1)
 
 
 @pytest.mark.parametrize("recipe", [cifar10, imagenet, smoke])
 def test_shipped_recipes_are_valid(recipe):
-    validate_pretrain_config(recipe.get_config())
+    assert config_validation.validate(recipe.get_config(), 8, 1) == "pretrain"
 
 
 def test_mistyped_override_names_the_closest_field(tmp_path):
@@ -83,3 +85,54 @@ def test_mistyped_override_names_the_closest_field(tmp_path):
     assert ("unknown config field 'warmup_epoch': Did you mean \"warmup_epochs\"" in result.stderr)
     assert "Traceback" not in result.stderr
     assert not os.listdir(tmp_path)  # nothing written
+
+
+EVALUATION_RECIPES = [knn, cached_linear, linear_eval, finetune]
+
+
+def _evaluation_config(recipe):
+    config = recipe.get_config()
+    config.pretrained = "runs/x"
+    return config
+
+
+@pytest.mark.parametrize("recipe", EVALUATION_RECIPES, ids=lambda r: r.__name__)
+def test_evaluation_recipes_are_valid_and_hold_exactly_their_fields(recipe):
+    config = _evaluation_config(recipe)
+    kind = config_validation.validate(config, 8, 1)
+    assert kind == config.protocol
+    assert config_validation._leaves(config) == set(config_validation.FIELDS[kind])
+
+
+def test_a_field_nothing_reads_or_a_missing_field_is_an_error():
+    config = _evaluation_config(knn)
+    config.linear = cached_linear.get_config().linear  # kNN trains no classifier
+    with pytest.raises(ValueError, match=r"'linear.batch_size'.*not read by a knn run"):
+        config_validation.validate(config, 8, 1)
+    config = cifar10.get_config()
+    del config["seed"]
+    with pytest.raises(ValueError, match=r"lacks \['seed'\]"):
+        config_validation.validate(config, 8, 1)
+
+
+BAD_EVALUATION_VALUES = [
+    (knn, "pretrained", None, "set --config.pretrained=PRETRAIN_WORKDIR"),
+    (knn, "protocol", "linear", "protocol='linear' is invalid: choose one of"),
+    (knn, "checkpoint_step", -2, "checkpoint_step=-2"),
+    (knn, "eval_batch_size", 12, "eval_batch_size=12 must be a positive multiple of the 8 devices"),
+    (cached_linear, "linear.epochs", 0, "linear.epochs=0"),
+    (linear_eval, "linear.batch_size", 100, "linear.batch_size=100 must be a positive multiple of the 8"),
+    (finetune, "finetune.label_fraction", 1.5, r"label_fraction=1.5 is invalid: expected in \(0, 1\]"),
+    (finetune, "finetune.label_fraction", 0.0, "label_fraction=0.0"),
+    (finetune, "finetune.schedule", "step", "finetune.schedule='step'"),
+    (finetune, "model.depth", 19, "model.depth=19"),
+]
+
+
+@pytest.mark.parametrize("recipe, field, value, message", BAD_EVALUATION_VALUES,
+                         ids=[f"{r.__name__}:{f}={v}" for r, f, v, _ in BAD_EVALUATION_VALUES])
+def test_bad_evaluation_value_names_field(recipe, field, value, message):
+    config = _evaluation_config(recipe)
+    _set(config, field, value)
+    with pytest.raises(ValueError, match=message):
+        config_validation.validate(config, 8, 1)

@@ -34,7 +34,7 @@ def pretrained(real_data_dir, tmp_path_factory):
 
     workdir = str(tmp_path_factory.mktemp("pretrain"))
     config = _tiny_config(real_data_dir, num_train_steps=2, knn_monitor=False)
-    train.train_and_evaluate(config, workdir)
+    pretrain(config, workdir)
     return workdir, config
 
 

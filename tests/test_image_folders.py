@@ -11,9 +11,8 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from configs import knn as knn_config
-from simclr_jax import evaluate, input_pipeline, train, writers
-from tests.test_pretrain import _tiny_config
+from simclr_jax import writers
+from simclr_jax.data import input_pipeline, sources
 
 # name -> (height, width, channels); every size differs, so a decoded image is known by its shape.
 GOOD = {
@@ -66,13 +65,13 @@ def _images(ds):
 def test_loader_yields_exactly_the_good_images_in_three_channels(photo_folder, caplog):
     root, originals = photo_folder
     with caplog.at_level(logging.WARNING):
-        ds, num_examples, info = input_pipeline.load_split(f"images:{root}", "ignored", None)
+        ds, num_examples, info = sources.load_split(f"images:{root}", "ignored", None)
     warnings = [r.getMessage() for r in caplog.records if "not readable JPEG or PNG" in r.getMessage()]
     assert len(warnings) == 1 and "Skipping 1 of 8 image files" in warnings[0], warnings
     assert CORRUPT in warnings[0]
     assert info.skipped == (os.path.join(root, CORRUPT),)
     assert num_examples == len(GOOD) + 1  # the truncated file is only found out when decoded
-    assert evaluate.label_classes(info) == 0  # no probe, no kNN monitor
+    assert sources.label_classes(info) == 0  # no probe, no kNN monitor
 
     examples = list(ds.as_numpy_iterator())
     assert sorted(e["image"].shape[:2] for e in examples) == sorted(originals)
@@ -89,7 +88,7 @@ def test_loader_yields_exactly_the_good_images_in_three_channels(photo_folder, c
     # Listing again (as training does) neither re-checks nor warns again; the order is fixed.
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        again, _, _ = input_pipeline.load_split(f"images:{root}", "train", None)
+        again, _, _ = sources.load_split(f"images:{root}", "train", None)
     assert not [r for r in caplog.records if "not readable" in r.getMessage()]
     assert [i.shape for i in _images(again)] == [e["image"].shape for e in examples]
 
@@ -100,7 +99,7 @@ def test_each_process_reads_every_process_count_th_file(photo_folder, monkeypatc
     shapes = []
     for index in range(2):
         monkeypatch.setattr(jax, "process_index", lambda index=index: index)
-        ds, num_examples, _ = input_pipeline.load_split(f"images:{root}", "train", None)
+        ds, num_examples, _ = sources.load_split(f"images:{root}", "train", None)
         assert num_examples == len(GOOD) + 1  # the whole folder
         shapes.append({image.shape[:2] for image in _images(ds)})
     assert not shapes[0] & shapes[1] and shapes[0] | shapes[1] == set(originals)
@@ -109,7 +108,8 @@ def test_each_process_reads_every_process_count_th_file(photo_folder, monkeypatc
 def _pipeline_config(root, cache):
     return ml_collections.ConfigDict(dict(
         dataset=f"images:{root}", data_dir=None, train_split="train", image_size=16,
-        color_jitter_strength=0.5, blur=True, shuffle_buffer_size=8, cache_dataset=cache))
+        download=False, color_jitter_strength=0.5, blur=True, shuffle_buffer_size=8,
+        cache_dataset=cache))
 
 
 @pytest.mark.parametrize("cache", [True, False])
@@ -135,20 +135,23 @@ def test_empty_or_imageless_or_missing_folder_is_a_clear_error(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ValueError, match=r"no images in .*empty.*looked for \.jpg/\.jpeg/\.png files"):
-        input_pipeline.load_split(f"images:{empty}", "train", None)
+        sources.load_split(f"images:{empty}", "train", None)
     text_only = str(tmp_path / "text")
     _write(text_only, "sub/notes.txt", b"hello")
     with pytest.raises(ValueError, match=r"no images in .*text.*found 0 with those extensions"):
-        input_pipeline.load_split(f"images:{text_only}", "train", None)
+        sources.load_split(f"images:{text_only}", "train", None)
     corrupt_only = str(tmp_path / "corrupt")
     _write(corrupt_only, "bad.jpg", b"GIF89a not really")
     with pytest.raises(ValueError, match=r"found 1 with those extensions, 1 of them not JPEG or PNG"):
-        input_pipeline.load_split(f"images:{corrupt_only}", "train", None)
+        sources.load_split(f"images:{corrupt_only}", "train", None)
     with pytest.raises(ValueError, match=r"image folder .*nowhere.* does not exist"):
-        input_pipeline.load_split(f"images:{tmp_path}/nowhere", "train", None)
+        sources.load_split(f"images:{tmp_path}/nowhere", "train", None)
 
 
 def test_evaluating_on_unlabelled_images_asks_for_labels(photo_folder, tmp_path):
+    from configs import knn as knn_config
+    from simclr_jax import evaluate
+
     root, _ = photo_folder
     config = knn_config.get_config()
     config.pretrained = "random"
@@ -170,6 +173,10 @@ def _real_images(data_dir, n):
 
 @pytest.mark.slow
 def test_pretrain_on_own_images_then_knn_on_a_labelled_folder(real_data_dir, tmp_path):
+    from configs import knn as knn_config
+    from simclr_jax import evaluate, train
+    from tests.test_pretrain import _tiny_config
+
     examples = _real_images(real_data_dir, 300)
     sizes = [(37, 53), (100, 64), (32, 32), (45, 45)]
     photos = str(tmp_path / "photos")
@@ -190,7 +197,7 @@ def test_pretrain_on_own_images_then_knn_on_a_labelled_folder(real_data_dir, tmp
     config = _tiny_config(real_data_dir, dataset=f"images:{photos}", train_split="unused",
                           test_split="unused", cache_dataset=False, num_train_steps=4)
     assert config.online_probe and config.knn_monitor  # turned off by the missing labels
-    state = train.train_and_evaluate(config, workdir)
+    state = pretrain(config, workdir)
     assert int(state.step) == 4
     records = [r for r in writers.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
     assert [r["step"] for r in records] == [1, 2, 3, 4]

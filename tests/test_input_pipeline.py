@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from simclr_jax.data import input_pipeline
+from simclr_jax.data import input_pipeline, sources
 
 NUM_EXAMPLES = 10  # per mocked split
 
@@ -17,6 +17,7 @@ def _config(**overrides):
     config = ml_collections.ConfigDict(dict(
         dataset="cifar10",
         data_dir=None,
+        download=False,
         train_split="train",
         image_size=16,
         color_jitter_strength=0.5,
@@ -50,7 +51,7 @@ def _first(ds):
 
 
 def test_load_split_returns_process_slice(mock_cifar10):
-    ds, num_examples, info = input_pipeline.load_split("cifar10", "train", mock_cifar10)
+    ds, num_examples, info = sources.load_split("cifar10", "train", mock_cifar10)
     assert num_examples == NUM_EXAMPLES
     assert info.features["label"].num_classes == 10
     assert len(list(ds)) == NUM_EXAMPLES
@@ -94,12 +95,12 @@ def test_eval_dataset_keeps_partial_batch(mock_cifar10):
 
 def test_unknown_dataset_raises():
     with pytest.raises(ValueError, match="unknown TFDS dataset 'no_such_dataset'"):
-        input_pipeline.load_split("no_such_dataset", "train", None)
+        sources.load_split("no_such_dataset", "train", None)
 
 
 def test_unknown_version_raises():
     with pytest.raises(ValueError, match="cannot open TFDS dataset 'cifar10:9.9.9'"):
-        input_pipeline.load_split("cifar10:9.9.9", "train", None)
+        sources.load_split("cifar10:9.9.9", "train", None)
 
 
 def test_unprepared_data_dir_raises(tmp_path):
@@ -117,16 +118,18 @@ def test_unknown_split_raises(mock_cifar10):
         input_pipeline.eval_dataset(_config(), "validation", batch_size=4)
 
 
-@pytest.mark.parametrize("field,value", [("image_size", 0), ("shuffle_buffer_size", -1)])
-def test_bad_config_raises(field, value):
-    with pytest.raises(ValueError, match=f"config.{field} must be a positive int"):
-        input_pipeline.pretrain_dataset(_config(**{field: value}),
-                                        per_process_batch_size=4, seed=0)
+@pytest.mark.parametrize("batch_size", [0, -1, 2.0, True])
+def test_bad_batch_size_raises(batch_size):
+    # Config fields are checked by config_validation; batch sizes are arguments.
+    with pytest.raises(ValueError, match="per_process_batch_size must be a positive int"):
+        input_pipeline.pretrain_dataset(_config(), per_process_batch_size=batch_size, seed=0)
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        input_pipeline.eval_dataset(_config(), "test", batch_size=batch_size)
 
 
 @pytest.mark.slow
 def test_real_cifar10_pretrain_batches(real_data_dir):
-    _, num_examples, info = input_pipeline.load_split("cifar10", "train[:10%]", real_data_dir)
+    _, num_examples, info = sources.load_split("cifar10", "train[:10%]", real_data_dir)
     assert num_examples == 5000 and info.features["image"].shape == (32, 32, 3)
     config = _config(data_dir=real_data_dir, image_size=32, shuffle_buffer_size=256,
                      cache_dataset=False)

@@ -1,4 +1,5 @@
-"""Tests for simclr_jax.optim: LARS against a numpy hand computation, schedules."""
+"""Tests for simclr_jax.pretraining.optim: LARS against a numpy hand computation
+(on toy trees and on the real SimCLR parameter tree), schedules."""
 import math
 
 import jax
@@ -7,7 +8,9 @@ import numpy as np
 import optax
 import pytest
 
+from simclr_jax import models, sharding
 from simclr_jax.pretraining import optim
+from simclr_jax.pretraining import step as train
 
 SHAPES = {
     "conv": {"kernel": (3, 3, 2, 4)},
@@ -85,6 +88,68 @@ def test_adapt_mask_rule():
     mask = optim.adapt_mask(_random_tree(0))
     assert mask == {"conv": {"kernel": True}, "bn": {"scale": False, "bias": False},
                     "dense": {"kernel": True, "bias": False}}
+
+
+@pytest.fixture(scope="module")
+def real_state():
+    """The real train state of a ResNet-18 x1/16 (CIFAR stem, 2-layer head) with
+    the online probe, under LARS for the model and Adam for the probe."""
+    config = ml_collections.ConfigDict(dict(depth=18, width_multiplier=1 / 16, cifar_stem=True,
+                                            head_layers=2, proj_dim=16))
+    tx = train.with_probe_optimizer(optim.lars(0.3, weight_decay=0.1), 1e-3)
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    state = train.create_train_state(models.model_from_config(config), tx, image_size=16, seed=0,
+                                     mesh=mesh, num_classes=10)
+    return tx, jax.device_get(state)
+
+
+def _leaves_by_path(tree):
+    return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def test_adapt_mask_on_the_real_tree_selects_the_kernels(real_state):
+    params = train.model_params(real_state[1].params)
+    leaves = _leaves_by_path(params)
+    adapted = {path for path, on in _leaves_by_path(optim.adapt_mask(params)).items() if on}
+    kernels = {path for path, leaf in leaves.items() if path.endswith("['kernel']") and leaf.ndim > 1}
+    assert adapted == kernels
+    # From the architecture: a stem conv, 8 blocks of 2 convs, 3 projection
+    # shortcuts (stages 2-4) = 20 conv kernels, and the head's 2 dense kernels.
+    assert sum(leaves[p].ndim == 4 for p in adapted) == 20
+    assert sum(leaves[p].ndim == 2 for p in adapted) == 2
+    # Every other leaf is a BatchNorm scale or bias: one BN per conv or dense
+    # layer (22), each with a scale, and all but the head's last with a bias.
+    excluded = set(leaves) - adapted
+    assert all("bn" in p and p.endswith(("['scale']", "['bias']")) for p in excluded)
+    assert len(excluded) == 22 + 21
+
+
+def test_one_lars_step_on_the_real_tree(real_state):
+    """Kernels get lr * trust * (g + wd w); BN scales and biases plain -lr * g;
+    the probe Adam's first step, -lr * g / |g|. Random parameters (same tree):
+    at init every BN bias is 0, which would hide weight decay and trust ratio."""
+    tx, state = real_state
+    lr, wd, eta = 0.3, 0.1, 1e-3
+    params = _random_like(state.params, seed=0)
+    grads = _random_like(state.params, seed=1)
+    updates, _ = tx.update(grads, state.opt_state, params)
+
+    flat_w, flat_g, flat_u = (_leaves_by_path(t) for t in (params, grads, updates))
+    for path, u in flat_u.items():
+        w, g = np.asarray(flat_w[path], np.float64), np.asarray(flat_g[path], np.float64)
+        if path.startswith(f"['{train.PROBE}']"):
+            want = -1e-3 * g / (np.abs(g) + 1e-8)
+        elif path.endswith("['kernel']"):
+            decayed = g + wd * w
+            want = -lr * eta * np.linalg.norm(w) / np.linalg.norm(decayed) * decayed
+        else:
+            want = -lr * g
+        np.testing.assert_allclose(u, want, rtol=1e-5, atol=1e-8, err_msg=path)
+
+
+def _random_like(tree, seed):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), tree)
 
 
 @pytest.mark.parametrize("scaling,peak", [

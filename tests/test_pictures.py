@@ -113,7 +113,7 @@ def test_pretraining_and_knn_evaluation_write_pictures(real_data_dir, tmp_path):
     from tests.test_evaluate import _model_config
 
     pretrain_dir = str(tmp_path / "pretrain")
-    train.train_and_evaluate(_tiny_config(real_data_dir, num_train_steps=2, knn_monitor=False), pretrain_dir)
+    pretrain(_tiny_config(real_data_dir, num_train_steps=2, knn_monitor=False), pretrain_dir)
     grid = matplotlib.image.imread(os.path.join(pretrain_dir, "augmentations.png"))
     assert grid.ndim == 3 and grid.shape[1] > 8 * pictures.TILE
     # No scalar record for the picture; the TensorBoard event file holds it.

@@ -10,9 +10,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from simclr_jax import checkpoint, train, writers
+from simclr_jax import checkpoint, writers
+from simclr_jax.pretraining import train
 from tests.launch import main_args, start, wait
-from tests.test_pretrain import _tiny_config
+from tests.test_pretrain import _tiny_config, pretrain
 
 pytestmark = pytest.mark.slow
 
@@ -110,7 +111,7 @@ def test_nonfinite_step_stops_with_step_and_last_good_checkpoint(real_data_dir, 
     _inject_nan_at(monkeypatch, 3)
     config = _tiny_config(real_data_dir, num_train_steps=6, knn_monitor=False)
     with pytest.raises(FloatingPointError, match=r"step 3 .*last good checkpoint is step 2"):
-        train.train_and_evaluate(config, str(tmp_path))
+        pretrain(config, str(tmp_path))
     manager = checkpoint.create_manager(str(tmp_path), save_every_steps=2, max_to_keep=3, read_only=True)
     assert manager.all_steps() == [2]
     state = _saved_state(str(tmp_path), 2)
@@ -120,10 +121,67 @@ def test_nonfinite_step_stops_with_step_and_last_good_checkpoint(real_data_dir, 
 def test_nonfinite_step_is_skipped_when_asked(real_data_dir, tmp_path, monkeypatch):
     _inject_nan_at(monkeypatch, 3)
     config = _tiny_config(real_data_dir, num_train_steps=6, knn_monitor=False, nonfinite_policy="skip")
-    state = jax.device_get(train.train_and_evaluate(config, str(tmp_path)))
+    state = jax.device_get(pretrain(config, str(tmp_path)))
     assert int(state.step) == 6
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state.params))
     records = writers.read_jsonl(os.path.join(str(tmp_path), "metrics.jsonl"))
     losses = {r["step"]: r for r in records if "loss" in r}
     assert np.isnan(losses[3]["loss"]) and losses[3]["skipped_updates"] == 1
     assert all(np.isfinite(losses[s]["loss"]) for s in (1, 2, 4, 5, 6))
+
+
+class _OutOfMemoryMonitor:
+    name = "knn"
+    runs = 0
+
+    def run(self, variables):
+        type(self).runs += 1
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory while scoring the bank")
+
+
+def test_a_failing_monitor_never_costs_the_checkpoint(real_data_dir, tmp_path):
+    """The end-of-run monitor runs after the final save is on disk: its crash
+    loses no training, and running the command again does not hit it again."""
+    config = _tiny_config(real_data_dir, num_train_steps=4, checkpoint_every_steps=1000)
+    failing = lambda config, model, mesh: [_OutOfMemoryMonitor()]
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train.train_and_evaluate(config, str(tmp_path), make_evaluators=failing)
+    assert _OutOfMemoryMonitor.runs == 1
+    manager = checkpoint.create_manager(str(tmp_path), save_every_steps=1000, max_to_keep=3, read_only=True)
+    assert manager.all_steps() == [4]
+    assert int(_saved_state(str(tmp_path), 4)["step"]) == 4
+    state = train.train_and_evaluate(config, str(tmp_path), make_evaluators=failing)  # the resume
+    assert int(state.step) == 4 and _OutOfMemoryMonitor.runs == 1
+
+
+def test_periodic_checkpoints_hold_exactly_the_state_of_their_step(real_data_dir, tmp_path, monkeypatch):
+    """The step donates its input state; a checkpoint started from that state must
+    still hold the step's values, not those of a later step that reused the buffers."""
+    after_step = {}
+    make_step = train.make_train_step
+
+    def recording(*args, **kwargs):
+        step_fn = make_step(*args, **kwargs)
+
+        def step(state, batch):
+            state, metrics = step_fn(state, batch)
+            after_step[int(state.step)] = jax.device_get(state)
+            return state, metrics
+        return step
+
+    monkeypatch.setattr(train, "make_train_step", recording)
+    config = _tiny_config(real_data_dir, num_train_steps=5, checkpoint_every_steps=2, knn_monitor=False)
+    pretrain(config, str(tmp_path))
+    for step in (2, 4, 5):
+        saved = _saved_state(str(tmp_path), step)
+        want = jax.tree.map(np.asarray, {"step": after_step[step].step, "params": after_step[step].params,
+                                         "batch_stats": after_step[step].batch_stats,
+                                         "opt_state": after_step[step].opt_state})
+        # Restored without a target, Orbax returns the optimiser's named tuples as
+        # plain containers: compare the leaves, which keep their order.
+        saved_leaves, want_leaves = jax.tree.leaves(saved), jax.tree.leaves(want)
+        assert len(saved_leaves) == len(want_leaves)
+        for got, expected in zip(saved_leaves, want_leaves):
+            np.testing.assert_array_equal(got, expected)
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after_step[2].params),
+                                                         jax.tree.leaves(after_step[4].params)))

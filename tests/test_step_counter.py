@@ -19,7 +19,7 @@ GLOBAL_BATCH = 16
 NUM_CLASSES = 10
 NAN_STEP = 2
 NUM_STEPS = 6
-# Warm-up over steps 0-1, cosine over 2-5: lr(2) = peak, lr(3) = 0.85 peak, lr(5) = 0.
+# Warm-up over steps 0-1, cosine over 2-5: lr = 0, peak/2, peak, 3/4 peak, peak/4, 0.
 SCHEDULE = optim.learning_rate_schedule(1.0, GLOBAL_BATCH, "linear", warmup_steps=2, total_steps=5)
 WEIGHT_DECAY = 1e-4
 PROBE_LR = 1e-3

@@ -11,15 +11,17 @@ from simclr_jax.pretraining.losses import nt_xent
 
 IMAGE_SIZE = 16
 GLOBAL_BATCH = 16
+# Peak 8 * 16 / 256 = 0.5 at step 0, then cosine to 0 at step 4: 0.5 * cos^2(pi * step / 8).
+SCHEDULE = optim.learning_rate_schedule(8.0, GLOBAL_BATCH, "linear", warmup_steps=0, total_steps=4)
 
 
 def _setup(num_devices, bn_axis_name=sharding.DATA_AXIS):
     mesh = sharding.make_mesh(jax.devices()[:num_devices])
     model = models.SimCLR(depth=18, width_multiplier=1 / 16, cifar_stem=True, proj_dim=16,
                           axis_name=bn_axis_name)
-    tx = optim.lars(learning_rate=0.5, weight_decay=1e-4)
+    tx = optim.lars(learning_rate=SCHEDULE, weight_decay=1e-4)
     state = train.create_train_state(model, tx, IMAGE_SIZE, seed=0, mesh=mesh)
-    step = train.make_train_step(model, tx, lambda s: 0.5, temperature=0.5, mesh=mesh)
+    step = train.make_train_step(model, tx, SCHEDULE, temperature=0.5, mesh=mesh)
     return mesh, state, step
 
 
@@ -96,12 +98,17 @@ def test_control_per_device_batchnorm_is_caught(one_device_run):
 
 
 def test_metrics_are_global_and_sane(eight_device_run):
-    metrics = eight_device_run[2][0][0]
+    history = eight_device_run[2]
+    metrics = history[0][0]
     assert set(metrics) >= {"loss", "contrastive_acc", "contrastive_entropy", "learning_rate"}
     assert 0.0 <= float(metrics["contrastive_acc"]) <= 1.0
     # The entropy of a softmax over 2N - 1 candidates is at most log(2N - 1).
     assert 0.0 < float(metrics["contrastive_entropy"]) <= np.log(2 * GLOBAL_BATCH - 1) + 1e-5
-    assert float(metrics["learning_rate"]) == 0.5
+    # Each step logs the schedule at its own index (that it is also the applied
+    # one, skipped steps included, is tested in test_step_counter.py).
+    logged = [float(m["learning_rate"]) for m, _, _ in history]
+    np.testing.assert_allclose(logged, [0.5 * np.cos(np.pi * i / 8) ** 2 for i in range(len(history))],
+                               rtol=1e-6)
 
 
 def test_online_probe_learns_without_touching_the_encoder_gradient():

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from simclr_jax.data import input_pipeline
+from simclr_jax.data import sources
 from simclr_jax.evaluation.features import FeatureExtractor, SplitFeatures
 from simclr_jax.evaluation.metrics import check_labels, topk_accuracy
 
@@ -107,7 +107,8 @@ class CachedLinearEvaluator:
 
     def __init__(self, model, config, mesh, head_layer: int = 0):
         self.features = FeatureExtractor(model, config, mesh, head_layer)
-        self.num_classes = input_pipeline.num_classes(config)
+        self.num_classes = sources.num_classes(config.dataset, config.train_split, config.data_dir,
+                                               download=config.download)
         self.settings, self.seed = config.linear, config.seed
 
     def score(self, features: SplitFeatures) -> dict[str, float]:

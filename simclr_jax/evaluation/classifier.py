@@ -32,7 +32,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from simclr_jax import sharding
-from simclr_jax.data import input_pipeline
+from simclr_jax.data import input_pipeline, sources
 from simclr_jax.evaluation.metrics import topk_accuracy
 from simclr_jax.models import SimCLR
 
@@ -160,10 +160,14 @@ class ClassifierExperiment:
         self.config, self.mesh, self.model, self.freeze_encoder = config, mesh, model, freeze_encoder
         self.settings = config.linear if freeze_encoder else config.finetune
         self.head_layer = config.head_layer
-        self.num_classes = input_pipeline.num_classes(config)
-        self.dataset, self.split, self.indices = self._training_examples()
-        self.examples, self.num_train = input_pipeline.labelled_examples(config, self.dataset, self.split,
-                                                                         self.indices, self.num_classes)
+        self.num_classes = sources.num_classes(config.dataset, config.test_split, config.data_dir,
+                                               download=config.download)
+        self.dataset, self.split, indices = self._training_examples()
+        self.examples, self.num_train, info = input_pipeline.labelled_examples(config, self.dataset, self.split,
+                                                                               indices)
+        if sources.label_classes(info) != self.num_classes:
+            raise ValueError(f"{self.dataset} has {sources.label_classes(info)} classes but {config.dataset} has "
+                             f"{self.num_classes}; they must share one label set")
         if self.settings.batch_size > self.num_train:
             raise ValueError(f"config.{self.name.replace('linear_eval', 'linear')}.batch_size="
                              f"{self.settings.batch_size} exceeds the {self.num_train} labelled training "

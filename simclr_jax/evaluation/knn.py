@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from simclr_jax.data import input_pipeline
+from simclr_jax.data import sources
 from simclr_jax.evaluation.features import FeatureExtractor, SplitFeatures
 from simclr_jax.evaluation.metrics import check_labels, topk_accuracy
 from simclr_jax.pretraining.losses import l2_normalize
@@ -78,7 +78,8 @@ class KnnEvaluator:
 
     def __init__(self, model, config, mesh, head_layer: int = 0):
         self.features = FeatureExtractor(model, config, mesh, head_layer)
-        self.num_classes = input_pipeline.num_classes(config)
+        self.num_classes = sources.num_classes(config.dataset, config.train_split, config.data_dir,
+                                               download=config.download)
         self.k, self.temperature = config.knn.k, config.knn.temperature
 
     def score(self, features: SplitFeatures) -> dict[str, float]:

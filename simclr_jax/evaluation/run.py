@@ -17,6 +17,7 @@ import ml_collections
 from absl import logging
 
 from simclr_jax import config_validation, pictures, sharding, writers
+from simclr_jax.data import sources
 from simclr_jax.evaluation import encoder as encoder_lib
 from simclr_jax.evaluation.cached_linear import CachedLinearEvaluator
 from simclr_jax.evaluation.classifier import ClassifierExperiment
@@ -35,15 +36,10 @@ def build_evaluator(config: ml_collections.ConfigDict, model, mesh):
 def pretraining_evaluators(config: ml_collections.ConfigDict, model, mesh) -> list:
     """The monitors pretraining runs every ``eval_every_epochs``: the kNN
     evaluator on h when ``config.knn_monitor`` is on and the data has labels."""
-    if not config.knn_monitor or not _has_labels(config):
+    if not config.knn_monitor:
         return []
-    return [KnnEvaluator(model, config, mesh)]
-
-
-def _has_labels(config) -> bool:
-    from simclr_jax.data import input_pipeline  # noqa: the data layer's label metadata
-
-    return input_pipeline.label_count(config) > 0
+    _, _, info = sources.load_split(config.dataset, config.train_split, config.data_dir, download=config.download)
+    return [KnnEvaluator(model, config, mesh)] if sources.label_classes(info) else []
 
 
 def append_result(workdir: str, record: dict[str, Any]) -> None:

@@ -35,11 +35,11 @@ from jax import lax
 _MASKED_LOGIT = -1e9
 
 # 'auto' switches to the blockwise form when the global candidate count 2N
-# exceeds this. Up to it the naive form needs at most ~0.8 GB (at 2N = 8192,
-# one device) and every recipe here keeps its exact naive numbers (ImageNet's
-# batch 4096 is 2N = 8192); past it the naive peak grows 4x per doubling
-# (3.3 GB at 16384, 13 GB at 32768) while the blockwise one grows 2x (0.2 GB,
-# 0.4 GB) and runs no slower on CPU (benchmarks/loss.py).
+# exceeds this. Up to it every recipe here keeps its exact naive numbers
+# (ImageNet's batch 4096 is 2N = 8192); past it the naive form's peak memory
+# grows 4x per doubling of the batch and the blockwise one's 2x. The measured
+# times and peaks are in the README ("NT-Xent memory"); benchmarks/loss.py
+# re-measures them on any machine, so they are not copied here to go stale.
 BLOCKWISE_MIN_COLUMNS = 8192
 
 # Candidate columns per block of the blockwise form: large enough that each
@@ -182,8 +182,8 @@ def _candidate_blocks(candidates: jax.Array, block_size: int) -> jax.Array:
     """[2N, d] -> [num_blocks, d, block_size], zero-padded (padding is masked).
 
     Blocks are stored transposed, [d, block]: both matmuls that read them then
-    contract over a leading dimension, which XLA:CPU ran ~15% faster than
-    [block, d] in benchmarks/loss.py (no difference expected on GPU/TPU).
+    contract over a leading dimension, which XLA:CPU ran faster than [block, d]
+    (measure with benchmarks/loss.py; no difference expected on GPU/TPU).
     """
     num_columns, dim = candidates.shape
     num_blocks = -(-num_columns // block_size)

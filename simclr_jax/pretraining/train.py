@@ -19,7 +19,7 @@ from clu import periodic_actions
 from jax.sharding import Mesh
 
 from simclr_jax import checkpoint, config_validation, models, pictures, preemption, sharding, writers
-from simclr_jax.data import input_pipeline
+from simclr_jax.data import input_pipeline, sources
 from simclr_jax.pretraining import optim, progress
 from simclr_jax.pretraining.step import (TrainState, create_train_state, make_train_step, model_params,
                                          with_probe_optimizer)
@@ -46,7 +46,8 @@ def _setup(config, workdir: str, mesh: Mesh):
     """Everything the loop needs that can fail on bad data or a bad workdir,
     before anything compiles: (state, model, tx, schedule, manager, steps per epoch,
     total steps, probe classes)."""
-    num_examples = input_pipeline.split_size(config, config.train_split)
+    _, num_examples, info = sources.load_split(config.dataset, config.train_split, config.data_dir,
+                                               download=config.download)
     steps_per_epoch = num_examples // config.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size={config.batch_size} is larger than the {num_examples} examples of "
@@ -54,7 +55,7 @@ def _setup(config, workdir: str, mesh: Mesh):
     tx, learning_rate = optim.create_optimizer(config, steps_per_epoch)
     model = models.model_from_config(config.model, axis_name=sharding.DATA_AXIS, dtype=jnp.dtype(config.dtype))
     # Labels, when the dataset has them, feed the online probe.
-    probe_classes = input_pipeline.label_count(config) if config.online_probe else 0
+    probe_classes = sources.label_classes(info) if config.online_probe else 0
     if probe_classes:
         tx = with_probe_optimizer(tx, config.probe_learning_rate)
     state = create_train_state(model, tx, config.image_size, config.seed, mesh, probe_classes)

@@ -1,0 +1,231 @@
+"""Where examples come from: TFDS splits (downloaded on request), labelled
+image folders, unlabelled image files, and their label metadata.
+
+Everything here opens a source and returns (tf.data of decoded examples,
+examples in the whole split, info); the pipelines in ``input_pipeline``
+batch and augment them. Each process reads its own slice of a split unless
+told otherwise.
+"""
+import dataclasses
+import os
+from concurrent import futures
+
+import jax
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import logging
+
+from simclr_jax.data import preparation
+
+AUTOTUNE = tf.data.AUTOTUNE
+FOLDER_PREFIX = "folder:"  # config.dataset = 'folder:ROOT' reads a labelled image folder
+IMAGES_PREFIX = "images:"  # config.dataset = 'images:ROOT' reads every image under ROOT, unlabelled
+
+
+def load_split(dataset, split, data_dir, *, download=False, shuffle_files=False, seed=None,
+               autocache=True, decoders=None, process_slice=True):
+    """Opens this process's slice of a TFDS split.
+
+    Returns (dataset of decoded examples, examples in the whole split, DatasetInfo).
+    Bad names, unprepared data and unknown splits each raise one ValueError
+    before any data is read. ``data_dir=None`` lets TFDS resolve the folder
+    (it honours TFDS_DATA_DIR). An unprepared dataset is downloaded and
+    prepared there if ``download`` (``config.download``), else the error says
+    how to prepare it elsewhere (see ``preparation.prepare``). ``autocache=False``
+    is for callers that cache themselves, so the data is not held twice.
+    ``decoders`` go to TFDS (e.g. SkipDecoding to read labels only);
+    ``process_slice=False`` opens the whole split on every process.
+    ``dataset='folder:ROOT'`` reads a labelled image folder (see
+    ``load_folder_split``), ``dataset='images:ROOT'`` every image under ROOT
+    without labels (see ``load_image_files``; ``split`` is ignored).
+    """
+    if dataset.startswith(IMAGES_PREFIX):
+        return load_image_files(dataset[len(IMAGES_PREFIX):], shuffle_files=shuffle_files, seed=seed,
+                                decoders=decoders, process_slice=process_slice)
+    if dataset.startswith(FOLDER_PREFIX):
+        return load_folder_split(dataset[len(FOLDER_PREFIX):], split, decoders=decoders,
+                                 process_slice=process_slice)
+    try:
+        builder = tfds.builder(dataset, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ValueError(f"unknown TFDS dataset {dataset!r}") from None
+    except (AssertionError, ValueError) as e:  # e.g. a bad version or config
+        raise ValueError(f"cannot open TFDS dataset {dataset!r}: {e}") from None
+    if not builder.is_prepared():
+        preparation.prepare(builder, dataset, data_dir, download=download)
+    splits = builder.info.splits
+    try:
+        splits[split]
+    except (KeyError, ValueError):
+        raise ValueError(
+            f"unknown or malformed split {split!r} for TFDS dataset {dataset!r}; available "
+            f"splits: {sorted(splits.keys())} (slices like 'train[:10%]' work)"
+        ) from None
+    num_examples = splits[split].num_examples
+    process_split = tfds.split_for_jax_process(split) if process_slice else split
+    read_config = tfds.ReadConfig(shuffle_seed=seed, try_autocache=autocache)
+    ds = builder.as_dataset(split=process_split, shuffle_files=shuffle_files,
+                            read_config=read_config, decoders=decoders)
+    return ds, num_examples, builder.info
+
+
+# ------------------------------------------------------------ label metadata
+
+
+def label_classes(info) -> int:
+    """Number of classes of a dataset's 'label' feature; 0 if it has none."""
+    label = info.features["label"] if "label" in info.features else None
+    return int(getattr(label, "num_classes", 0) or 0)
+
+
+def num_classes(dataset, split, data_dir, *, download=False) -> int:
+    """Classes of ``dataset``'s labels; a ValueError naming it if it has none
+    (an unlabelled 'images:ROOT' folder), so a supervised protocol stops
+    before loading a model."""
+    _, _, info = load_split(dataset, split, data_dir, download=download)
+    classes = label_classes(info)
+    if not classes:
+        raise ValueError(
+            f"dataset {dataset!r} has no 'label' class feature, which evaluation and supervised "
+            "training need; choose a labelled dataset (a TFDS dataset or folder:ROOT with "
+            "ROOT/<split>/<class_name>/ images).")
+    return classes
+
+
+def class_names(dataset, split, data_dir, *, download=False) -> list:
+    """The dataset's class names (TFDS ``info.features['label'].names``), or []."""
+    _, _, info = load_split(dataset, split, data_dir, download=download)
+    label = info.features["label"] if "label" in info.features else None
+    return list(getattr(label, "names", None) or [])
+
+
+# ------------------------------------------------------------ image folders
+
+
+def load_folder_split(root, split, *, decoders=None, process_slice=True):
+    """``load_split`` for ``root/<split>/<class_name>/*.jpg|jpeg|png``.
+
+    TFDS's ImageFolder lists the files (labels are the sorted class folder
+    names over all splits, so train and test agree) and decodes every image
+    to 3 channels: grayscale is replicated, an alpha channel dropped. It
+    knows whole splits only, so a process takes every process_count-th file.
+    Its file order is a fixed shuffle; ``shuffle_files`` is not needed since
+    the training pipelines shuffle themselves.
+    """
+    root = os.path.expanduser(root)
+    if not tf.io.gfile.isdir(root):  # gfile: gs:// roots work too
+        raise ValueError(
+            f"image folder {root!r} (config.dataset='folder:{root}') does not exist; expected "
+            "ROOT/<split>/<class_name>/*.jpg|png, e.g. ROOT/train/cat/001.jpg")
+    builder = tfds.ImageFolder(root)
+    splits = sorted(builder.info.splits.keys())
+    if split not in splits:
+        raise ValueError(
+            f"unknown split {split!r} for image folder {root!r}: its splits (sub-folders holding "
+            f"class folders of .jpg/.png files) are {splits}; slices like 'train[:10%]' are not "
+            "supported for folders")
+    ds = builder.as_dataset(split=split, decoders=decoders)
+    num_examples = builder.info.splits[split].num_examples
+    if process_slice and jax.process_count() > 1:
+        ds = ds.shard(jax.process_count(), jax.process_index())
+    return ds, num_examples, builder.info
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # any case
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG")  # JPEG, PNG
+_CHECKED = {}  # (root, listing) -> (paths, skipped) of the last few folders checked
+
+
+@dataclasses.dataclass(frozen=True)
+class UnlabelledInfo:
+    """What ``load_image_files`` returns in place of a TFDS DatasetInfo.
+
+    ``features`` has no 'label', so ``label_classes`` is 0 and the online
+    probe and kNN monitor stay off. ``skipped`` lists the files with an
+    image extension that were not a readable JPEG or PNG.
+    """
+    root: str
+    num_examples: int
+    skipped: tuple = ()
+    features: dict = dataclasses.field(default_factory=dict)
+
+
+def _file_head(path):
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            return f.read(len(_SIGNATURES[0]) + 1)
+    except (OSError, tf.errors.OpError):
+        return b""  # unreadable: skipped like a corrupt file
+
+
+def list_image_files(root):
+    """(sorted image paths under ``root`` at any depth, sorted skipped paths).
+
+    A path is kept when its extension is in IMAGE_EXTENSIONS and its first
+    bytes are a JPEG or PNG signature; those that are not (corrupt,
+    unreadable, mis-named) are skipped with one warning; the check is
+    remembered for an unchanged listing. Raises ValueError for a missing
+    folder or one holding no images.
+    """
+    root = os.path.expanduser(root)
+    if not tf.io.gfile.isdir(root):  # gfile: gs:// roots work too
+        raise ValueError(f"image folder {root!r} (config.dataset='{IMAGES_PREFIX}{root}') does not exist")
+    candidates = sorted(
+        os.path.join(folder, name)
+        for folder, _, names in tf.io.gfile.walk(root)
+        for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
+    key = (root, len(candidates), hash(tuple(candidates)))
+    if key not in _CHECKED:  # training lists the folder twice: check and warn once
+        with futures.ThreadPoolExecutor(32) as pool:  # many small reads: threads help on remote storage
+            heads = list(pool.map(_file_head, candidates))
+        paths = [p for p, head in zip(candidates, heads) if head.startswith(_SIGNATURES)]
+        skipped = [p for p, head in zip(candidates, heads) if not head.startswith(_SIGNATURES)]
+        if skipped:
+            logging.warning("Skipping %d of %d image files under %s that are not readable JPEG or PNG "
+                            "files, e.g. %s", len(skipped), len(candidates), root, skipped[:3])
+        if len(_CHECKED) >= 4:
+            _CHECKED.clear()
+        _CHECKED[key] = (paths, skipped)
+    paths, skipped = _CHECKED[key]
+    if not paths:
+        raise ValueError(
+            f"no images in {root!r} (config.dataset='{IMAGES_PREFIX}{root}'): looked for "
+            f"{'/'.join(IMAGE_EXTENSIONS)} files (any case) at any depth and found "
+            f"{len(candidates)} with those extensions, {len(skipped)} of them not JPEG or PNG")
+    return paths, skipped
+
+
+def load_image_files(root, *, shuffle_files=False, seed=None, decoders=None, process_slice=True):
+    """``load_split`` for every JPEG/PNG under ``root``, at any depth, without labels.
+
+    Yields {'image': uint8 [H, W, 3], 'label': int32 -1}: grayscale is
+    replicated to 3 channels, an alpha channel dropped, any size. The files
+    are sorted and a process takes every process_count-th one; with
+    ``shuffle_files`` their order is reshuffled each pass, following
+    ``seed``. Files that fail the signature check are skipped up front (see
+    ``list_image_files``); files that pass it but still fail to decode
+    (truncated) are dropped by ``ignore_errors`` and TF logs each. With
+    ``decoders={'image': tfds.decode.SkipDecoding()}`` images stay encoded,
+    and the caller decodes them and should ``ignore_errors`` after that.
+    Returns (dataset, number of listed images, UnlabelledInfo).
+    """
+    root = os.path.expanduser(root)
+    paths, skipped = list_image_files(root)
+    info = UnlabelledInfo(root=root, num_examples=len(paths), skipped=tuple(skipped))
+    mine = paths[jax.process_index()::jax.process_count()] if process_slice else paths
+    ds = tf.data.Dataset.from_tensor_slices(tf.constant(mine, tf.string))
+    if shuffle_files:
+        ds = ds.shuffle(max(len(mine), 1), seed=seed, reshuffle_each_iteration=True)
+    skip_decoding = isinstance((decoders or {}).get("image"), tfds.decode.SkipDecoding)
+
+    def example(path):
+        image = tf.io.read_file(path)
+        if not skip_decoding:
+            image = tf.io.decode_image(image, channels=3, expand_animations=False)
+            image = tf.ensure_shape(image, [None, None, 3])
+        return {"image": image, "label": tf.constant(-1, tf.int32)}
+
+    ds = ds.map(example, num_parallel_calls=AUTOTUNE)
+    if not skip_decoding:
+        ds = ds.ignore_errors(log_warning=True)
+    return ds, len(paths), info
