@@ -1,4 +1,6 @@
-"""Evaluation from checkpoints: restore across device counts, protocols, errors."""
+"""Evaluation from a pretraining workdir: restore across device counts, the
+architecture read from config.json, the random-init baseline, errors, and the
+protocols end to end on real data."""
 import json
 import os
 
@@ -6,25 +8,34 @@ import jax
 import numpy as np
 import pytest
 
+from configs import cached_linear as cached_linear_config
 from configs import knn as knn_config
 from configs import smoke
-from simclr_jax import checkpoint, evaluate, models, optim, sharding, step, train
+from simclr_jax import checkpoint, models, sharding
+from simclr_jax.data import input_pipeline, sources
+from simclr_jax.evaluation import encoder as encoder_lib
+from simclr_jax.evaluation import knn, run
+from simclr_jax.evaluation.features import feature_function
+from simclr_jax.pretraining import optim, step
 
 IMAGE_SIZE = 16
 
 
-def _model_config():
-    config = smoke.get_config().model
-    config.width_multiplier = 1 / 16
+def _pretrain_config():
+    config = smoke.get_config()
+    config.image_size = IMAGE_SIZE
+    config.model.width_multiplier = 1 / 16
     return config
 
 
 @pytest.fixture(scope="module")
-def eight_device_checkpoint(tmp_path_factory):
-    """A workdir whose checkpoint was written from an 8-device mesh after one step."""
+def eight_device_workdir(tmp_path_factory):
+    """A workdir (config.json + checkpoint) written from an 8-device mesh after one step."""
     workdir = str(tmp_path_factory.mktemp("pretrain8"))
+    config = _pretrain_config()
+    checkpoint.write_run_config(workdir, config)
     mesh = sharding.make_mesh(jax.devices()[:8])
-    model = models.model_from_config(_model_config(), axis_name=sharding.DATA_AXIS)
+    model = models.model_from_config(config.model, axis_name=sharding.DATA_AXIS)
     tx = optim.lars(0.5, 1e-4)
     state = step.create_train_state(model, tx, IMAGE_SIZE, seed=0, mesh=mesh)
     train_step = step.make_train_step(model, tx, lambda s: 0.5, 0.5, mesh)
@@ -37,86 +48,122 @@ def eight_device_checkpoint(tmp_path_factory):
     return workdir, jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
 
 
-def test_eight_device_checkpoint_restores_on_one_device_with_same_features(eight_device_checkpoint):
-    workdir, saved = eight_device_checkpoint
-    model = models.model_from_config(_model_config())
+def test_eight_device_checkpoint_restores_on_one_device_with_same_features(eight_device_workdir):
+    workdir, saved = eight_device_workdir
     one = sharding.make_mesh(jax.devices()[:1])
-    variables, restored_step = evaluate.encoder_variables(model, IMAGE_SIZE, workdir, mesh=one)
-    assert restored_step == 1
-    assert all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(variables))
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(variables), saved)
+    encoder = encoder_lib.load_encoder(workdir, mesh=one)
+    assert encoder.step == 1 and encoder.image_size == IMAGE_SIZE
+    assert encoder.model_config.width_multiplier == 1 / 16  # from config.json, no flags
+    assert all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(encoder.variables))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(encoder.variables), saved)
 
     images = np.random.default_rng(1).uniform(size=(8, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
     for head_layer in (0, 1, 2):
-        features = evaluate.make_feature_fn(model, head_layer)
-        want = features(saved, images)
-        got = features(variables, images)
-        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+        features = feature_function(encoder.model, head_layer)
+        np.testing.assert_allclose(features(encoder.variables, images), features(saved, images), rtol=1e-6,
+                                   atol=1e-6)
     assert features(saved, images).shape == (8, 128)  # the last head layer: z
     # And the 1-device restore evaluates on 8 devices again, batch split over the mesh.
     eight = sharding.make_mesh(jax.devices()[:8])
-    variables8, _ = evaluate.encoder_variables(model, IMAGE_SIZE, workdir, mesh=eight)
-    h = evaluate.make_feature_fn(model, 0)
-    np.testing.assert_allclose(h(variables8, sharding.put_batch(images, eight)), h(saved, images),
+    encoder8 = encoder_lib.load_encoder(workdir, mesh=eight)
+    h = feature_function(encoder8.model, 0)
+    np.testing.assert_allclose(h(encoder8.variables, sharding.put_batch(images, eight)), h(saved, images),
                                rtol=1e-5, atol=1e-6)
 
 
-def test_random_baseline_differs_from_checkpoint(eight_device_checkpoint):
-    workdir, saved = eight_device_checkpoint
-    model = models.model_from_config(_model_config())
-    mesh = sharding.make_mesh(jax.devices()[:1])
-    random_vars, random_step = evaluate.encoder_variables(model, IMAGE_SIZE, "random", mesh=mesh)
-    assert random_step == 0
-    diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))), random_vars["params"],
+def test_random_init_baseline_has_the_architecture_and_not_the_weights(eight_device_workdir, tmp_path):
+    workdir, saved = eight_device_workdir
+    baseline = encoder_lib.load_encoder(workdir, random_init_seed=0)
+    assert baseline.step == 0
+    assert jax.tree.structure(baseline.variables) == jax.tree.structure(saved)
+    diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))), baseline.variables["params"],
                          saved["params"])
     assert max(jax.tree.leaves(diffs)) > 1e-4
+    # It needs only config.json: no checkpoint is read.
+    checkpoint.write_run_config(str(tmp_path), _pretrain_config())
+    assert encoder_lib.load_encoder(str(tmp_path), random_init_seed=0).feature_dim == 32
 
 
-def test_workdir_without_checkpoint_is_a_clear_error(tmp_path):
-    model = models.model_from_config(_model_config())
-    with pytest.raises(FileNotFoundError, match="no checkpoint found"):
-        evaluate.encoder_variables(model, IMAGE_SIZE, str(tmp_path), mesh=sharding.make_mesh())
+def test_workdir_without_checkpoint_or_config_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        encoder_lib.load_encoder(str(tmp_path))
+    checkpoint.write_run_config(str(tmp_path), _pretrain_config())
+    with pytest.raises(FileNotFoundError, match="no checkpoint for step None"):
+        encoder_lib.load_encoder(str(tmp_path))
 
 
-def test_other_architecture_is_a_clear_error(eight_device_checkpoint):
-    workdir, _ = eight_device_checkpoint
-    wider = _model_config()
-    wider.width_multiplier = 1 / 8
-    with pytest.raises(ValueError, match="does not fit the configured architecture"):
-        evaluate.encoder_variables(models.model_from_config(wider), IMAGE_SIZE, workdir,
-                                   mesh=sharding.make_mesh())
+def test_checkpoint_that_does_not_fit_config_json_is_a_clear_error(eight_device_workdir, tmp_path):
+    workdir, _ = eight_device_workdir
+    wrong = str(tmp_path / "wrong")
+    os.makedirs(wrong)
+    os.symlink(checkpoint.checkpoint_dir(workdir), os.path.join(wrong, "checkpoints"))
+    config = _pretrain_config()
+    config.model.width_multiplier = 1 / 8
+    checkpoint.write_run_config(wrong, config)
+    with pytest.raises(ValueError, match="does not fit the architecture in config.json"):
+        encoder_lib.load_encoder(wrong)
+
+
+def _evaluation_config(recipe, workdir, **overrides):
+    config = recipe.get_config()
+    config.pretrained = workdir
+    config.update(overrides)
+    return config
+
+
+def test_architecture_comes_from_the_checkpoint_and_a_contradiction_names_both(eight_device_workdir):
+    workdir, _ = eight_device_workdir
+    resolved = encoder_lib.resolve_architecture(_evaluation_config(knn_config, workdir))
+    assert resolved.image_size == IMAGE_SIZE
+    assert dict(resolved.model) == dict(_pretrain_config().model)
+    agreeing = _evaluation_config(knn_config, workdir, image_size=IMAGE_SIZE)
+    agreeing.model.depth = 18
+    assert encoder_lib.resolve_architecture(agreeing).model.depth == 18
+    contradicting = _evaluation_config(knn_config, workdir)
+    contradicting.model.depth = 50
+    with pytest.raises(ValueError, match=r"model.depth: checkpoint 18, config 50"):
+        encoder_lib.resolve_architecture(contradicting)
+    too_deep = _evaluation_config(knn_config, workdir, head_layer=3)
+    with pytest.raises(ValueError, match="head_layer=3 is invalid: the checkpoint's head has 2 layers"):
+        encoder_lib.resolve_architecture(too_deep)
 
 
 @pytest.mark.slow
-def test_pretrain_then_knn_and_linear_probe_on_real_cifar10(real_data_dir, tmp_path):
-    from tests.test_pretrain import _tiny_config
+def test_pretrain_then_knn_and_cached_linear_on_real_cifar10(real_data_dir, tmp_path):
+    from tests.test_pretrain import _tiny_config, pretrain
 
     pretrain_dir = str(tmp_path / "pretrain")
-    train.train_and_evaluate(_tiny_config(real_data_dir, num_train_steps=4), pretrain_dir)
-
-    config = knn_config.get_config()
-    config.pretrained = pretrain_dir
-    config.data_dir = real_data_dir
-    config.image_size = IMAGE_SIZE
-    config.model = _model_config()
-    config.train_split = "train[:5000]"
-    config.linear.epochs = 10
-    config.write_pictures = False  # tests/test_pictures.py covers them
+    pretrain(_tiny_config(real_data_dir, num_train_steps=4), pretrain_dir)
     eval_dir = str(tmp_path / "eval")
-    knn_result = evaluate.evaluate(config, eval_dir)
-    config.protocol = "linear_eval"
-    linear_result = evaluate.evaluate(config, eval_dir)
+    splits = dict(data_dir=real_data_dir, train_split="train[:2000]", test_split="test[:500]",
+                  write_pictures=False)  # tests/test_pictures.py covers them
+    knn_record = run.evaluate(_evaluation_config(knn_config, pretrain_dir, **splits), eval_dir)
+    linear_config = _evaluation_config(cached_linear_config, pretrain_dir, **splits)
+    linear_config.linear.epochs = 10
+    linear_record = run.evaluate(linear_config, eval_dir)
+    baseline_record = run.evaluate(_evaluation_config(knn_config, pretrain_dir, random_init=True, **splits),
+                                   eval_dir)
 
     with open(os.path.join(eval_dir, "eval_results.json")) as f:
         records = json.load(f)
-    assert [r["protocol"] for r in records] == ["knn", "linear_eval"]
-    for record in (knn_result, linear_result):
-        assert record["num_examples"] == 10_000 and record["split"] == "test"
+    assert [(r["protocol"], r["random_init"]) for r in records] == [
+        ("knn", False), ("cached_linear", False), ("knn", True)]
+    for record in (knn_record, linear_record):
+        assert record["num_examples"] == 500 and record["split"] == "test[:500]"
         assert record["checkpoint_step"] == 4
-        # Even 4 steps of a tiny encoder carry signal: well above 10% chance.
-        assert 0.15 < record["top1"] <= record["top5"] <= 1.0
+    assert baseline_record["checkpoint_step"] == 0
 
-    # A model section that contradicts the checkpoint's config.json fails clearly.
-    config.model.depth = 34
-    with pytest.raises(ValueError, match="different architecture.*model.depth"):
-        evaluate.evaluate(config, eval_dir)
+    # The recorded kNN is the kNN of the checkpoint's features, computed here
+    # independently: the encoder's embed on the raw images, numpy-side labels.
+    encoder = encoder_lib.load_encoder(pretrain_dir)
+
+    def raw(split):
+        ds, _, _ = sources.load_split("cifar10", split, real_data_dir)
+        examples = list(ds.as_numpy_iterator())
+        return np.stack([e["image"] for e in examples]), np.array([e["label"] for e in examples])
+
+    (train_images, train_labels), (test_images, test_labels) = raw("train[:2000]"), raw("test[:500]")
+    want = knn.knn_accuracy(encoder.embed(train_images), train_labels, encoder.embed(test_images), test_labels,
+                            10, k=200, temperature=0.1)
+    assert knn_record["top1"] == pytest.approx(want["top1"], abs=1 / 500)
+    assert knn_record["top5"] == pytest.approx(want["top5"], abs=1 / 500)

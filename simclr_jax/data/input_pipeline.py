@@ -140,7 +140,7 @@ def eval_dataset(config, split, *, batch_size, data_dir=None):
     _check_batch_size("batch_size", batch_size)
     size = config.image_size
     data_dir = config.data_dir if data_dir is None else data_dir
-    ds, _, _ = sources.load_split(config.dataset, split, data_dir,
+    ds, _, _ = sources.load_split(config.dataset, split, data_dir, download=config.download,
                                   autocache=not config.cache_dataset)
     ds = ds.map(_image_and_label, num_parallel_calls=AUTOTUNE)
     if config.cache_dataset:
