@@ -67,7 +67,7 @@ def peak_flops_per_device(device_kind: str, dtype: str, override: float | None) 
 def measure(depth, width_multiplier, cifar_stem, image_size, batch_size, dtype, loss_impl, steps, warmup,
             peak_tflops=None) -> dict:
     mesh = sharding.make_mesh()
-    sharding.check_batch_size(batch_size, mesh)
+    sharding.check_batch_size(batch_size, mesh.devices.size, jax.process_count())
     model = models.SimCLR(depth=depth, width_multiplier=width_multiplier, cifar_stem=cifar_stem,
                           axis_name=sharding.DATA_AXIS, dtype=jnp.dtype(dtype))
     tx = optim.lars(learning_rate=0.1, weight_decay=1e-6)

@@ -2,7 +2,7 @@
 
 LARS with base learning rate 0.3 and linear scaling (0.3 * 4096/256 = 4.8),
 weight decay 1e-6, temperature 0.1, colour strength 1.0 and Gaussian blur,
-as in the paper (section B.1). The paper reports ~64.5% linear-probe top-1
+as in the paper (section B.1). The paper reports ~64.5% linear-evaluation top-1
 for this 100-epoch setting and 69.3% after 1000 epochs.
 Needs `imagenet2012` prepared for TFDS under config.data_dir (manual download).
 """

@@ -12,6 +12,7 @@ from typing import Callable, Optional
 import jax
 import ml_collections
 
+from simclr_jax import sharding
 from simclr_jax.models import VALID_DEPTHS
 
 DTYPES = ("float32", "bfloat16")
@@ -185,9 +186,4 @@ def _check_batch_sizes(config, kind: str, num_devices: int, num_processes: int) 
     fields = {"pretrain": ("batch_size", "eval_batch_size"), "linear_eval": ("eval_batch_size", "linear.batch_size"),
               "finetune": ("eval_batch_size", "finetune.batch_size")}.get(kind, ("eval_batch_size",))
     for field in fields:
-        value = _get(config, field)
-        if value % num_devices or value % num_processes:
-            raise ValueError(
-                f"config.{field}={value} must be a positive multiple of the {num_devices} devices in the "
-                f"mesh (and of the {num_processes} processes); set --config.{field} to a multiple of "
-                f"{num_devices}.")
+        sharding.check_batch_size(_get(config, field), num_devices, num_processes, field)

@@ -265,7 +265,7 @@ def write_evaluation_pictures(config, workdir, train_x, train_y, test_x, test_y,
     import jax
 
     names = class_names(config)
-    layer = config.get("head_layer", 0)
+    layer = config.head_layer
     what = "h" if layer == 0 else f"head layer {layer}"
     paths = [os.path.join(workdir, "embedding_tsne.png")]
     embedding_plot(test_x, test_y, names, paths[0], max_points=max_points, seed=config.seed,

@@ -31,20 +31,13 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
-def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
-    """Fails early, with what to do, if the batch cannot be split evenly."""
-    num_devices = mesh.devices.size
-    if global_batch_size <= 0 or global_batch_size % num_devices:
+def check_batch_size(batch_size: int, num_devices: int, num_processes: int, field: str = "batch_size") -> None:
+    """Fails early, with what to do, if a global batch cannot be split evenly."""
+    if batch_size <= 0 or batch_size % num_devices or batch_size % num_processes:
         raise ValueError(
-            f"batch_size={global_batch_size} must be a positive multiple of the "
-            f"{num_devices} devices in the mesh; set --config.batch_size to a "
-            f"multiple of {num_devices}."
-        )
-    if global_batch_size % jax.process_count():
-        raise ValueError(
-            f"batch_size={global_batch_size} must divide evenly over "
-            f"{jax.process_count()} processes."
-        )
+            f"config.{field}={batch_size} must be a positive multiple of the {num_devices} devices in the "
+            f"mesh (and of the {num_processes} processes); set --config.{field} to a multiple of "
+            f"{num_devices}.")
 
 
 def per_process_batch_size(global_batch_size: int) -> int:

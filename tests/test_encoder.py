@@ -11,26 +11,29 @@ import tensorflow as tf
 
 import simclr_jax
 from configs import smoke
-from simclr_jax import augment, encoder, evaluate, input_pipeline, models, sharding, train
+from simclr_jax import checkpoint, sharding
+from simclr_jax.data import augment, sources
+from simclr_jax.evaluation import encoder
+from simclr_jax.evaluation.features import FeatureExtractor
 
 SPLIT = "test[:64]"
 
 
 @pytest.fixture(scope="module")
-def random_encoder():
-    """The tiny test architecture at random init (no data or checkpoint needed), 16 px."""
-    model_config = smoke.get_config().model
-    model_config.width_multiplier = 1 / 16
-    model = models.model_from_config(model_config)
-    mesh = sharding.make_mesh(jax.local_devices())
-    variables, _ = evaluate.encoder_variables(model, 16, evaluate.RANDOM, mesh=mesh)
-    return encoder.Encoder(model, variables, 16, mesh=mesh, batch_size=16)
+def random_encoder(tmp_path_factory):
+    """The tiny test architecture at random init (needs only config.json), 16 px."""
+    config = smoke.get_config()
+    config.model.width_multiplier = 1 / 16
+    config.image_size = 16
+    workdir = str(tmp_path_factory.mktemp("random"))
+    checkpoint.write_run_config(workdir, config)
+    return encoder.load_encoder(workdir, random_init_seed=0, batch_size=16)
 
 
 @pytest.fixture(scope="module")
 def pretrained(real_data_dir, tmp_path_factory):
     """A tiny pretraining workdir (2 steps) and its config."""
-    from tests.test_pretrain import _tiny_config
+    from tests.test_pretrain import _tiny_config, pretrain
 
     workdir = str(tmp_path_factory.mktemp("pretrain"))
     config = _tiny_config(real_data_dir, num_train_steps=2, knn_monitor=False)
@@ -42,13 +45,10 @@ def pretrained(real_data_dir, tmp_path_factory):
 def reference(pretrained):
     """uint8 images of SPLIT and the features evaluation computes for them."""
     workdir, config = pretrained
-    ds, _, _ = input_pipeline.load_split(config.dataset, SPLIT, config.data_dir)
+    ds, _, _ = sources.load_split(config.dataset, SPLIT, config.data_dir)
     images = np.stack([example["image"] for example in ds.as_numpy_iterator()])
-    model = models.model_from_config(config.model)
-    mesh = sharding.make_mesh()
-    variables, _ = evaluate.encoder_variables(model, config.image_size, workdir, mesh=mesh)
-    dataset = input_pipeline.eval_dataset(config, SPLIT, batch_size=32)
-    features, _ = evaluate.extract_features(evaluate.make_feature_fn(model), variables, dataset, mesh, 32)
+    restored = encoder.load_encoder(workdir, mesh=sharding.make_mesh())
+    features, _ = FeatureExtractor(restored.model, config, restored.mesh).split(restored.variables, SPLIT)
     return images, features
 
 
@@ -84,7 +84,7 @@ def test_batches_devices_and_single_images_agree(random_encoder):
     batched = enc.embed(images)
     assert batched.shape == (37, enc.feature_dim) and batched.dtype == np.float32
     np.testing.assert_allclose(enc.embed(images[7]), batched[7], rtol=1e-5, atol=1e-6)
-    one_device = encoder.Encoder(enc.model, jax.device_get(enc.variables), 16,
+    one_device = encoder.Encoder(enc.model_config, jax.device_get(enc.variables), 16,
                                  mesh=sharding.make_mesh(jax.devices()[:1]), batch_size=5)
     np.testing.assert_allclose(one_device.embed(images), batched, rtol=1e-5, atol=1e-6)
 
@@ -128,6 +128,6 @@ def test_bad_paths_are_clear_errors(tmp_path):
 
 
 def test_package_import_stays_free_of_tensorflow():
-    code = ("import sys, simclr_jax, simclr_jax.step, simclr_jax.models; "
+    code = ("import sys, simclr_jax, simclr_jax.pretraining.step, simclr_jax.models; "
             "assert 'tensorflow' not in sys.modules; assert callable(simclr_jax.load_encoder)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))

@@ -150,15 +150,19 @@ def test_empty_or_imageless_or_missing_folder_is_a_clear_error(tmp_path):
 
 def test_evaluating_on_unlabelled_images_asks_for_labels(photo_folder, tmp_path):
     from configs import knn as knn_config
-    from simclr_jax import evaluate
+    from configs import smoke
+    from simclr_jax import checkpoint
+    from simclr_jax.evaluation import run as evaluation
 
     root, _ = photo_folder
+    workdir = str(tmp_path / "pretrain")
+    checkpoint.write_run_config(workdir, smoke.get_config())  # the architecture: random init needs no more
     config = knn_config.get_config()
-    config.pretrained = "random"
+    config.pretrained, config.random_init = workdir, True
     config.dataset = f"images:{root}"
     config.eval_batch_size = 16
     with pytest.raises(ValueError, match="has no 'label' class feature"):
-        evaluate.evaluate(config, str(tmp_path / "eval"))
+        evaluation.evaluate(config, str(tmp_path / "eval"))
 
 
 # --------------------------------------------------------------------------- end to end
@@ -174,8 +178,9 @@ def _real_images(data_dir, n):
 @pytest.mark.slow
 def test_pretrain_on_own_images_then_knn_on_a_labelled_folder(real_data_dir, tmp_path):
     from configs import knn as knn_config
-    from simclr_jax import evaluate, train
-    from tests.test_pretrain import _tiny_config
+    from simclr_jax.evaluation import encoder, knn
+    from simclr_jax.evaluation import run as evaluation
+    from tests.test_pretrain import _tiny_config, pretrain
 
     examples = _real_images(real_data_dir, 300)
     sizes = [(37, 53), (100, 64), (32, 32), (45, 45)]
@@ -206,20 +211,24 @@ def test_pretrain_on_own_images_then_knn_on_a_labelled_folder(real_data_dir, tmp
 
     # kNN of the pretrained encoder on a labelled folder: ROOT/<split>/<class>/*.
     labelled = str(tmp_path / "labelled")
-    counts = {"train": 0, "test": 0}
+    images = {"train": [], "test": []}
     for i, (image, label) in enumerate(examples[96:]):
         if label not in CLASSES:
             continue
         split = "test" if i % 4 == 0 else "train"
-        counts[split] += 1
+        images[split].append((image, label))
         _write(labelled, f"{split}/class{label}/{i}.png", tf.io.encode_png(image).numpy())
     eval_config = knn_config.get_config()
     eval_config.pretrained = workdir
     eval_config.dataset = f"folder:{labelled}"
-    eval_config.image_size = config.image_size
-    eval_config.model = config.model
     eval_config.eval_batch_size = 16
     eval_config.knn.k = 10
-    record = evaluate.evaluate(eval_config, str(tmp_path / "eval"))
-    assert record["checkpoint_step"] == 4 and record["num_examples"] == counts["test"]
-    assert 0.0 <= record["top1"] <= record["top5"] == 1.0  # top-5 of 3 classes
+    record = evaluation.evaluate(eval_config, str(tmp_path / "eval"))
+    assert record["checkpoint_step"] == 4 and record["num_examples"] == len(images["test"])
+    # The same kNN computed here from the pretrained encoder's features of the
+    # same images (folder labels are the sorted class folders: class0..2 -> 0..2).
+    embed = encoder.load_encoder(workdir).embed
+    features = {split: (embed(np.stack([image for image, _ in pairs])), np.array([label for _, label in pairs]))
+                for split, pairs in images.items()}
+    want = knn.knn_accuracy(*features["train"], *features["test"], num_classes=3, k=10)
+    assert record["top1"] == pytest.approx(want["top1"], abs=1e-6)

@@ -61,8 +61,7 @@ def test_checkpoint_of_two_processes_resumes_in_one(real_data_dir, tmp_path):
     # kNN of the step-4 encoder on one process equals the 2-process run's monitor.
     eval_dir = str(tmp_path / "eval")
     knn_args = ["main.py", "--config=configs/knn.py", f"--workdir={eval_dir}", f"--config.pretrained={workdir}",
-                f"--config.data_dir={real_data_dir}", "--config.image_size=16",
-                "--config.model.width_multiplier=0.0625", "--config.checkpoint_step=4",
+                f"--config.data_dir={real_data_dir}", "--config.checkpoint_step=4",
                 "--config.train_split=train[:2000]", "--config.test_split=test[:1001]",
                 "--config.eval_batch_size=500"]
     _wait(_start(knn_args, logs, num_processes=1, devices_per_process=4), logs)

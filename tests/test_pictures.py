@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from configs import knn as knn_config
-from simclr_jax import evaluate, pictures, train, writers
+from simclr_jax import pictures, writers
+from simclr_jax.evaluation import run as evaluation
 
 COLOURS = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0],
                     [0.0, 1.0, 1.0], [1.0, 0.0, 1.0], [0.5, 0.5, 0.5], [0.0, 0.0, 0.0]])
@@ -109,8 +110,7 @@ def test_save_png_round_trips(tmp_path):
 
 @pytest.mark.slow
 def test_pretraining_and_knn_evaluation_write_pictures(real_data_dir, tmp_path):
-    from tests.test_pretrain import _tiny_config
-    from tests.test_evaluate import _model_config
+    from tests.test_pretrain import _tiny_config, pretrain
 
     pretrain_dir = str(tmp_path / "pretrain")
     pretrain(_tiny_config(real_data_dir, num_train_steps=2, knn_monitor=False), pretrain_dir)
@@ -122,11 +122,9 @@ def test_pretraining_and_knn_evaluation_write_pictures(real_data_dir, tmp_path):
     config = knn_config.get_config()
     config.pretrained = pretrain_dir
     config.data_dir = real_data_dir
-    config.image_size = 16
-    config.model = _model_config()
     config.train_split, config.test_split = "train[:2000]", "test[:500]"
     eval_dir = str(tmp_path / "eval")
-    evaluate.evaluate(config, eval_dir)
+    evaluation.evaluate(config, eval_dir)
     tsne = matplotlib.image.imread(os.path.join(eval_dir, "embedding_tsne.png"))
     retrieval = matplotlib.image.imread(os.path.join(eval_dir, "retrieval.png"))
     assert tsne.shape[:2] == (650, 800)
@@ -135,5 +133,5 @@ def test_pretraining_and_knn_evaluation_write_pictures(real_data_dir, tmp_path):
     # Off: no pictures.
     config.write_pictures = False
     quiet_dir = str(tmp_path / "quiet")
-    evaluate.evaluate(config, quiet_dir)
+    evaluation.evaluate(config, quiet_dir)
     assert not [name for name in os.listdir(quiet_dir) if name.endswith(".png")]

@@ -83,9 +83,8 @@ def learning_rate_schedule(base_learning_rate: float, batch_size: int,
 
 def total_train_steps(config, steps_per_epoch: int) -> int:
     """num_train_steps when set (> 0), else num_epochs * steps_per_epoch."""
-    num_train_steps = config.get("num_train_steps")
-    if num_train_steps is not None and num_train_steps > 0:
-        return int(num_train_steps)
+    if config.num_train_steps > 0:
+        return int(config.num_train_steps)
     return int(round(config.num_epochs * steps_per_epoch))
 
 

@@ -7,6 +7,8 @@ import jax
 import numpy as np
 from absl import logging
 
+from simclr_jax.data import sources
+
 CPU_WARNING_HOURS = 1.0  # a CPU run estimated longer than this is told about configs/smoke.py
 
 
@@ -61,7 +63,7 @@ def evaluate_command(config, workdir: str) -> str:
     """The linear-evaluation command for this run: the architecture comes from
     the workdir's config.json, so only the data needs restating."""
     parts = ["python main.py --config=configs/cached_linear.py", f"--config.pretrained={workdir}"]
-    if config.dataset.startswith("images:"):  # unlabelled: evaluate on labelled images
+    if config.dataset.startswith(sources.IMAGES_PREFIX):  # unlabelled: evaluate on labelled images
         parts.append("--config.dataset=folder:LABELLED_ROOT")
     else:
         parts.append(f"--config.dataset={config.dataset} --config.test_split={config.test_split}")
