@@ -102,3 +102,9 @@ if __name__ == "__main__":
         if FLAGS.is_parsed():  # not a command-line mistake
             raise
         sys.exit(f"main.py: {_unknown_field_message(e)} (see configs/ for the fields of each recipe)")
+    except ValueError as e:
+        from simclr_jax.config_validation import ConfigError
+
+        if not isinstance(e, ConfigError):
+            raise
+        sys.exit(f"main.py: {e}")

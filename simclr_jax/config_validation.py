@@ -5,7 +5,8 @@ evaluation protocols ``knn``, ``cached_linear``, ``linear_eval`` and
 ``finetune``. Each kind has exactly the fields listed in ``FIELDS`` (a
 missing or an extra field is an error, so no field is ever read through a
 silent default and none is set without effect), and each field has one rule.
-A failure is one ValueError naming the field, the bad value and what to set.
+A failure is one ConfigError (a ValueError) naming the field, the bad value
+and what to set.
 """
 from typing import Callable, Optional
 
@@ -44,6 +45,11 @@ FIELDS = {
 }
 
 
+class ConfigError(ValueError):
+    """A config that cannot run, with what to set instead. main.py prints its
+    message alone, without a traceback: the fix is in the message."""
+
+
 def recipe_kind(config: ml_collections.ConfigDict) -> str:
     """'pretrain', or the evaluation protocol the config names."""
     if "protocol" not in config:
@@ -54,7 +60,7 @@ def recipe_kind(config: ml_collections.ConfigDict) -> str:
 
 
 def _fail(field: str, value, expected: str):
-    raise ValueError(f"config.{field}={value!r} is invalid: {expected}.")
+    raise ConfigError(f"config.{field}={value!r} is invalid: {expected}.")
 
 
 def _leaves(config, prefix: str = "") -> set:
@@ -70,10 +76,10 @@ def _leaves(config, prefix: str = "") -> set:
 def _check_field_set(config, kind: str) -> None:
     expected, present = set(FIELDS[kind]), _leaves(config)
     if missing := sorted(expected - present):
-        raise ValueError(f"the {kind} config lacks {missing}; start from a recipe in configs/ (they set "
+        raise ConfigError(f"the {kind} config lacks {missing}; start from a recipe in configs/ (they set "
                          "every field)")
     if extra := sorted(present - expected):
-        raise ValueError(f"config fields {extra} are not read by a {kind} run; remove them")
+        raise ConfigError(f"config fields {extra} are not read by a {kind} run; remove them")
 
 
 def _get(config, field: str):
@@ -186,4 +192,7 @@ def _check_batch_sizes(config, kind: str, num_devices: int, num_processes: int) 
     fields = {"pretrain": ("batch_size", "eval_batch_size"), "linear_eval": ("eval_batch_size", "linear.batch_size"),
               "finetune": ("eval_batch_size", "finetune.batch_size")}.get(kind, ("eval_batch_size",))
     for field in fields:
-        sharding.check_batch_size(_get(config, field), num_devices, num_processes, field)
+        try:
+            sharding.check_batch_size(_get(config, field), num_devices, num_processes, field)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None

@@ -34,7 +34,7 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 def check_batch_size(batch_size: int, num_devices: int, num_processes: int, field: str = "batch_size") -> None:
     """Fails early, with what to do, if a global batch cannot be split evenly."""
     if batch_size <= 0 or batch_size % num_devices or batch_size % num_processes:
-        raise ValueError(
+        raise ValueError(  # config_validation turns it into a ConfigError
             f"config.{field}={batch_size} must be a positive multiple of the {num_devices} devices in the "
             f"mesh (and of the {num_processes} processes); set --config.{field} to a multiple of "
             f"{num_devices}.")

@@ -140,7 +140,7 @@ def resolve_architecture(config: ml_collections.ConfigDict) -> ml_collections.Co
                     for name in config_validation.MODEL_FIELDS]
                  if value is not None and value != trained_value]
     if conflicts:
-        raise ValueError(f"the config contradicts the architecture {config.pretrained} was trained with ("
+        raise config_validation.ConfigError(f"the config contradicts the architecture {config.pretrained} was trained with ("
                          + "; ".join(conflicts) + "): drop those overrides, the checkpoint's own config.json "
                          "already says them")
     resolved = ml_collections.ConfigDict(config.to_dict())
@@ -148,6 +148,6 @@ def resolve_architecture(config: ml_collections.ConfigDict) -> ml_collections.Co
     resolved.model = ml_collections.ConfigDict({name: trained.model[name] for name in config_validation.MODEL_FIELDS})
     config_validation.check_image_size(resolved.image_size, resolved.model.cifar_stem)
     if resolved.head_layer > resolved.model.head_layers:
-        raise ValueError(f"config.head_layer={resolved.head_layer} is invalid: the checkpoint's head has "
+        raise config_validation.ConfigError(f"config.head_layer={resolved.head_layer} is invalid: the checkpoint's head has "
                          f"{resolved.model.head_layers} layers (0 = h)")
     return resolved
