@@ -12,7 +12,7 @@ from configs import cached_linear as cached_linear_config
 from configs import knn as knn_config
 from configs import smoke
 from simclr_jax import checkpoint, models, sharding
-from simclr_jax.data import input_pipeline, sources
+from simclr_jax.data import sources
 from simclr_jax.evaluation import encoder as encoder_lib
 from simclr_jax.evaluation import knn, run
 from simclr_jax.evaluation.features import feature_function
