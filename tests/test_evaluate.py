@@ -123,6 +123,8 @@ def test_architecture_comes_from_the_checkpoint_and_a_contradiction_names_both(e
     contradicting.model.depth = 50
     with pytest.raises(ValueError, match=r"model.depth: checkpoint 18, config 50"):
         encoder_lib.resolve_architecture(contradicting)
+    with pytest.raises(ValueError, match="--config.random_init=True"):
+        encoder_lib.resolve_architecture(_evaluation_config(knn_config, "random"))
     too_deep = _evaluation_config(knn_config, workdir, head_layer=3)
     with pytest.raises(ValueError, match="head_layer=3 is invalid: the checkpoint's head has 2 layers"):
         encoder_lib.resolve_architecture(too_deep)

@@ -133,6 +133,10 @@ def resolve_architecture(config: ml_collections.ConfigDict) -> ml_collections.Co
     """The evaluation config with ``model`` and ``image_size`` filled in from the
     pretrained workdir's config.json. A field the user set must agree with
     the checkpoint: a contradiction is an error naming both values."""
+    if config.pretrained == "random":  # the spelling before random_init existed
+        raise config_validation.ConfigError(
+            "config.pretrained='random' is no longer a model: set --config.pretrained=PRETRAIN_WORKDIR "
+            "--config.random_init=True for that workdir's architecture at random initialisation")
     trained = checkpoint.read_run_config(checkpoint.run_workdir(config.pretrained))
     conflicts = [f"{field}: checkpoint {trained_value!r}, config {value!r}" for field, value, trained_value in
                  [("image_size", config.image_size, trained.image_size)]
