@@ -157,8 +157,9 @@ class ClassifierExperiment:
 
     def __init__(self, model: SimCLR, config, mesh, *, freeze_encoder: bool):
         self.name = "linear_eval" if freeze_encoder else "finetune"
+        self.section = "linear" if freeze_encoder else "finetune"  # the config section it trains with
         self.config, self.mesh, self.model, self.freeze_encoder = config, mesh, model, freeze_encoder
-        self.settings = config.linear if freeze_encoder else config.finetune
+        self.settings = config[self.section]
         self.head_layer = config.head_layer
         self.num_classes = sources.num_classes(config.dataset, config.test_split, config.data_dir,
                                                download=config.download)
@@ -169,9 +170,8 @@ class ClassifierExperiment:
             raise ValueError(f"{self.dataset} has {sources.label_classes(info)} classes but {config.dataset} has "
                              f"{self.num_classes}; they must share one label set")
         if self.settings.batch_size > self.num_train:
-            raise ValueError(f"config.{self.name.replace('linear_eval', 'linear')}.batch_size="
-                             f"{self.settings.batch_size} exceeds the {self.num_train} labelled training "
-                             f"examples of {self.dataset}:{self.split}; lower it")
+            raise ValueError(f"config.{self.section}.batch_size={self.settings.batch_size} exceeds the "
+                             f"{self.num_train} labelled training examples of {self.dataset}:{self.split}; lower it")
         self.total_steps = max(1, int(round(self.settings.epochs * self.num_train / self.settings.batch_size)))
         schedule = "cosine" if freeze_encoder else self.settings.schedule
         self.tx = make_optimizer(self.settings, schedule, self.total_steps)
