@@ -30,6 +30,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.cifar_stem = True
     config.model.head_layers = 2  # SimCLR v1 head; 3 for v2
     config.model.proj_dim = 128
+    # 'official': google-research/simclr's ResNet (a projection shortcut on the
+    # first block of every group); 'torchvision': only where the shape changes.
+    config.model.variant = "torchvision"
+    config.model.sk_ratio = 0.0  # selective kernels + ResNet-D (SimCLR v2: 0.0625)
+    config.model.se_ratio = 0.0  # squeeze-excitation
     config.dtype = "float32"  # compute dtype; parameters and loss stay float32
 
     # Objective and optimiser.

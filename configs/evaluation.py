@@ -33,6 +33,9 @@ def base(protocol: str) -> ml_collections.ConfigDict:
     config.model.cifar_stem = placeholder(bool)
     config.model.head_layers = placeholder(int)
     config.model.proj_dim = placeholder(int)
+    config.model.variant = placeholder(str)
+    config.model.sk_ratio = placeholder(float)
+    config.model.se_ratio = placeholder(float)
 
     config.head_layer = 0  # 0 = h; i = output of projection-head layer i
     config.eval_batch_size = 512  # feature extraction and test scoring; a multiple of the device count

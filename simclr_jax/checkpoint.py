@@ -19,6 +19,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 CONFIG_FILE = "config.json"
+ARCHITECTURE_BEFORE_VARIANTS = {"variant": "torchvision", "sk_ratio": 0.0, "se_ratio": 0.0}
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -84,6 +85,8 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
         config = json.load(f)
     if "model" not in config or "image_size" not in config:
         raise ValueError(f"{path} is not a pretraining config: it lacks 'model' or 'image_size'")
+    # Runs from before these fields existed trained exactly this architecture.
+    config["model"] = {**ARCHITECTURE_BEFORE_VARIANTS, **config["model"]}
     return ml_collections.ConfigDict(config)
 
 

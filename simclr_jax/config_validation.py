@@ -14,13 +14,14 @@ import jax
 import ml_collections
 
 from simclr_jax import sharding
-from simclr_jax.models import VALID_DEPTHS
+from simclr_jax.models import VALID_DEPTHS, VARIANTS
 
 DTYPES = ("float32", "bfloat16")
 PROTOCOLS = ("knn", "cached_linear", "linear_eval", "finetune")
 LOSS_IMPLS = ("auto", "naive", "blockwise")
 SCHEDULES = ("cosine", "constant")
-MODEL_FIELDS = ("depth", "width_multiplier", "cifar_stem", "head_layers", "proj_dim")
+MODEL_FIELDS = ("depth", "width_multiplier", "cifar_stem", "head_layers", "proj_dim", "variant", "sk_ratio",
+                "se_ratio")
 
 _DATA = ("dataset", "data_dir", "download", "train_split", "cache_dataset", "seed")
 _KNN = ("knn.k", "knn.temperature")
@@ -113,6 +114,11 @@ RULES: dict[str, tuple[Callable, str]] = {
     "model.depth": (lambda v: v in VALID_DEPTHS, f"choose one of {VALID_DEPTHS}"),
     "model.width_multiplier": _POSITIVE, "model.cifar_stem": _BOOL,
     "model.head_layers": _POSITIVE_INT, "model.proj_dim": _POSITIVE_INT,
+    "model.variant": (lambda v: v in VARIANTS, f"choose one of {VARIANTS} ('official': google-research/simclr's "
+                      "ResNet, a projection shortcut on the first block of every group)"),
+    "model.sk_ratio": (lambda v: _is_number(v) and 0 <= v < 1,
+                       "expected in [0, 1): 0 = no selective kernels, 0.0625 in SimCLR v2"),
+    "model.se_ratio": (lambda v: _is_number(v) and 0 <= v < 1, "expected in [0, 1): 0 = no squeeze-excitation"),
     "dtype": (lambda v: v in DTYPES,
               f"choose one of {DTYPES}" + "; float16 needs loss scaling, which is not implemented: use "
               "bfloat16 (float32's range at half the memory, what TPUs and recent GPUs compute in)"),

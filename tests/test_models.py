@@ -104,10 +104,10 @@ def test_tiny_forward_zero_init_and_batch_stats(tiny):
     np.testing.assert_allclose(after, 0.1 * stem.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
 
 
-def _block(block_cls, features, strides=1, train=False):
+def _block(block_cls, features, strides=1, train=False, project=False):
     """A block with the conv and norm partials ResNet would hand it."""
     return block_cls(features=features, strides=strides, conv=resnet.conv_def(jnp.float32),
-                     norm=resnet.norm_def(train, None, jnp.float32))
+                     norm=resnet.norm_def(train, None, jnp.float32), project=project)
 
 
 @pytest.mark.parametrize("block_cls,features", [
@@ -125,7 +125,7 @@ def test_block_at_init_is_relu_of_shortcut(block_cls, features):
 
 
 def test_bottleneck_stride_on_3x3_and_projection():
-    block = _block(resnet.Bottleneck, features=4, strides=2)
+    block = _block(resnet.Bottleneck, features=4, strides=2, project=True)
     x = jnp.zeros((1, 8, 8, 8))
     out, variables = jax.eval_shape(lambda: block.init_with_output(jax.random.key(0), x))
     params = variables["params"]
@@ -219,7 +219,8 @@ def test_projection_head_param_count_and_validation():
 
 
 def test_simclr_from_config_and_bfloat16(tiny):
-    config = ml_collections.ConfigDict(dict(**TINY, head_layers=2, proj_dim=8))
+    config = ml_collections.ConfigDict(dict(**TINY, head_layers=2, proj_dim=8, variant="torchvision", sk_ratio=0.0,
+                                            se_ratio=0.0))
     model = models.model_from_config(config, dtype=jnp.bfloat16)
     assert isinstance(model, models.SimCLR)
     assert model.dtype == jnp.bfloat16 and model.head_layers == 2

@@ -95,7 +95,8 @@ def real_state():
     """The real train state of a ResNet-18 x1/16 (CIFAR stem, 2-layer head) with
     the online probe, under LARS for the model and Adam for the probe."""
     config = ml_collections.ConfigDict(dict(depth=18, width_multiplier=1 / 16, cifar_stem=True,
-                                            head_layers=2, proj_dim=16))
+                                            head_layers=2, proj_dim=16, variant="torchvision", sk_ratio=0.0,
+                                            se_ratio=0.0))
     tx = train.with_probe_optimizer(optim.lars(0.3, weight_decay=0.1), 1e-3)
     mesh = sharding.make_mesh(jax.devices()[:1])
     state = train.create_train_state(models.model_from_config(config), tx, image_size=16, seed=0,

@@ -56,12 +56,16 @@ class SimCLR(nn.Module):
     cifar_stem: bool = False
     head_layers: int = 2
     proj_dim: int = 128
+    variant: str = "torchvision"
+    sk_ratio: float = 0.0
+    se_ratio: float = 0.0
     axis_name: str | None = None
     dtype: Dtype = jnp.float32
 
     def setup(self):
         self.encoder = ResNet(depth=self.depth, width_multiplier=self.width_multiplier,
-                              cifar_stem=self.cifar_stem, axis_name=self.axis_name, dtype=self.dtype)
+                              cifar_stem=self.cifar_stem, variant=self.variant, sk_ratio=self.sk_ratio,
+                              se_ratio=self.se_ratio, axis_name=self.axis_name, dtype=self.dtype)
         self.head = ProjectionHead(num_layers=self.head_layers, out_dim=self.proj_dim,
                                    axis_name=self.axis_name, dtype=self.dtype)
 
@@ -80,7 +84,9 @@ class SimCLR(nn.Module):
 
 def model_from_config(model_config, axis_name: str | None = None, dtype: Dtype = jnp.float32) -> SimCLR:
     """SimCLR from a config's ``model`` section (depth, width_multiplier,
-    cifar_stem, head_layers, proj_dim)."""
+    cifar_stem, head_layers, proj_dim, variant, sk_ratio, se_ratio)."""
     return SimCLR(depth=int(model_config.depth), width_multiplier=float(model_config.width_multiplier),
                   cifar_stem=bool(model_config.cifar_stem), head_layers=int(model_config.head_layers),
-                  proj_dim=int(model_config.proj_dim), axis_name=axis_name, dtype=dtype)
+                  proj_dim=int(model_config.proj_dim), variant=str(model_config.variant),
+                  sk_ratio=float(model_config.sk_ratio), se_ratio=float(model_config.se_ratio),
+                  axis_name=axis_name, dtype=dtype)

@@ -1,0 +1,221 @@
+"""Official SimCLR TF2 checkpoints (google-research/simclr, tf2/) as Flax variables.
+
+The official code saves a SavedModel (the released v1 and v2 models) or, while
+training, a ``tf.train.Checkpoint`` (``ckpt-N``). Both hold every variable
+under its Keras name, e.g. ``resnet/block_group1/bottleneck_block/sk__conv2d/
+conv2d_fixed_padding_5/conv2d_5/kernel``. Keras numbers layers in the order
+it creates them, so within one block the convolutions sorted by their number,
+and the BatchNorms sorted by theirs, come in the order the official block
+builds them; ``_block_layout`` lists that order in our module's names. The
+variables are read straight from the files (``tf.train.load_checkpoint``): no
+official code and no graph is loaded, only TensorFlow.
+
+The architecture is read from the variables themselves: depth from the blocks
+per group, width from the first block, stem, selective kernels and
+squeeze-excitation from the layers present, head layers and classes from the
+heads. Every official variable must land on a Flax leaf of the same shape,
+and every leaf must be filled, or the import fails naming what did not fit.
+"""
+import collections
+import os
+import re
+from typing import Optional
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.protobuf import trackable_object_graph_pb2
+
+from simclr_jax.models import resnet
+
+SK_RATIO = 0.0625  # the released v2 models'; the mixing width alone does not pin it down (see infer)
+_NUMBERED = re.compile(r"^(.*?)(?:_(\d+))?$")  # 'conv2d_5' -> ('conv2d', 5); 'conv2d' -> ('conv2d', 0)
+_BN = ("batch_normalization", "sync_batch_normalization")
+_BN_FIELDS = {"gamma": ("params", "scale"), "beta": ("params", "bias"),
+              "moving_mean": ("batch_stats", "mean"), "moving_variance": ("batch_stats", "var")}
+
+
+# --------------------------------------------------------------------------- finding and reading files
+
+def variables_prefix(path: str) -> Optional[str]:
+    """The TF checkpoint prefix of an official SavedModel directory, a
+    CheckpointManager directory or a ``ckpt-N`` prefix; None if ``path`` is
+    none of them (e.g. one of our workdirs)."""
+    if tf.io.gfile.exists(os.path.join(path, "saved_model.pb")):
+        return os.path.join(path, "variables", "variables")
+    if tf.io.gfile.exists(path + ".index"):
+        return path
+    if tf.io.gfile.isdir(path) and tf.io.gfile.exists(os.path.join(path, "checkpoint")):
+        return tf.train.latest_checkpoint(path)
+    return None
+
+
+def read_variables(prefix: str) -> dict[str, np.ndarray]:
+    """{official variable name: value} of the model's variables in a TF checkpoint
+    (optimiser slots, step counters and other objects left out)."""
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+        graph = trackable_object_graph_pb2.TrackableObjectGraph()
+        graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+    except (tf.errors.OpError, ValueError) as e:
+        raise ValueError(f"cannot read the TF checkpoint {prefix!r} ({type(e).__name__}: {str(e)[:200]}); "
+                         "is the file complete?") from None
+    names = {}
+    for node in graph.nodes:
+        for attribute in node.attributes:
+            key, name = attribute.checkpoint_key, attribute.full_name.split(":")[0]
+            if attribute.name == "VARIABLE_VALUE" and not key.startswith("optimizer/") and "/" in name:
+                names[name] = key
+    return {name: reader.get_tensor(key) for name, key in names.items()}
+
+
+# --------------------------------------------------------------------------- the official layout
+
+def _numbered(segment: str) -> tuple[str, int]:
+    base, number = _NUMBERED.match(segment).groups()
+    return base, int(number or 0)
+
+
+def _layers(variables: dict[str, np.ndarray], scope: str) -> tuple[list, list, list]:
+    """(convolutions, BatchNorms, dense layers) directly in ``scope``, each a list
+    of {variable: value} in Keras's creation order."""
+    owners = collections.defaultdict(dict)
+    for name, value in variables.items():
+        if name.startswith(scope + "/") and not name.startswith(f"{scope}/block_group"):  # the stem: not the blocks
+            *path, owner, field = name.split("/")
+            owners[owner][field] = value
+    kinds = {"conv": [], "bn": [], "dense": []}
+    for owner, fields in owners.items():
+        base, number = _numbered(owner)
+        kind = "bn" if base in _BN else "dense" if base == "dense" else "conv" if base == "conv2d" else None
+        if kind is None:
+            raise ValueError(f"unknown official layer {scope}/{owner} (variables {sorted(fields)})")
+        kinds[kind].append((number, fields))
+    return tuple([fields for _, fields in sorted(kinds[k], key=lambda item: item[0])] for k in ("conv", "bn", "dense"))
+
+
+def _block_layout(bottleneck: bool, project: bool, sk: bool, se: bool) -> tuple[list, list]:
+    """Our (convolution paths, BatchNorm paths) of one block, in the order the
+    official block creates them: projection first, SE's two convolutions last."""
+    convs, norms = (["proj_conv"], ["proj_bn"]) if project else ([], [])
+    if bottleneck:
+        middle = (["sk/conv", "sk/fc1", "sk/fc2"], ["sk/bn", "sk/fc1_bn"]) if sk else (["conv2"], ["bn2"])
+        convs += ["conv1", *middle[0], "conv3"]
+        norms += ["bn1", *middle[1], "bn3"]
+    else:
+        convs, norms = convs + ["conv1", "conv2"], norms + ["bn1", "bn2"]
+    return convs + (["se/reduce", "se/expand"] if se else []), norms
+
+
+def _stem_layout(num_convs: int) -> tuple[list, list]:
+    if num_convs == 3:  # ResNet-D
+        return ["stem_conv1", "stem_conv2", "stem_conv"], ["stem_bn1", "stem_bn2", "stem_bn"]
+    return ["stem_conv"], ["stem_bn"]
+
+
+def _blocks(variables) -> list[list[str]]:
+    """Block scopes of each of the four groups, in order."""
+    groups = []
+    for group in range(1, 5):
+        prefix = f"resnet/block_group{group}/"
+        scopes = {"/".join(name.split("/")[:3]) for name in variables if name.startswith(prefix)}
+        groups.append(sorted(scopes, key=lambda scope: _numbered(scope.split("/")[-1])[1]))
+    return groups
+
+
+# --------------------------------------------------------------------------- architecture
+
+def infer(variables: dict[str, np.ndarray]) -> tuple[ml_collections.ConfigDict, int, int]:
+    """(our model config, supervised classes or 0, image size) of an official model."""
+    groups = _blocks(variables)
+    if not all(groups) or not any(name.startswith("projection_head/") for name in variables):
+        raise ValueError("these are not SimCLR's variables: expected resnet/block_group1..4/ and "
+                         "projection_head/ (the official tf2/ model's names)")
+    bottleneck = "bottleneck_block" in groups[0][0]
+    kind = "bottleneck" if bottleneck else "basic"
+    counts = tuple(len(g) for g in groups)
+    depth = next((d for d, stages in resnet.RESNET_STAGES.items() if stages == (kind, counts)), None)
+    if depth is None:
+        raise ValueError(f"no ResNet depth has {kind} blocks {counts} per group")
+    stem_convs, _, _ = _layers(variables, "resnet")
+    first_convs, _, _ = _layers(variables, groups[0][0])
+    base_width = first_convs[1]["kernel"].shape[-1]  # the first non-projection convolution
+    sk = any("/sk__conv2d/" in name for name in variables)
+    se_convs = [name for name in variables if "/se__layer/" in name and name.endswith("kernel")]
+    se_ratio = 0.0
+    if se_convs:
+        se_ratio = min(variables[n].shape[-1] for n in se_convs if "se__layer/conv2d" in n) / base_width
+    head_layers = sorted({name.split("/")[1] for name in variables if name.startswith("projection_head/nl_")})
+    _, _, last_dense = _layers(variables, f"projection_head/{head_layers[-1]}")
+    supervised = [v for n, v in variables.items() if n.startswith("head_supervised/") and n.endswith("kernel")]
+    cifar_stem = len(stem_convs) == 1 and stem_convs[0]["kernel"].shape[:2] == (3, 3)
+    model = ml_collections.ConfigDict(dict(
+        depth=depth, width_multiplier=float(base_width // 64), cifar_stem=bool(cifar_stem),
+        head_layers=len(head_layers), proj_dim=int(last_dense[0]["kernel"].shape[-1]), variant="official",
+        sk_ratio=SK_RATIO if sk else 0.0, se_ratio=float(se_ratio)))
+    return model, int(supervised[0].shape[-1]) if supervised else 0, 32 if cifar_stem else 224
+
+
+# --------------------------------------------------------------------------- conversion
+
+def _put(tree: dict, path: str, collection: str, field: str, value: np.ndarray, filled: set) -> None:
+    keys = [collection, *path.split("/"), field]
+    node = tree
+    for key in keys[:-1]:
+        if key not in node:
+            raise ValueError(f"the official variables do not fit the inferred architecture: no {'/'.join(keys)}")
+        node = node[key]
+    if node[keys[-1]].shape != value.shape:
+        raise ValueError(f"official {'/'.join(keys)} has shape {value.shape}, the inferred architecture "
+                         f"{node[keys[-1]].shape}")
+    node[keys[-1]] = np.asarray(value, np.float32)
+    filled.add("/".join(keys))
+
+
+def _put_layers(tree, prefix, layout, convs, norms, filled, scope) -> None:
+    conv_paths, norm_paths = layout
+    if len(convs) != len(conv_paths) or len(norms) != len(norm_paths):
+        raise ValueError(f"{scope} has {len(convs)} convolutions and {len(norms)} BatchNorms; the architecture "
+                         f"inferred from the rest expects {len(conv_paths)} and {len(norm_paths)}")
+    for path, fields in zip(conv_paths, convs):
+        for field, value in fields.items():
+            _put(tree, f"{prefix}/{path}", "params", field, value, filled)
+    for path, fields in zip(norm_paths, norms):
+        for field, value in fields.items():
+            _put(tree, f"{prefix}/{path}", *_BN_FIELDS[field], value, filled)
+
+
+def to_flax(variables: dict[str, np.ndarray], model, abstract: dict) -> tuple[dict, Optional[dict]]:
+    """({'params', 'batch_stats'} of ``model`` holding the official values,
+    the supervised head {'kernel', 'bias'} or None). ``abstract`` is the
+    model's variables (shapes) to fill."""
+    tree = {collection: _unfreeze(abstract[collection]) for collection in ("params", "batch_stats")}
+    filled = set()
+    stem_convs, stem_norms, _ = _layers(variables, "resnet")
+    _put_layers(tree, "encoder", _stem_layout(len(stem_convs)), stem_convs, stem_norms, filled, "the stem")
+    for group, scopes in enumerate(_blocks(variables)):
+        for index, scope in enumerate(scopes):
+            convs, norms, _ = _layers(variables, scope)
+            layout = _block_layout("bottleneck" in scope, index == 0, model.sk_ratio > 0, model.se_ratio > 0)
+            _put_layers(tree, f"encoder/stage{group + 1}_block{index + 1}", layout, convs, norms, filled, scope)
+    for j in range(model.head_layers):
+        _, norms, dense = _layers(variables, f"projection_head/nl_{j}")
+        _put_layers(tree, "head", ([f"dense{j + 1}"], [f"bn{j + 1}"]), dense, norms, filled, f"head layer {j}")
+    missing = [path for path in _leaf_paths(tree) if path not in filled]
+    if missing:
+        raise ValueError(f"the official checkpoint has no values for {missing[:5]} ({len(missing)} in all)")
+    _, _, supervised = _layers(variables, "head_supervised/linear_layer")
+    head = {k: np.asarray(v, np.float32) for k, v in supervised[0].items()} if supervised else None
+    return tree, head
+
+
+def _unfreeze(tree):
+    return {k: _unfreeze(v) for k, v in tree.items()} if hasattr(tree, "items") else tree
+
+
+def _leaf_paths(tree, prefix=""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaf_paths(value, f"{prefix}{key}/")
+        else:
+            yield prefix + key
