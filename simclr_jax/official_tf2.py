@@ -219,3 +219,23 @@ def _leaf_paths(tree, prefix=""):
             yield from _leaf_paths(value, f"{prefix}{key}/")
         else:
             yield prefix + key
+
+
+def load(prefix: str) -> tuple[ml_collections.ConfigDict, dict, Optional[dict], int, int]:
+    """(model config, {'params', 'batch_stats'} as numpy, supervised head or
+    None, image size, step) of the official checkpoint at ``prefix``."""
+    import jax  # noqa: only here: the rest of this module reads files
+
+    from simclr_jax.models import model_from_config
+
+    variables = read_variables(prefix)
+    model_config, _, image_size = infer(variables)
+    model = model_from_config(model_config)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32),
+                                                 train=False))
+    tree, head = to_flax(variables, model, abstract)
+    # run.py saves SavedModels as saved_model/<global step>/, checkpoints as ckpt-<save number>.
+    saved_model_step = os.path.basename(os.path.dirname(os.path.dirname(prefix)))
+    ckpt = re.fullmatch(r"ckpt-(\d+)", os.path.basename(prefix))
+    step = int(saved_model_step) if saved_model_step.isdigit() else int(ckpt.group(1)) if ckpt else 0
+    return model_config, tree, head, image_size, step

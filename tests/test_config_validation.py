@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from configs import cached_linear, cifar10, finetune, imagenet, knn, linear_eval, smoke
+from configs import cached_linear, cifar10, finetune, imagenet, imagenet_v2, knn, linear_eval, smoke
 from simclr_jax import config_validation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,6 +33,9 @@ BAD_VALUES = [
     ("model.width_multiplier", 0.0, "model.width_multiplier"),
     ("model.head_layers", 0, "model.head_layers"),
     ("model.proj_dim", 0, "model.proj_dim"),
+    ("model.variant", "resnet_d", "model.variant='resnet_d' is invalid: choose one of ('torchvision', 'official')"),
+    ("model.sk_ratio", -0.1, "model.sk_ratio"),
+    ("model.se_ratio", 1.0, "model.se_ratio"),
     ("probe_learning_rate", 0.0, "probe_learning_rate"),
     ("image_size", 4, "image_size=4 is invalid: the CIFAR-stem ResNet downsamples by 8"),
     ("optimizer.lr_scaling", "cubic", "optimizer.lr_scaling='cubic'"),
@@ -72,7 +75,7 @@ def test_imagenet_stem_needs_32_pixels():
         config_validation.validate(config, 8, 1)
 
 
-@pytest.mark.parametrize("recipe", [cifar10, imagenet, smoke])
+@pytest.mark.parametrize("recipe", [cifar10, imagenet, imagenet_v2, smoke])
 def test_shipped_recipes_are_valid(recipe):
     assert config_validation.validate(recipe.get_config(), 8, 1) == "pretrain"
 

@@ -12,6 +12,7 @@ checkpoint. Every evaluation protocol starts from the same object
 to the training size) and runs the jitted feature function in fixed-size
 chunks split over this process's devices, so it compiles once.
 """
+import os
 from typing import Optional
 
 import jax
@@ -20,7 +21,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from simclr_jax import checkpoint, config_validation, sharding
+from simclr_jax import checkpoint, config_validation, official_tf2, sharding
 from simclr_jax.data import augment
 from simclr_jax.evaluation.features import feature_function
 from simclr_jax.models import SimCLR, model_from_config
@@ -30,11 +31,14 @@ class Encoder:
     """A restored encoder: ``embed(images)`` -> features (see the module docstring).
 
     ``model_config`` and ``image_size`` are the architecture it was trained
-    with; ``variables`` its {'params', 'batch_stats'}, replicated on ``mesh``.
+    with; ``variables`` its {'params', 'batch_stats'}, replicated on ``mesh``;
+    ``supervised_head`` an official checkpoint's classifier on h
+    ({'kernel', 'bias'}), or None.
     """
 
     def __init__(self, model_config: ml_collections.ConfigDict, variables: dict, image_size: int, *,
-                 mesh: jax.sharding.Mesh, head_layer: int = 0, batch_size: int = 256, step: int = 0):
+                 mesh: jax.sharding.Mesh, head_layer: int = 0, batch_size: int = 256, step: int = 0,
+                 supervised_head: Optional[dict] = None):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.model_config, self.model = model_config, model_from_config(model_config)
@@ -43,6 +47,10 @@ class Encoder:
         devices = mesh.devices.size
         self.batch_size = -(-batch_size // devices) * devices  # a multiple of the device count
         self._features = feature_function(self.model, head_layer)
+        self.supervised_head = supervised_head
+        if supervised_head is not None:
+            h = feature_function(self.model, 0)
+            self._logits = jax.jit(lambda v, head, x: h(v, x) @ head["kernel"] + head["bias"])
         shape = jax.ShapeDtypeStruct((devices, self.image_size, self.image_size, 3), np.float32)
         self.feature_dim = int(jax.eval_shape(self._features, variables, shape).shape[-1])
         size = self.image_size
@@ -72,16 +80,45 @@ class Encoder:
             return self.embed(images[None])[0]
         if min(images.shape[1:3]) < 1:
             raise ValueError(f"embed got empty images, shape {images.shape}")
+        return self._in_chunks(lambda views: self._features(self.variables, views), images, self.preprocess,
+                               self.feature_dim)
+
+    def embed_views(self, views) -> np.ndarray:
+        """float32 views [B, S, S, 3] in [0, 1], already preprocessed as you wish
+        (any S the network takes) -> features [B, D] of ``head_layer``."""
+        views = self._check_views(views)
+        return self._in_chunks(lambda x: self._features(self.variables, x), views, None, self.feature_dim)
+
+    def logits(self, views) -> np.ndarray:
+        """The imported supervised head's logits [B, C] on h of ``views`` (as
+        ``embed_views`` takes them): the released models' linear-evaluation head,
+        or a fine-tuned model's classifier when it sits on h."""
+        if self.supervised_head is None:
+            raise ValueError("this encoder has no supervised head: only official checkpoints saved with one "
+                             "(lineareval_while_pretraining, or fine-tuned) carry it")
+        views = self._check_views(views)
+        return self._in_chunks(lambda x: self._logits(self.variables, self.supervised_head, x), views, None,
+                               self.supervised_head["bias"].shape[0])
+
+    def _check_views(self, views) -> np.ndarray:
+        views = np.asarray(views)
+        if views.ndim != 4 or views.shape[-1] != 3 or views.dtype.kind != "f":
+            raise ValueError(f"expected float views [B, S, S, 3] in [0, 1], got {views.dtype} {views.shape}; "
+                             "for uint8 images of any size use embed()")
+        return views.astype(np.float32, copy=False)
+
+    def _in_chunks(self, fn, inputs, prepare, width: int) -> np.ndarray:
+        """fn over fixed-size chunks of ``inputs`` (the last one padded), split over the mesh."""
         chunk, outputs = self.batch_size, []
-        for start in range(0, len(images), chunk):
-            views = self.preprocess(images[start:start + chunk])
+        for start in range(0, len(inputs), chunk):
+            views = inputs[start:start + chunk] if prepare is None else prepare(inputs[start:start + chunk])
             rows = len(views)
             if rows < chunk:  # pad to the compiled shape
                 views = np.concatenate([views, np.zeros((chunk - rows,) + views.shape[1:], views.dtype)])
-            # Dispatch is asynchronous: the next chunk is preprocessed while this one runs.
-            outputs.append((self._features(self.variables, sharding.put_batch(views, self.mesh)), rows))
+            # Dispatch is asynchronous: the next chunk is prepared while this one runs.
+            outputs.append((fn(sharding.put_batch(views, self.mesh)), rows))
         if not outputs:
-            return np.zeros((0, self.feature_dim), np.float32)
+            return np.zeros((0, width), np.float32)
         return np.concatenate([np.asarray(jax.device_get(out))[:rows] for out, rows in outputs]).astype(
             np.float32, copy=False)
 
@@ -106,7 +143,10 @@ def _init_variables(model: SimCLR, image_size: int, seed: int, mesh) -> dict:
 
 def load_encoder(path: str, *, step: Optional[int] = None, head_layer: int = 0, batch_size: int = 256,
                  random_init_seed: Optional[int] = None, mesh: Optional[jax.sharding.Mesh] = None) -> Encoder:
-    """Restores the encoder of a pretraining workdir (or its checkpoints/ folder).
+    """Restores the encoder of a pretraining workdir (or its checkpoints/ folder),
+    or of an official SimCLR TF2 checkpoint: a SavedModel directory (as
+    released), a training CheckpointManager directory or a ``ckpt-N`` prefix,
+    its architecture read from the variables (see official_tf2.py).
 
     ``step``: the checkpoint to read (default: the latest). ``head_layer``: 0
     returns h, the encoder's output; i >= 1 the output of projection-head
@@ -115,12 +155,21 @@ def load_encoder(path: str, *, step: Optional[int] = None, head_layer: int = 0, 
     architecture at random initialisation instead (the baseline; needs only
     config.json). ``mesh``: default this process's devices.
     """
+    mesh = mesh or sharding.make_mesh(jax.local_devices())
+    prefix = _official_prefix(path)
+    if prefix is not None:
+        model_config, tree, head, image_size, official_step = official_tf2.load(prefix)
+        feature_function(model_from_config(model_config), head_layer)  # a bad head_layer fails here too
+        variables = (_init_variables(model_from_config(model_config), image_size, random_init_seed, mesh)
+                     if random_init_seed is not None else sharding.put_replicated(tree, mesh))
+        return Encoder(model_config, variables, image_size, mesh=mesh, head_layer=head_layer,
+                       batch_size=batch_size, step=0 if random_init_seed is not None else official_step,
+                       supervised_head=None if random_init_seed is not None else head)
     workdir = checkpoint.run_workdir(path)
     run_config = checkpoint.read_run_config(workdir)
     model_config, image_size = run_config.model, int(run_config.image_size)
     model = model_from_config(model_config)
     feature_function(model, head_layer)  # a bad head_layer fails before restoring
-    mesh = mesh or sharding.make_mesh(jax.local_devices())
     if random_init_seed is not None:
         variables, step = _init_variables(model, image_size, random_init_seed, mesh), 0
     else:
@@ -129,15 +178,33 @@ def load_encoder(path: str, *, step: Optional[int] = None, head_layer: int = 0, 
                    step=int(step))
 
 
+def _official_prefix(path: str) -> Optional[str]:
+    """The TF checkpoint prefix of an official checkpoint, None for our workdirs."""
+    if os.path.isdir(path) and os.path.exists(os.path.join(checkpoint.run_workdir(path), checkpoint.CONFIG_FILE)):
+        return None
+    return official_tf2.variables_prefix(path)
+
+
+def _trained_architecture(path: str) -> ml_collections.ConfigDict:
+    """{'model', 'image_size'} that ``path`` was trained with: our workdir's
+    config.json, or what an official checkpoint's variables say."""
+    prefix = _official_prefix(path)
+    if prefix is None:
+        return checkpoint.read_run_config(checkpoint.run_workdir(path))
+    model_config, _, image_size = official_tf2.infer(official_tf2.read_variables(prefix))
+    return ml_collections.ConfigDict(dict(model=model_config.to_dict(), image_size=image_size))
+
+
 def resolve_architecture(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The evaluation config with ``model`` and ``image_size`` filled in from the
-    pretrained workdir's config.json. A field the user set must agree with
-    the checkpoint: a contradiction is an error naming both values."""
+    pretrained workdir's config.json (or an official checkpoint's variables).
+    A field the user set must agree with the checkpoint: a contradiction is an
+    error naming both values."""
     if config.pretrained == "random":  # the spelling before random_init existed
         raise config_validation.ConfigError(
             "config.pretrained='random' is no longer a model: set --config.pretrained=PRETRAIN_WORKDIR "
             "--config.random_init=True for that workdir's architecture at random initialisation")
-    trained = checkpoint.read_run_config(checkpoint.run_workdir(config.pretrained))
+    trained = _trained_architecture(config.pretrained)
     conflicts = [f"{field}: checkpoint {trained_value!r}, config {value!r}" for field, value, trained_value in
                  [("image_size", config.image_size, trained.image_size)]
                  + [(f"model.{name}", config.model[name], trained.model[name])

@@ -1,0 +1,199 @@
+"""Official SimCLR TF2 checkpoints (files the official code wrote) give the
+official outputs and parameter counts through load_encoder."""
+import json
+import os
+import pathlib
+import tarfile
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+import simclr_jax
+from simclr_jax import models, official_tf2
+
+FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official_simclr_tf2"
+
+
+@pytest.fixture(scope="module")
+def unpacked(tmp_path_factory):
+    """{(model, format): path} of the fixture's files, unpacked once."""
+    if not FIXTURES.is_dir():
+        message = f"official SimCLR fixtures not found under {FIXTURES}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    root = tmp_path_factory.mktemp("official")
+    paths = {}
+    for name in ("r18_cifar", "r50_1x_sk1"):
+        for archive in sorted((FIXTURES / name).glob("*.tar.gz")):
+            with tarfile.open(archive) as tar:
+                tar.extractall(root / name, filter="data")
+        paths[name, "saved_model"] = str(root / name / "saved_model" / "1")
+    paths["r18_cifar", "checkpoint_dir"] = str(root / "r18_cifar" / "checkpoint")
+    paths["r18_cifar", "ckpt_prefix"] = str(root / "r18_cifar" / "checkpoint" / "ckpt-1")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def encoders(unpacked):
+    """load_encoder of each fixture file, loaded once."""
+    cache = {}
+
+    def get(name, form):
+        if (name, form) not in cache:
+            cache[name, form] = simclr_jax.load_encoder(unpacked[name, form], batch_size=8)
+        return cache[name, form]
+    return get
+
+
+CASES = [("r18_cifar", "saved_model"), ("r18_cifar", "checkpoint_dir"), ("r18_cifar", "ckpt_prefix"),
+         ("r50_1x_sk1", "saved_model")]
+
+
+def _official(name):
+    meta = json.loads((FIXTURES / name / "meta.json").read_text())
+    return meta, dict(np.load(FIXTURES / name / "outputs.npz"))
+
+
+def _assert_close(got, want, what):
+    """The fixture README's tolerance: 1e-4 of the largest official value."""
+    error = float(np.max(np.abs(np.asarray(got) - want)))
+    scale = float(np.max(np.abs(want)))
+    print(f"{what}: max|diff| / max|official| = {error / scale:.2e}")
+    assert error <= 1e-4 * scale, (what, error, scale)
+
+
+@pytest.mark.parametrize("name, form", CASES, ids=[f"{n}-{f}" for n, f in CASES])
+def test_every_output_equals_the_official_one(encoders, name, form):
+    meta, official = _official(name)
+    views = official["images"]
+    encoder = encoders(name, form)
+    flags = meta["flags"]
+    assert (encoder.model.depth, encoder.model.width_multiplier, encoder.model.head_layers) == (
+        flags["resnet_depth"], flags["width_multiplier"], flags["num_proj_layers"])
+    assert encoder.model.sk_ratio == flags["sk_ratio"] and encoder.model.cifar_stem == flags["cifar_stem"]
+    assert encoder.step == 1
+    h, z = encoder.model.apply(encoder.variables, views, train=False)
+    _assert_close(h, official["final_avg_pool"], f"{name} {form} h")
+    _assert_close(z, official["proj_head_output"], f"{name} {form} z")
+    _assert_close(encoder.embed_views(views), official["final_avg_pool"], f"{name} {form} embed_views")
+    for layer in range(1, flags["num_proj_layers"] + 1):
+        hidden = encoder.model.apply(encoder.variables, views, False, layer, method=models.SimCLR.features)
+        _assert_close(hidden, official[f"proj_head_hidden_{layer}"], f"{name} {form} head layer {layer}")
+    _assert_close(encoder.logits(views), official["logits_sup"], f"{name} {form} logits_sup")
+
+
+@pytest.mark.parametrize("name", ["r18_cifar", "r50_1x_sk1"])
+def test_trainable_parameters_equal_the_official_count(encoders, name):
+    meta, _ = _official(name)
+    encoder = encoders(name, "saved_model")
+    count = sum(np.size(leaf) for leaf in jax.tree.leaves(encoder.variables["params"]))
+    count += sum(np.size(leaf) for leaf in encoder.supervised_head.values())
+    assert count == meta["trainable_parameters"]
+
+
+def _resnet50_sk_parameters(width: int, head_layers: int = 3, proj_dim: int = 128) -> int:
+    """Trainable parameters of the official ResNet-50 with selective kernels
+    (sk_ratio 1/16, ResNet-D) and its projection head, counted by hand from the
+    architecture: every convolution k*k*in*out, every BatchNorm 2*channels (the
+    last head BN has no beta), head denses in*out."""
+    def bn(channels):
+        return 2 * channels
+
+    stem = 64 * width
+    total = 3 * 3 * 3 * (stem // 2) + bn(stem // 2) + 3 * 3 * (stem // 2) ** 2 + bn(stem // 2)
+    total += 3 * 3 * (stem // 2) * stem + bn(stem)
+    channels = stem
+    for group, blocks in enumerate((3, 4, 6, 3)):
+        f = 64 * width * 2 ** group
+        for block in range(blocks):
+            if block == 0:  # the projection: average pool, 1x1 conv, BN
+                total += channels * 4 * f + bn(4 * f)
+            mid = max(int(f * 0.0625), 32)
+            total += channels * f + bn(f)  # 1x1
+            total += 3 * 3 * f * 2 * f + bn(2 * f) + f * mid + bn(mid) + mid * 2 * f  # SK: 2 streams, mixing
+            total += f * 4 * f + bn(4 * f)  # 1x1 expansion
+            channels = 4 * f
+    for layer in range(head_layers):
+        last = layer == head_layers - 1
+        total += channels * (proj_dim if last else channels) + (proj_dim if last else bn(channels))
+    return total
+
+
+@pytest.mark.parametrize("width", [1, 2])
+def test_resnet50_sk_parameter_count_matches_the_architecture(width):
+    config = ml_collections.ConfigDict(dict(depth=50, width_multiplier=float(width), cifar_stem=False,
+                                            head_layers=3, proj_dim=128, variant="official", sk_ratio=0.0625,
+                                            se_ratio=0.0))
+    model = models.model_from_config(config)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))
+    count = sum(np.size(leaf) for leaf in jax.tree.leaves(abstract["params"]))
+    assert count == _resnet50_sk_parameters(width)
+    # The fixture's 1x model: the same count plus its 10-class supervised head on h.
+    if width == 1:
+        assert count + 2048 * 10 + 10 == 43_895_146
+
+
+def test_official_resnet18_differs_from_torchvision_only_in_the_first_shortcut():
+    def params(variant):
+        config = ml_collections.ConfigDict(dict(depth=18, width_multiplier=1.0, cifar_stem=True, head_layers=2,
+                                                proj_dim=128, variant=variant, sk_ratio=0.0, se_ratio=0.0))
+        model = models.model_from_config(config)
+        return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+
+    official, torchvision = params("official")["params"]["encoder"], params("torchvision")["params"]["encoder"]
+    extra = {k: v for k, v in official["stage1_block1"].items() if k not in torchvision["stage1_block1"]}
+    assert set(extra) == {"proj_conv", "proj_bn"} and extra["proj_conv"]["kernel"].shape == (1, 1, 64, 64)
+    assert all(set(official[k]) == set(torchvision[k]) for k in official if k != "stage1_block1")
+
+
+def test_encoder_without_a_supervised_head_says_so(tmp_path):
+    from configs import smoke
+    from simclr_jax import checkpoint
+
+    checkpoint.write_run_config(str(tmp_path), smoke.get_config())
+    encoder = simclr_jax.load_encoder(str(tmp_path), random_init_seed=0)
+    with pytest.raises(ValueError, match="no supervised head"):
+        encoder.logits(np.zeros((1, 32, 32, 3), np.float32))
+    with pytest.raises(ValueError, match="float views"):
+        encoder.embed_views(np.zeros((1, 32, 32, 3), np.uint8))
+
+
+def test_variables_that_are_not_simclrs_are_a_clear_error(tmp_path):
+    import tensorflow as tf
+
+    ckpt = tf.train.Checkpoint(layer=tf.keras.layers.Dense(3))
+    ckpt.layer.build((None, 2))
+    prefix = ckpt.write(str(tmp_path / "other"))
+    assert official_tf2.variables_prefix(prefix) == prefix
+    with pytest.raises(ValueError, match="not SimCLR's variables"):
+        simclr_jax.load_encoder(prefix)
+    (tmp_path / "truncated.index").write_bytes(b"\x00" * 10)
+    with pytest.raises(ValueError, match="cannot read the TF checkpoint"):
+        simclr_jax.load_encoder(str(tmp_path / "truncated"))
+
+
+def test_knn_protocol_runs_on_an_official_checkpoint(unpacked, real_data_dir, tmp_path):
+    """The CLI's kNN on the official ResNet-18 checkpoint: the architecture comes
+    from the variables, and the result is the kNN of its own features."""
+    from configs import knn as knn_config
+    from simclr_jax.data import sources
+    from simclr_jax.evaluation import knn, run
+
+    config = knn_config.get_config()
+    config.update(pretrained=unpacked["r18_cifar", "checkpoint_dir"], data_dir=real_data_dir,
+                  train_split="train[:500]", test_split="test[:200]", write_pictures=False, eval_batch_size=64)
+    record = run.evaluate(config, str(tmp_path))
+    assert record["checkpoint_step"] == 1 and record["num_examples"] == 200
+
+    def raw(split):
+        examples = list(sources.load_split("cifar10", split, real_data_dir)[0].as_numpy_iterator())
+        return np.stack([e["image"] for e in examples]), np.array([e["label"] for e in examples])
+
+    encoder = simclr_jax.load_encoder(unpacked["r18_cifar", "checkpoint_dir"], batch_size=64)
+    (train_x, train_y), (test_x, test_y) = raw("train[:500]"), raw("test[:200]")
+    want = knn.knn_accuracy(encoder.embed(train_x), train_y, encoder.embed(test_x), test_y, 10)
+    assert record["top1"] == pytest.approx(want["top1"], abs=1 / 200)
