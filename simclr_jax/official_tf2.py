@@ -76,14 +76,14 @@ def _numbered(segment: str) -> tuple[str, int]:
     return base, int(number or 0)
 
 
-def _layers(variables: dict[str, np.ndarray], scope: str) -> tuple[list, list, list]:
+def _layers(variables, scope: str) -> tuple[list, list, list]:
     """(convolutions, BatchNorms, dense layers) directly in ``scope``, each a list
-    of {variable: value} in Keras's creation order."""
+    of {field: official variable name} in Keras's creation order."""
     owners = collections.defaultdict(dict)
-    for name, value in variables.items():
+    for name in variables:
         if name.startswith(scope + "/") and not name.startswith(f"{scope}/block_group"):  # the stem: not the blocks
             *path, owner, field = name.split("/")
-            owners[owner][field] = value
+            owners[owner][field] = name
     kinds = {"conv": [], "bn": [], "dense": []}
     for owner, fields in owners.items():
         base, number = _numbered(owner)
@@ -139,7 +139,7 @@ def infer(variables: dict[str, np.ndarray]) -> tuple[ml_collections.ConfigDict, 
         raise ValueError(f"no ResNet depth has {kind} blocks {counts} per group")
     stem_convs, _, _ = _layers(variables, "resnet")
     first_convs, _, _ = _layers(variables, groups[0][0])
-    base_width = first_convs[1]["kernel"].shape[-1]  # the first non-projection convolution
+    base_width = variables[first_convs[1]["kernel"]].shape[-1]  # the first non-projection convolution
     sk = any("/sk__conv2d/" in name for name in variables)
     se_convs = [name for name in variables if "/se__layer/" in name and name.endswith("kernel")]
     se_ratio = 0.0
@@ -148,64 +148,74 @@ def infer(variables: dict[str, np.ndarray]) -> tuple[ml_collections.ConfigDict, 
     head_layers = sorted({name.split("/")[1] for name in variables if name.startswith("projection_head/nl_")})
     _, _, last_dense = _layers(variables, f"projection_head/{head_layers[-1]}")
     supervised = [v for n, v in variables.items() if n.startswith("head_supervised/") and n.endswith("kernel")]
-    cifar_stem = len(stem_convs) == 1 and stem_convs[0]["kernel"].shape[:2] == (3, 3)
+    cifar_stem = len(stem_convs) == 1 and variables[stem_convs[0]["kernel"]].shape[:2] == (3, 3)
     model = ml_collections.ConfigDict(dict(
         depth=depth, width_multiplier=float(base_width // 64), cifar_stem=bool(cifar_stem),
-        head_layers=len(head_layers), proj_dim=int(last_dense[0]["kernel"].shape[-1]), variant="official",
+        head_layers=len(head_layers), proj_dim=int(variables[last_dense[0]["kernel"]].shape[-1]), variant="official",
         sk_ratio=SK_RATIO if sk else 0.0, se_ratio=float(se_ratio)))
     return model, int(supervised[0].shape[-1]) if supervised else 0, 32 if cifar_stem else 224
 
 
 # --------------------------------------------------------------------------- conversion
 
-def _put(tree: dict, path: str, collection: str, field: str, value: np.ndarray, filled: set) -> None:
-    keys = [collection, *path.split("/"), field]
-    node = tree
-    for key in keys[:-1]:
-        if key not in node:
-            raise ValueError(f"the official variables do not fit the inferred architecture: no {'/'.join(keys)}")
-        node = node[key]
-    if node[keys[-1]].shape != value.shape:
-        raise ValueError(f"official {'/'.join(keys)} has shape {value.shape}, the inferred architecture "
-                         f"{node[keys[-1]].shape}")
-    node[keys[-1]] = np.asarray(value, np.float32)
-    filled.add("/".join(keys))
-
-
-def _put_layers(tree, prefix, layout, convs, norms, filled, scope) -> None:
+def _name_layers(names: dict, prefix, layout, convs, norms, scope) -> None:
+    """Adds {official name: 'collection/path/field'} of one scope's layers to ``names``."""
     conv_paths, norm_paths = layout
     if len(convs) != len(conv_paths) or len(norms) != len(norm_paths):
         raise ValueError(f"{scope} has {len(convs)} convolutions and {len(norms)} BatchNorms; the architecture "
                          f"inferred from the rest expects {len(conv_paths)} and {len(norm_paths)}")
     for path, fields in zip(conv_paths, convs):
-        for field, value in fields.items():
-            _put(tree, f"{prefix}/{path}", "params", field, value, filled)
+        names.update({name: f"params/{prefix}/{path}/{field}" for field, name in fields.items()})
     for path, fields in zip(norm_paths, norms):
-        for field, value in fields.items():
-            _put(tree, f"{prefix}/{path}", *_BN_FIELDS[field], value, filled)
+        for field, name in fields.items():
+            collection, ours = _BN_FIELDS[field]
+            names[name] = f"{collection}/{prefix}/{path}/{ours}"
+
+
+def flax_names(variables, model) -> dict[str, str]:
+    """{official variable name: our 'params/...' or 'batch_stats/...' path} for
+    ``model``'s encoder and projection head (the supervised head is apart)."""
+    names = {}
+    stem_convs, stem_norms, _ = _layers(variables, "resnet")
+    _name_layers(names, "encoder", _stem_layout(len(stem_convs)), stem_convs, stem_norms, "the stem")
+    for group, scopes in enumerate(_blocks(variables)):
+        for index, scope in enumerate(scopes):
+            convs, norms, _ = _layers(variables, scope)
+            layout = _block_layout("bottleneck" in scope, index == 0, model.sk_ratio > 0, model.se_ratio > 0)
+            _name_layers(names, f"encoder/stage{group + 1}_block{index + 1}", layout, convs, norms, scope)
+    for j in range(model.head_layers):
+        _, norms, dense = _layers(variables, f"projection_head/nl_{j}")
+        _name_layers(names, "head", ([f"dense{j + 1}"], [f"bn{j + 1}"]), dense, norms, f"head layer {j}")
+    return names
 
 
 def to_flax(variables: dict[str, np.ndarray], model, abstract: dict) -> tuple[dict, Optional[dict]]:
     """({'params', 'batch_stats'} of ``model`` holding the official values,
     the supervised head {'kernel', 'bias'} or None). ``abstract`` is the
-    model's variables (shapes) to fill."""
+    model's variables (shapes) to fill: every leaf must get a value of its shape."""
     tree = {collection: _unfreeze(abstract[collection]) for collection in ("params", "batch_stats")}
-    filled = set()
-    stem_convs, stem_norms, _ = _layers(variables, "resnet")
-    _put_layers(tree, "encoder", _stem_layout(len(stem_convs)), stem_convs, stem_norms, filled, "the stem")
-    for group, scopes in enumerate(_blocks(variables)):
-        for index, scope in enumerate(scopes):
-            convs, norms, _ = _layers(variables, scope)
-            layout = _block_layout("bottleneck" in scope, index == 0, model.sk_ratio > 0, model.se_ratio > 0)
-            _put_layers(tree, f"encoder/stage{group + 1}_block{index + 1}", layout, convs, norms, filled, scope)
-    for j in range(model.head_layers):
-        _, norms, dense = _layers(variables, f"projection_head/nl_{j}")
-        _put_layers(tree, "head", ([f"dense{j + 1}"], [f"bn{j + 1}"]), dense, norms, filled, f"head layer {j}")
+    filled, names = set(), flax_names(variables, model)
+    unknown = sorted(n for n in variables if n not in names and not n.startswith("head_supervised/"))
+    if unknown:
+        raise ValueError(f"the official checkpoint has variables this architecture does not know: {unknown[:5]} "
+                         f"({len(unknown)} in all)")
+    for name, path in names.items():
+        *parents, leaf = path.split("/")
+        node = tree
+        for key in parents:
+            if key not in node:
+                raise ValueError(f"official {name} has no place in the inferred architecture (no {path})")
+            node = node[key]
+        if leaf not in node or node[leaf].shape != variables[name].shape:
+            raise ValueError(f"official {name} {variables[name].shape} does not fit {path} "
+                             f"{getattr(node.get(leaf), 'shape', None)}")
+        node[leaf] = np.asarray(variables[name], np.float32)
+        filled.add(path)
     missing = [path for path in _leaf_paths(tree) if path not in filled]
     if missing:
         raise ValueError(f"the official checkpoint has no values for {missing[:5]} ({len(missing)} in all)")
     _, _, supervised = _layers(variables, "head_supervised/linear_layer")
-    head = {k: np.asarray(v, np.float32) for k, v in supervised[0].items()} if supervised else None
+    head = {k: np.asarray(variables[n], np.float32) for k, n in supervised[0].items()} if supervised else None
     return tree, head
 
 
@@ -224,7 +234,7 @@ def _leaf_paths(tree, prefix=""):
 def load(prefix: str) -> tuple[ml_collections.ConfigDict, dict, Optional[dict], int, int]:
     """(model config, {'params', 'batch_stats'} as numpy, supervised head or
     None, image size, step) of the official checkpoint at ``prefix``."""
-    import jax  # noqa: only here: the rest of this module reads files
+    import jax  # only here: the rest of this module reads files, and needs no JAX
 
     from simclr_jax.models import model_from_config
 

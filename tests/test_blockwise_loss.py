@@ -178,8 +178,10 @@ def test_train_step_blockwise_matches_naive(monkeypatch):
         assert set(metrics) == set(want_metrics)
         for key in want_metrics:
             np.testing.assert_allclose(metrics[key], want_metrics[key], rtol=1e-5, atol=1e-6, err_msg=key)
+        # The step minimises 2L: BN updates of lr * 2 * g, so summation-order
+        # differences reach ~1.5e-6 on them after two steps.
         jax.tree_util.tree_map_with_path(
-            lambda path, a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6,
+            lambda path, a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=3e-6,
                                                           err_msg=jax.tree_util.keystr(path)),
             state, want_state)
     # The steps moved the parameters, so matching them is not vacuous.

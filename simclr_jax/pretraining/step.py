@@ -23,6 +23,7 @@ from simclr_jax.pretraining.losses import nt_xent
 
 
 PROBE = "online_probe"  # key of the online linear probe in TrainState.params
+OBJECTIVE_SCALE = 2.0  # the step minimises 2L, as the official code (see make_train_step)
 
 
 @flax.struct.dataclass
@@ -142,7 +143,12 @@ def make_train_step(
             loss, metrics = nt_xent(
                 z[:n], z[n:], temperature, axis_name=sharding.DATA_AXIS, impl=loss_impl
             )
-            total = loss
+            # The official code minimises the sum of both directions' mean
+            # cross-entropies, 2L. LARS does not undo the factor (it doubles the
+            # steps of BN parameters and biases, and halves weight decay's share
+            # in the trust ratio), so the published hyperparameters mean what
+            # they meant there only for 2L. L is what is reported.
+            total = OBJECTIVE_SCALE * loss
             if num_classes:
                 logits = _probe(num_classes).apply({"params": params[PROBE]}, jax.lax.stop_gradient(h))
                 both_labels = jnp.concatenate([labels, labels])
@@ -152,7 +158,7 @@ def make_train_step(
                     "probe_acc": jnp.mean(jnp.argmax(logits, -1) == both_labels),
                 }
                 probe_metrics = jax.lax.pmean(probe_metrics, sharding.DATA_AXIS)
-                total = loss + probe_metrics["probe_loss"]
+                total = total + probe_metrics["probe_loss"]
                 metrics = dict(metrics, **probe_metrics)
             return total, (loss, metrics, updates["batch_stats"])
 
