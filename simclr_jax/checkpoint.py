@@ -59,7 +59,8 @@ def run_workdir(path: str) -> str:
     if not os.path.isdir(path):
         raise FileNotFoundError(
             f"no such directory: {path!r}; pass a pretraining workdir (the --workdir of main.py, holding "
-            f"{CONFIG_FILE} and checkpoints/) or its checkpoints/ folder")
+            f"{CONFIG_FILE} and checkpoints/) or its checkpoints/ folder, or an official SimCLR TF2 "
+            "SavedModel folder, checkpoint folder or ckpt-N prefix")
     path = os.path.abspath(path)
     if os.path.basename(os.path.normpath(path)) == "checkpoints" and not os.path.exists(
             os.path.join(path, CONFIG_FILE)):
@@ -80,7 +81,8 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"{workdir} has no {CONFIG_FILE}, which names the encoder's architecture and image size; pass "
-            f"the pretraining workdir that main.py wrote (it holds {CONFIG_FILE} next to checkpoints/)")
+            f"the pretraining workdir that main.py wrote (it holds {CONFIG_FILE} next to checkpoints/), or "
+            "an official SimCLR TF2 SavedModel folder, checkpoint folder or ckpt-N prefix")
     with open(path, encoding="utf-8") as f:
         config = json.load(f)
     if "model" not in config or "image_size" not in config:
