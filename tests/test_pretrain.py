@@ -116,21 +116,24 @@ def test_missing_data_names_the_data_dir(tmp_path):
 @pytest.mark.slow
 def test_bfloat16_compute_trains_like_float32(real_data_dir, tmp_path):
     """bfloat16 activations (float32 parameters, BN statistics and loss) on the
-    same batches as float32: the same start, and a final loss within 5%.
+    same batches as float32: the first step's loss within 1%, and the mean of
+    the last 30 steps within 5%.
 
     Trajectories of a tiny net part ways after a few dozen steps whatever
     perturbs them (float32 on 1 vs 8 devices differs by up to 2% too), so
-    the tolerance is on the level reached, not on each step.
+    after the first step the tolerance is on the level reached.
     """
     curves = {}
     for dtype in ("float32", "bfloat16"):
-        config = _tiny_config(real_data_dir, dtype=dtype, num_train_steps=90, log_every_steps=15,
+        config = _tiny_config(real_data_dir, dtype=dtype, num_train_steps=90, log_every_steps=1,
                               checkpoint_every_steps=90, knn_monitor=False, batch_size=64)
         config.optimizer.base_learning_rate = 1.0
         pretrain(config, str(tmp_path / dtype))
         curves[dtype] = np.array([r["loss"] for r in _scalars(str(tmp_path / dtype), "loss")])
     f32, bf16 = curves["float32"], curves["bfloat16"]
     print({"float32": f32.round(4).tolist(), "bfloat16": bf16.round(4).tolist()})
-    assert f32[-1] < f32[0] - 0.2 and bf16[-1] < bf16[0] - 0.2  # both learn
-    np.testing.assert_allclose(bf16[0], f32[0], rtol=0.01)
-    np.testing.assert_allclose(bf16[3:].mean(), f32[3:].mean(), rtol=0.05)
+    assert len(f32) == len(bf16) == 90
+    for curve in (f32, bf16):  # both learn
+        assert curve[-15:].mean() < curve[:15].mean() - 0.2
+    np.testing.assert_allclose(bf16[0], f32[0], rtol=0.01)  # step 1: same weights and batch
+    np.testing.assert_allclose(bf16[-30:].mean(), f32[-30:].mean(), rtol=0.05)
