@@ -84,7 +84,7 @@ def test_smoke_recipe_learns_on_real_cifar10(real_data_dir, tmp_path):
     # What it learnt shows in kNN against the same architecture at random init
     # (which already reaches ~30% on CIFAR-10: a fixed threshold would not do).
     knn = knn_config.get_config()
-    knn.update(pretrained=workdir, data_dir=real_data_dir, train_split="train[:5000]", test_split="test[:1000]",
+    knn.update(pretrained=workdir, data_dir=real_data_dir, train_split="train[:2000]", test_split="test[:1000]",
                write_pictures=False)
     learnt = evaluation.evaluate(knn, str(tmp_path / "eval"))["top1"]
     knn.random_init = True
