@@ -26,6 +26,8 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
+from flax import traverse_util
+
 from simclr_jax.models import resnet
 
 SK_RATIO = 0.0625  # the released v2 models'; the mixing width alone does not pin it down (see infer)
@@ -50,9 +52,11 @@ def variables_prefix(path: str) -> Optional[str]:
     return None
 
 
-def read_variables(prefix: str) -> dict[str, np.ndarray]:
+def read_variables(prefix: str, shapes_only: bool = False) -> dict[str, np.ndarray]:
     """{official variable name: value} of the model's variables in a TF checkpoint
-    (optimiser slots, step counters and other objects left out)."""
+    (optimiser slots, step counters and other objects left out). With
+    ``shapes_only`` nothing is read: each value is a zero-size-in-memory array
+    of the variable's shape, enough for ``infer``."""
     try:
         reader = tf.train.load_checkpoint(prefix)
         graph = trackable_object_graph_pb2.TrackableObjectGraph()
@@ -66,7 +70,18 @@ def read_variables(prefix: str) -> dict[str, np.ndarray]:
             key, name = attribute.checkpoint_key, attribute.full_name.split(":")[0]
             if attribute.name == "VARIABLE_VALUE" and not key.startswith("optimizer/") and "/" in name:
                 names[name] = key
+    if shapes_only:
+        shapes = reader.get_variable_to_shape_map()
+        return {name: np.broadcast_to(np.float32(0), shapes[key]) for name, key in names.items()}
     return {name: reader.get_tensor(key) for name, key in names.items()}
+
+
+def step_of(prefix: str) -> int:
+    """The step the official run.py saved at: saved_model/<global step>/, or the
+    save number of ckpt-<n>; 0 if the path says neither."""
+    saved_model_step = os.path.basename(os.path.dirname(os.path.dirname(prefix)))
+    ckpt = re.fullmatch(r"ckpt-(\d+)", os.path.basename(prefix))
+    return int(saved_model_step) if saved_model_step.isdigit() else int(ckpt.group(1)) if ckpt else 0
 
 
 # --------------------------------------------------------------------------- the official layout
@@ -193,59 +208,21 @@ def to_flax(variables: dict[str, np.ndarray], model, abstract: dict) -> tuple[di
     """({'params', 'batch_stats'} of ``model`` holding the official values,
     the supervised head {'kernel', 'bias'} or None). ``abstract`` is the
     model's variables (shapes) to fill: every leaf must get a value of its shape."""
-    tree = {collection: _unfreeze(abstract[collection]) for collection in ("params", "batch_stats")}
-    filled, names = set(), flax_names(variables, model)
+    names = flax_names(variables, model)
     unknown = sorted(n for n in variables if n not in names and not n.startswith("head_supervised/"))
     if unknown:
         raise ValueError(f"the official checkpoint has variables this architecture does not know: {unknown[:5]} "
                          f"({len(unknown)} in all)")
+    shapes = traverse_util.flatten_dict({c: abstract[c] for c in ("params", "batch_stats")}, sep="/")
+    flat = {}
     for name, path in names.items():
-        *parents, leaf = path.split("/")
-        node = tree
-        for key in parents:
-            if key not in node:
-                raise ValueError(f"official {name} has no place in the inferred architecture (no {path})")
-            node = node[key]
-        if leaf not in node or node[leaf].shape != variables[name].shape:
+        if path not in shapes or shapes[path].shape != variables[name].shape:
             raise ValueError(f"official {name} {variables[name].shape} does not fit {path} "
-                             f"{getattr(node.get(leaf), 'shape', None)}")
-        node[leaf] = np.asarray(variables[name], np.float32)
-        filled.add(path)
-    missing = [path for path in _leaf_paths(tree) if path not in filled]
+                             f"{getattr(shapes.get(path), 'shape', 'absent')} of the inferred architecture")
+        flat[path] = np.asarray(variables[name], np.float32)
+    missing = sorted(set(shapes) - set(flat))
     if missing:
         raise ValueError(f"the official checkpoint has no values for {missing[:5]} ({len(missing)} in all)")
     _, _, supervised = _layers(variables, "head_supervised/linear_layer")
     head = {k: np.asarray(variables[n], np.float32) for k, n in supervised[0].items()} if supervised else None
-    return tree, head
-
-
-def _unfreeze(tree):
-    return {k: _unfreeze(v) for k, v in tree.items()} if hasattr(tree, "items") else tree
-
-
-def _leaf_paths(tree, prefix=""):
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _leaf_paths(value, f"{prefix}{key}/")
-        else:
-            yield prefix + key
-
-
-def load(prefix: str) -> tuple[ml_collections.ConfigDict, dict, Optional[dict], int, int]:
-    """(model config, {'params', 'batch_stats'} as numpy, supervised head or
-    None, image size, step) of the official checkpoint at ``prefix``."""
-    import jax  # only here: the rest of this module reads files, and needs no JAX
-
-    from simclr_jax.models import model_from_config
-
-    variables = read_variables(prefix)
-    model_config, _, image_size = infer(variables)
-    model = model_from_config(model_config)
-    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32),
-                                                 train=False))
-    tree, head = to_flax(variables, model, abstract)
-    # run.py saves SavedModels as saved_model/<global step>/, checkpoints as ckpt-<save number>.
-    saved_model_step = os.path.basename(os.path.dirname(os.path.dirname(prefix)))
-    ckpt = re.fullmatch(r"ckpt-(\d+)", os.path.basename(prefix))
-    step = int(saved_model_step) if saved_model_step.isdigit() else int(ckpt.group(1)) if ckpt else 0
-    return model_config, tree, head, image_size, step
+    return traverse_util.unflatten_dict(flat, sep="/"), head

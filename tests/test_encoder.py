@@ -11,10 +11,11 @@ import tensorflow as tf
 
 import simclr_jax
 from configs import smoke
-from simclr_jax import checkpoint, sharding
+from simclr_jax import sharding
 from simclr_jax.data import augment, sources
 from simclr_jax.evaluation import encoder
 from simclr_jax.evaluation.features import FeatureExtractor
+from tests.workdirs import tiny_workdir
 
 SPLIT = "test[:64]"
 
@@ -22,11 +23,7 @@ SPLIT = "test[:64]"
 @pytest.fixture(scope="module")
 def random_encoder(tmp_path_factory):
     """The tiny test architecture at random init (needs only config.json), 16 px."""
-    config = smoke.get_config()
-    config.model.width_multiplier = 1 / 16
-    config.image_size = 16
-    workdir = str(tmp_path_factory.mktemp("random"))
-    checkpoint.write_run_config(workdir, config)
+    workdir = tiny_workdir(tmp_path_factory.mktemp("random"))
     return encoder.load_encoder(workdir, random_init_seed=0, batch_size=16)
 
 

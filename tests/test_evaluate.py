@@ -10,22 +10,18 @@ import pytest
 
 from configs import cached_linear as cached_linear_config
 from configs import knn as knn_config
-from configs import smoke
 from simclr_jax import checkpoint, models, sharding
 from simclr_jax.data import sources
 from simclr_jax.evaluation import encoder as encoder_lib
 from simclr_jax.evaluation import knn, run
 from simclr_jax.evaluation.features import feature_function
 from simclr_jax.pretraining import optim, step
+from tests.workdirs import IMAGE_SIZE, tiny_pretrain_config
 
-IMAGE_SIZE = 16
 
 
 def _pretrain_config():
-    config = smoke.get_config()
-    config.image_size = IMAGE_SIZE
-    config.model.width_multiplier = 1 / 16
-    return config
+    return tiny_pretrain_config()
 
 
 @pytest.fixture(scope="module")

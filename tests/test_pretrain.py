@@ -10,14 +10,13 @@ from configs import smoke
 from simclr_jax import checkpoint, writers
 from simclr_jax.evaluation import run as evaluation
 from simclr_jax.pretraining import train
+from tests.workdirs import tiny_pretrain_config
 
 
 def _tiny_config(data_dir, **overrides):
     """The smoke recipe shrunk to seconds: 16 px crops, 1/16-width ResNet-18."""
-    config = smoke.get_config()
+    config = tiny_pretrain_config()
     config.data_dir = data_dir
-    config.image_size = 16
-    config.model.width_multiplier = 1 / 16
     config.batch_size = 16
     config.num_train_steps = 4
     config.shuffle_buffer_size = 256

@@ -158,13 +158,8 @@ def load_encoder(path: str, *, step: Optional[int] = None, head_layer: int = 0, 
     mesh = mesh or sharding.make_mesh(jax.local_devices())
     prefix = _official_prefix(path)
     if prefix is not None:
-        model_config, tree, head, image_size, official_step = official_tf2.load(prefix)
-        feature_function(model_from_config(model_config), head_layer)  # a bad head_layer fails here too
-        variables = (_init_variables(model_from_config(model_config), image_size, random_init_seed, mesh)
-                     if random_init_seed is not None else sharding.put_replicated(tree, mesh))
-        return Encoder(model_config, variables, image_size, mesh=mesh, head_layer=head_layer,
-                       batch_size=batch_size, step=0 if random_init_seed is not None else official_step,
-                       supervised_head=None if random_init_seed is not None else head)
+        return _load_official(prefix, mesh, head_layer=head_layer, batch_size=batch_size,
+                              random_init_seed=random_init_seed)
     workdir = checkpoint.run_workdir(path)
     run_config = checkpoint.read_run_config(workdir)
     model_config, image_size = run_config.model, int(run_config.image_size)
@@ -176,6 +171,23 @@ def load_encoder(path: str, *, step: Optional[int] = None, head_layer: int = 0, 
         variables, step = checkpoint.restore_variables(workdir, _init_variables(model, image_size, None, mesh), step)
     return Encoder(model_config, variables, image_size, mesh=mesh, head_layer=head_layer, batch_size=batch_size,
                    step=int(step))
+
+
+def _load_official(prefix: str, mesh, *, head_layer: int, batch_size: int,
+                   random_init_seed: Optional[int]) -> Encoder:
+    """An Encoder of the official checkpoint at ``prefix`` (see official_tf2.py);
+    for random init only the variables' shapes are read."""
+    official = official_tf2.read_variables(prefix, shapes_only=random_init_seed is not None)
+    model_config, _, image_size = official_tf2.infer(official)
+    model = model_from_config(model_config)
+    feature_function(model, head_layer)  # a bad head_layer fails before converting
+    if random_init_seed is not None:
+        variables, head, step = _init_variables(model, image_size, random_init_seed, mesh), None, 0
+    else:
+        tree, head = official_tf2.to_flax(official, model, _init_variables(model, image_size, None, mesh))
+        variables, step = sharding.put_replicated(tree, mesh), official_tf2.step_of(prefix)
+    return Encoder(model_config, variables, image_size, mesh=mesh, head_layer=head_layer, batch_size=batch_size,
+                   step=step, supervised_head=head)
 
 
 def _official_prefix(path: str) -> Optional[str]:
@@ -191,7 +203,7 @@ def _trained_architecture(path: str) -> ml_collections.ConfigDict:
     prefix = _official_prefix(path)
     if prefix is None:
         return checkpoint.read_run_config(checkpoint.run_workdir(path))
-    model_config, _, image_size = official_tf2.infer(official_tf2.read_variables(prefix))
+    model_config, _, image_size = official_tf2.infer(official_tf2.read_variables(prefix, shapes_only=True))
     return ml_collections.ConfigDict(dict(model=model_config.to_dict(), image_size=image_size))
 
 
