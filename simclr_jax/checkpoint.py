@@ -92,27 +92,43 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(config)
 
 
-def restore_variables(workdir: str, abstract_variables: Any, step: Optional[int] = None) -> tuple[Any, int]:
+def restore_variables(workdir: str, abstract_variables: Any, step: Optional[int] = None,
+                      optional_params: tuple[str, ...] = ()) -> tuple[Any, int]:
     """(the model variables of ``workdir``'s checkpoint at ``step``, that step).
 
     ``abstract_variables`` is {'params', 'batch_stats'} of ShapeDtypeStructs
-    with the target shardings; only those are read (the optimiser state and
-    online probe are left on disk). ``step`` None or < 0 means the latest.
+    with the target shardings; only those are read (the optimiser state is
+    left on disk), plus each entry of ``params`` named in ``optional_params``
+    that the checkpoint has (e.g. the online probe), placed like the others.
+    ``step`` None or < 0 means the latest.
     """
     root = checkpoint_dir(workdir)
-    manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True))
+    manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True),
+                                    item_handlers=ocp.PyTreeCheckpointHandler())
     try:
         step = manager.latest_step() if step is None or step < 0 else step
         if step is None or step not in manager.all_steps():
             raise FileNotFoundError(f"no checkpoint for step {step} in {root}; available steps: "
                                     f"{list(manager.all_steps())}")
-        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_variables)
+        abstract = _with_optional_params(abstract_variables, manager.item_metadata(step), optional_params)
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
         try:
             restored = manager.restore(step, args=ocp.args.PyTreeRestore(
-                item=abstract_variables, restore_args=restore_args, partial_restore=True))
+                item=abstract, restore_args=restore_args, partial_restore=True))
         except (ValueError, KeyError) as e:
             raise ValueError(f"the checkpoint in {root} (step {step}) does not fit the architecture in "
                              f"{CONFIG_FILE} ({e.__class__.__name__}: {str(e)[:300]})") from None
     finally:
         manager.close()
     return restored, step
+
+
+def _with_optional_params(abstract: dict, metadata, names: tuple[str, ...]) -> dict:
+    """``abstract`` plus the ``params`` entries in ``names`` that ``metadata`` (the checkpoint's) has."""
+    saved = metadata.tree["params"] if names else {}
+    present = {name: saved[name] for name in names if name in saved}
+    if not present:
+        return abstract
+    placement = jax.tree.leaves(abstract)[0].sharding
+    extra = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=placement), present)
+    return dict(abstract, params={**abstract["params"], **extra})

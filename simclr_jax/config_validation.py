@@ -1,8 +1,8 @@
 """Every recipe checked in one place, before anything is loaded or compiled.
 
-There are five recipe kinds: pretraining (no ``protocol`` field) and the
-evaluation protocols ``knn``, ``cached_linear``, ``linear_eval`` and
-``finetune``. Each kind has exactly the fields listed in ``FIELDS`` (a
+There are six recipe kinds: pretraining (no ``protocol`` field) and the
+evaluation protocols ``knn``, ``cached_linear``, ``linear_eval``,
+``finetune`` and ``supervised_head``. Each kind has exactly the fields listed in ``FIELDS`` (a
 missing or an extra field is an error, so no field is ever read through a
 silent default and none is set without effect), and each field has one rule.
 A failure is one ConfigError (a ValueError) naming the field, the bad value
@@ -17,7 +17,7 @@ from simclr_jax import sharding
 from simclr_jax.models import VALID_DEPTHS, VARIANTS
 
 DTYPES = ("float32", "bfloat16")
-PROTOCOLS = ("knn", "cached_linear", "linear_eval", "finetune")
+PROTOCOLS = ("knn", "cached_linear", "linear_eval", "finetune", "supervised_head")
 LOSS_IMPLS = ("auto", "naive", "blockwise")
 SCHEDULES = ("cosine", "constant")
 MODEL_FIELDS = ("depth", "width_multiplier", "cifar_stem", "head_layers", "proj_dim", "variant", "sk_ratio",
@@ -39,6 +39,7 @@ FIELDS = {
         "checkpoint_every_steps", "keep_checkpoints", "nonfinite_policy", "write_pictures"),
     "knn": (*_EVALUATION, *_KNN, "write_pictures"),
     "cached_linear": (*_EVALUATION, *_LINEAR, "write_pictures"),
+    "supervised_head": _EVALUATION,
     "linear_eval": (*_EVALUATION, *_LINEAR, "linear.standardize", "shuffle_buffer_size"),
     "finetune": (*_EVALUATION, "shuffle_buffer_size", "finetune.label_fraction", "finetune.subset_seed",
                  "finetune.subset_split", "finetune.epochs", "finetune.batch_size", "finetune.learning_rate",
@@ -175,6 +176,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
             _fail(field, value, expected)
     if kind == "pretrain":
         _check_pretrain(config)
+    if kind == "supervised_head" and config.random_init:
+        _fail("random_init", True, "a randomly initialised encoder has no trained supervised head to score")
     _check_batch_sizes(config, kind, num_devices or jax.device_count(), num_processes or jax.process_count())
     return kind
 

@@ -7,6 +7,7 @@ import os
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from configs import cached_linear as cached_linear_config
 from configs import knn as knn_config
@@ -165,3 +166,65 @@ def test_pretrain_then_knn_and_cached_linear_on_real_cifar10(real_data_dir, tmp_
                             10, k=200, temperature=0.1)
     assert knn_record["top1"] == pytest.approx(want["top1"], abs=1 / 500)
     assert knn_record["top5"] == pytest.approx(want["top5"], abs=1 / 500)
+
+
+@pytest.fixture(scope="module")
+def probe_workdir(tmp_path_factory):
+    """A one-device workdir whose checkpoint holds an online probe with random weights."""
+    workdir = str(tmp_path_factory.mktemp("probe"))
+    config = _pretrain_config()
+    checkpoint.write_run_config(workdir, config)
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    model = models.model_from_config(config.model, axis_name=sharding.DATA_AXIS)
+    state = step.create_train_state(model, optim.lars(0.5, 1e-4), IMAGE_SIZE, seed=0, mesh=mesh, num_classes=10)
+    rng = np.random.default_rng(2)
+    # A small kernel, so the bias decides as much as h does.
+    probe = {"kernel": 0.02 * rng.normal(size=(state.params[step.PROBE]["kernel"].shape)).astype(np.float32),
+             "bias": rng.normal(size=10).astype(np.float32)}
+    state = state.replace(params={**state.params, step.PROBE: sharding.put_replicated(probe, mesh)})
+    manager = checkpoint.create_manager(workdir, save_every_steps=1, max_to_keep=1)
+    checkpoint.save(manager, 3, state, force=True)
+    manager.wait_until_finished()
+    manager.close()
+    return workdir, probe
+
+
+def test_online_probe_is_the_supervised_head_and_scores_as_numpy(probe_workdir, real_data_dir, tmp_path):
+    workdir, probe = probe_workdir
+    encoder = encoder_lib.load_encoder(workdir, batch_size=32)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(encoder.supervised_head), probe)
+    assert "online_probe" not in encoder.variables["params"]
+
+    from configs import supervised_head as supervised_head_config
+    config = supervised_head_config.get_config()
+    config.update(pretrained=workdir, data_dir=real_data_dir, test_split="test[:96]", eval_batch_size=32)
+    record = run.evaluate(config, str(tmp_path))
+    examples = list(sources.load_split("cifar10", "test[:96]", real_data_dir)[0].as_numpy_iterator())
+    images, labels = np.stack([e["image"] for e in examples]), np.array([e["label"] for e in examples])
+    logits = encoder.embed(images).astype(np.float64) @ probe["kernel"] + probe["bias"]
+    assert record["checkpoint_step"] == 3 and record["num_examples"] == 96
+    assert record["top1"] == pytest.approx(np.mean(logits.argmax(1) == labels), abs=1 / 96)
+    assert 0.0 < record["top1"] < 0.5  # random weights: an informative number, not 0 or 1
+
+
+def test_supervised_head_protocol_errors(eight_device_workdir, probe_workdir, real_data_dir, tmp_path):
+    from configs import supervised_head as supervised_head_config
+    from simclr_jax.config_validation import ConfigError
+
+    config = supervised_head_config.get_config()
+    config.update(pretrained=eight_device_workdir[0], data_dir=real_data_dir, test_split="test[:32]",
+                  eval_batch_size=32)
+    with pytest.raises(ValueError, match="has no supervised head to score"):
+        run.evaluate(config, str(tmp_path / "none"))
+    config.random_init = True
+    with pytest.raises(ConfigError, match="random_init=True is invalid: a randomly initialised encoder has no"):
+        run.evaluate(config, str(tmp_path / "random"))
+    folder = tmp_path / "three_classes"  # a labelled folder dataset of 3 classes
+    for label in range(3):
+        os.makedirs(folder / "test" / f"class{label}")
+        (folder / "test" / f"class{label}" / "0.png").write_bytes(
+            tf.io.encode_png(np.full((8, 8, 3), 40 * label, np.uint8)).numpy())
+    config.update(random_init=False, pretrained=probe_workdir[0], dataset=f"folder:{folder}", test_split="test")
+    with pytest.raises(ValueError, match="the supervised head has 10 classes but"):
+        run.evaluate(config, str(tmp_path / "classes"))
+    assert not any((tmp_path / name).exists() for name in ("none", "random", "classes"))

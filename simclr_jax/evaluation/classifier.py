@@ -1,4 +1,5 @@
-"""The paper's supervised protocols on a pretrained encoder: one experiment, two modes.
+"""The paper's supervised protocols on a pretrained encoder: one experiment, two modes
+(and the checkpoint's own supervised head, scored without training).
 
 ``ClassifierExperiment(model, config, mesh, freeze_encoder=...)`` trains a
 linear classifier on the features of ``config.head_layer`` (0 = h) with
@@ -150,6 +151,43 @@ def feature_standardizer(model, variables, batches, mesh, head_layer: int) -> di
     return {"mean": mean.astype(np.float32), "inv_std": inv_std.astype(np.float32)}
 
 
+def test_split_accuracy(config, mesh, logits_fn) -> dict:
+    """{'top1', 'top5', 'num_examples'} of ``logits_fn(images)`` on eval views of the test split."""
+    batch_size = sharding.per_process_batch_size(config.eval_batch_size)
+    dataset = input_pipeline.eval_dataset(config, config.test_split, batch_size=batch_size)
+    logits, labels = sharding.map_padded_batches(logits_fn, dataset, mesh, batch_size)
+    return dict(topk_accuracy(logits, labels), num_examples=len(labels))
+
+
+class SupervisedHeadEvaluator:
+    """``run(variables, head)``: the checkpoint's own supervised head on the
+    ``head_layer`` features of eval views of the test split; nothing trains.
+
+    The released SimCLR models carry the linear-evaluation head trained beside
+    pretraining (on h), fine-tuned ones their classifier (v2's on head layer
+    1), our runs the online probe: this scores it as it is, as the paper's
+    tables score the released heads.
+    """
+
+    def __init__(self, model: SimCLR, config, mesh):
+        self.config, self.mesh, self.head_layer = config, mesh, config.head_layer
+        self.num_classes = sources.num_classes(config.dataset, config.test_split, config.data_dir,
+                                               download=config.download)
+        self._logits = jax.jit(lambda variables, head, images: _features(
+            model, variables, images, self.head_layer, False)[0] @ head["kernel"] + head["bias"])
+
+    def run(self, variables, head) -> dict:
+        if head is None:
+            raise ValueError(f"{self.config.pretrained} has no supervised head to score: official checkpoints "
+                             "saved with one (lineareval_while_pretraining, or fine-tuned) and our runs with "
+                             "config.online_probe=True carry it; use configs/linear_eval.py to train one")
+        classes = int(head["bias"].shape[0])
+        if classes != self.num_classes:
+            raise ValueError(f"the supervised head has {classes} classes but {self.config.dataset} has "
+                             f"{self.num_classes}: score it on the dataset it was trained for")
+        return test_split_accuracy(self.config, self.mesh, lambda images: self._logits(variables, head, images))
+
+
 class ClassifierExperiment:
     """``run(variables)`` trains as the module docstring says and returns
     {'top1', 'top5', 'num_examples', 'num_train_examples', 'train_steps'};
@@ -248,12 +286,8 @@ class ClassifierExperiment:
 
     def score(self, variables, classifier_params, feature_norm) -> dict:
         """{'top1', 'top5', 'num_examples'} on eval views of the test split."""
-        batch_size = sharding.per_process_batch_size(self.config.eval_batch_size)
-        dataset = input_pipeline.eval_dataset(self.config, self.config.test_split, batch_size=batch_size)
-        logits, labels = sharding.map_padded_batches(
-            lambda images: self._logits(variables, classifier_params, feature_norm, images), dataset, self.mesh,
-            batch_size)
-        return dict(topk_accuracy(logits, labels), num_examples=len(labels))
+        return test_split_accuracy(self.config, self.mesh,
+                                   lambda images: self._logits(variables, classifier_params, feature_norm, images))
 
     def run(self, variables) -> dict:
         state = self.train(variables)

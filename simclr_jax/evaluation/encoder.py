@@ -12,19 +12,17 @@ checkpoint. Every evaluation protocol starts from the same object
 to the training size) and runs the jitted feature function in fixed-size
 chunks split over this process's devices, so it compiles once.
 """
-import os
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from simclr_jax import checkpoint, config_validation, official_tf2, sharding
+from simclr_jax import config_validation, pretrained, sharding
 from simclr_jax.data import augment
 from simclr_jax.evaluation.features import feature_function
-from simclr_jax.models import SimCLR, model_from_config
+from simclr_jax.models import model_from_config
 
 
 class Encoder:
@@ -32,8 +30,8 @@ class Encoder:
 
     ``model_config`` and ``image_size`` are the architecture it was trained
     with; ``variables`` its {'params', 'batch_stats'}, replicated on ``mesh``;
-    ``supervised_head`` an official checkpoint's classifier on h
-    ({'kernel', 'bias'}), or None.
+    ``supervised_head`` the classifier {'kernel', 'bias'} that ``logits``
+    applies (an official checkpoint's head or our online probe), or None.
     """
 
     def __init__(self, model_config: ml_collections.ConfigDict, variables: dict, image_size: int, *,
@@ -48,9 +46,7 @@ class Encoder:
         self.batch_size = -(-batch_size // devices) * devices  # a multiple of the device count
         self._features = feature_function(self.model, head_layer)
         self.supervised_head = supervised_head
-        if supervised_head is not None:
-            h = feature_function(self.model, 0)
-            self._logits = jax.jit(lambda v, head, x: h(v, x) @ head["kernel"] + head["bias"])
+        self._logits = jax.jit(lambda v, head, x: self._features(v, x) @ head["kernel"] + head["bias"])
         shape = jax.ShapeDtypeStruct((devices, self.image_size, self.image_size, 3), np.float32)
         self.feature_dim = int(jax.eval_shape(self._features, variables, shape).shape[-1])
         size = self.image_size
@@ -90,12 +86,19 @@ class Encoder:
         return self._in_chunks(lambda x: self._features(self.variables, x), views, None, self.feature_dim)
 
     def logits(self, views) -> np.ndarray:
-        """The imported supervised head's logits [B, C] on h of ``views`` (as
-        ``embed_views`` takes them): the released models' linear-evaluation head,
-        or a fine-tuned model's classifier when it sits on h."""
+        """The supervised head's logits [B, C] on the ``head_layer`` features of
+        ``views`` (as ``embed_views`` takes them). The head is an official
+        checkpoint's (the released models' linear-evaluation head on h, or a
+        fine-tuned classifier: SimCLR v2's sit on head layer 1) or our online
+        probe (on h)."""
         if self.supervised_head is None:
-            raise ValueError("this encoder has no supervised head: only official checkpoints saved with one "
-                             "(lineareval_while_pretraining, or fine-tuned) carry it")
+            raise ValueError("this encoder has no supervised head: official checkpoints saved with one "
+                             "(lineareval_while_pretraining, or fine-tuned) and our runs with "
+                             "config.online_probe=True on a labelled dataset carry it")
+        inputs = self.supervised_head["kernel"].shape[0]
+        if inputs != self.feature_dim:
+            raise ValueError(f"the supervised head takes {inputs} features but head_layer={self.head_layer} "
+                             f"gives {self.feature_dim}; load the encoder with the head_layer it was trained on")
         views = self._check_views(views)
         return self._in_chunks(lambda x: self._logits(self.variables, self.supervised_head, x), views, None,
                                self.supervised_head["bias"].shape[0])
@@ -128,19 +131,6 @@ class Encoder:
                 f"head_layer={self.head_layer}, devices={self.mesh.devices.size})")
 
 
-def _init_variables(model: SimCLR, image_size: int, seed: int, mesh) -> dict:
-    """Random-init {'params', 'batch_stats'} (placed) or, for ``seed=None``, their
-    abstract shapes with the replicated sharding (what a restore fills in)."""
-    def init(key):
-        return dict(model.init(key, jnp.zeros((1, image_size, image_size, 3)), train=False))
-
-    replicated = sharding.replicated(mesh)
-    if seed is None:
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                            jax.eval_shape(init, jax.random.key(0, impl="rbg")))
-    return jax.jit(init, out_shardings=replicated)(jax.random.key(seed, impl="rbg"))
-
-
 def load_encoder(path: str, *, step: Optional[int] = None, head_layer: int = 0, batch_size: int = 256,
                  random_init_seed: Optional[int] = None, mesh: Optional[jax.sharding.Mesh] = None) -> Encoder:
     """Restores the encoder of a pretraining workdir (or its checkpoints/ folder),
@@ -148,63 +138,25 @@ def load_encoder(path: str, *, step: Optional[int] = None, head_layer: int = 0, 
     released), a training CheckpointManager directory or a ``ckpt-N`` prefix,
     its architecture read from the variables (see official_tf2.py).
 
-    ``step``: the checkpoint to read (default: the latest). ``head_layer``: 0
+    ``step``: our checkpoint to read (default: the latest). ``head_layer``: 0
     returns h, the encoder's output; i >= 1 the output of projection-head
-    layer i. ``batch_size``: images per compiled chunk of ``embed`` (rounded
-    up to a multiple of the device count). ``random_init_seed``: the same
-    architecture at random initialisation instead (the baseline; needs only
-    config.json). ``mesh``: default this process's devices.
+    layer i (also what ``logits`` feeds the supervised head). ``batch_size``:
+    images per compiled chunk of ``embed`` (rounded up to a multiple of the
+    device count). ``random_init_seed``: the same architecture at random
+    initialisation instead (the baseline; reads only the architecture).
+    ``mesh``: default this process's devices.
     """
     mesh = mesh or sharding.make_mesh(jax.local_devices())
-    prefix = _official_prefix(path)
-    if prefix is not None:
-        return _load_official(prefix, mesh, head_layer=head_layer, batch_size=batch_size,
-                              random_init_seed=random_init_seed)
-    workdir = checkpoint.run_workdir(path)
-    run_config = checkpoint.read_run_config(workdir)
-    model_config, image_size = run_config.model, int(run_config.image_size)
+    trained = pretrained.architecture(path)
+    model_config, image_size = trained.model, int(trained.image_size)
     model = model_from_config(model_config)
     feature_function(model, head_layer)  # a bad head_layer fails before restoring
     if random_init_seed is not None:
-        variables, step = _init_variables(model, image_size, random_init_seed, mesh), 0
+        variables, head, step = pretrained.random_variables(model, image_size, random_init_seed, mesh), None, 0
     else:
-        variables, step = checkpoint.restore_variables(workdir, _init_variables(model, image_size, None, mesh), step)
+        variables, head, step = pretrained.restore(path, model, image_size, mesh, step)
     return Encoder(model_config, variables, image_size, mesh=mesh, head_layer=head_layer, batch_size=batch_size,
-                   step=int(step))
-
-
-def _load_official(prefix: str, mesh, *, head_layer: int, batch_size: int,
-                   random_init_seed: Optional[int]) -> Encoder:
-    """An Encoder of the official checkpoint at ``prefix`` (see official_tf2.py);
-    for random init only the variables' shapes are read."""
-    official = official_tf2.read_variables(prefix, shapes_only=random_init_seed is not None)
-    model_config, _, image_size = official_tf2.infer(official)
-    model = model_from_config(model_config)
-    feature_function(model, head_layer)  # a bad head_layer fails before converting
-    if random_init_seed is not None:
-        variables, head, step = _init_variables(model, image_size, random_init_seed, mesh), None, 0
-    else:
-        tree, head = official_tf2.to_flax(official, model, _init_variables(model, image_size, None, mesh))
-        variables, step = sharding.put_replicated(tree, mesh), official_tf2.step_of(prefix)
-    return Encoder(model_config, variables, image_size, mesh=mesh, head_layer=head_layer, batch_size=batch_size,
-                   step=step, supervised_head=head)
-
-
-def _official_prefix(path: str) -> Optional[str]:
-    """The TF checkpoint prefix of an official checkpoint, None for our workdirs."""
-    if os.path.isdir(path) and os.path.exists(os.path.join(checkpoint.run_workdir(path), checkpoint.CONFIG_FILE)):
-        return None
-    return official_tf2.variables_prefix(path)
-
-
-def _trained_architecture(path: str) -> ml_collections.ConfigDict:
-    """{'model', 'image_size'} that ``path`` was trained with: our workdir's
-    config.json, or what an official checkpoint's variables say."""
-    prefix = _official_prefix(path)
-    if prefix is None:
-        return checkpoint.read_run_config(checkpoint.run_workdir(path))
-    model_config, _, image_size = official_tf2.infer(official_tf2.read_variables(prefix, shapes_only=True))
-    return ml_collections.ConfigDict(dict(model=model_config.to_dict(), image_size=image_size))
+                   step=int(step), supervised_head=head)
 
 
 def resolve_architecture(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -216,7 +168,7 @@ def resolve_architecture(config: ml_collections.ConfigDict) -> ml_collections.Co
         raise config_validation.ConfigError(
             "config.pretrained='random' is no longer a model: set --config.pretrained=PRETRAIN_WORKDIR "
             "--config.random_init=True for that workdir's architecture at random initialisation")
-    trained = _trained_architecture(config.pretrained)
+    trained = pretrained.architecture(config.pretrained)
     conflicts = [f"{field}: checkpoint {trained_value!r}, config {value!r}" for field, value, trained_value in
                  [("image_size", config.image_size, trained.image_size)]
                  + [(f"model.{name}", config.model[name], trained.model[name])

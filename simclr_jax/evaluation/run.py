@@ -20,7 +20,7 @@ from simclr_jax import config_validation, pictures, sharding, writers
 from simclr_jax.data import sources
 from simclr_jax.evaluation import encoder as encoder_lib
 from simclr_jax.evaluation.cached_linear import CachedLinearEvaluator
-from simclr_jax.evaluation.classifier import ClassifierExperiment
+from simclr_jax.evaluation.classifier import ClassifierExperiment, SupervisedHeadEvaluator
 from simclr_jax.evaluation.knn import KnnEvaluator
 
 
@@ -30,6 +30,8 @@ def build_evaluator(config: ml_collections.ConfigDict, model, mesh):
         return KnnEvaluator(model, config, mesh, config.head_layer)
     if config.protocol == "cached_linear":
         return CachedLinearEvaluator(model, config, mesh, config.head_layer)
+    if config.protocol == "supervised_head":
+        return SupervisedHeadEvaluator(model, config, mesh)
     return ClassifierExperiment(model, config, mesh, freeze_encoder=config.protocol == "linear_eval")
 
 
@@ -69,6 +71,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if config.protocol in ("knn", "cached_linear"):
         features = evaluator.features(encoder.variables)
         result = evaluator.score(features)
+    elif config.protocol == "supervised_head":
+        result = evaluator.run(encoder.variables, encoder.supervised_head)
     else:
         result = evaluator.run(encoder.variables)
     record = dict(protocol=config.protocol, pretrained=config.pretrained, random_init=config.random_init,

@@ -1,0 +1,70 @@
+"""Where pretrained weights come from: our pretraining workdirs and official SimCLR checkpoints.
+
+``architecture(path)`` is what ``path`` was trained with: our workdir's
+config.json, or what an official checkpoint's variables say (official_tf2).
+``restore(path, ...)`` reads its variables onto a mesh, with its supervised
+head when it has one: an official checkpoint's linear-evaluation or
+fine-tuned head, or our online probe (the same thing: a linear classifier
+trained on stop_gradient(h) beside pretraining). Evaluation (``load_encoder``)
+and pretraining's ``init_from`` both read weights through here.
+"""
+import os
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from simclr_jax import checkpoint, official_tf2, sharding
+from simclr_jax.models import SimCLR
+
+PROBE = "online_probe"  # our online probe's key in the checkpoint's params (pretraining.step.PROBE)
+
+
+def official_prefix(path: str) -> Optional[str]:
+    """The TF checkpoint prefix of an official checkpoint; None for our workdirs."""
+    if os.path.isdir(path) and os.path.exists(os.path.join(checkpoint.run_workdir(path), checkpoint.CONFIG_FILE)):
+        return None
+    return official_tf2.variables_prefix(path)
+
+
+def architecture(path: str) -> ml_collections.ConfigDict:
+    """{'model', 'image_size'} that ``path`` was trained with."""
+    prefix = official_prefix(path)
+    if prefix is None:
+        return checkpoint.read_run_config(checkpoint.run_workdir(path))
+    model_config, _, image_size = official_tf2.infer(official_tf2.read_variables(prefix, shapes_only=True))
+    return ml_collections.ConfigDict(dict(model=model_config.to_dict(), image_size=image_size))
+
+
+def abstract_variables(model: SimCLR, image_size: int, mesh) -> dict:
+    """{'params', 'batch_stats'} as ShapeDtypeStructs, replicated on ``mesh``: what a restore fills in."""
+    replicated = sharding.replicated(mesh)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                        jax.eval_shape(lambda key: _init(model, image_size, key), jax.random.key(0, impl="rbg")))
+
+
+def random_variables(model: SimCLR, image_size: int, seed: int, mesh) -> dict:
+    """{'params', 'batch_stats'} at random initialisation, replicated on ``mesh``."""
+    return jax.jit(lambda key: _init(model, image_size, key), out_shardings=sharding.replicated(mesh))(
+        jax.random.key(seed, impl="rbg"))
+
+
+def _init(model: SimCLR, image_size: int, key) -> dict:
+    return dict(model.init(key, jnp.zeros((1, image_size, image_size, 3)), train=False))
+
+
+def restore(path: str, model: SimCLR, image_size: int, mesh,
+            step: Optional[int] = None) -> tuple[dict, Optional[dict], int]:
+    """(variables, supervised head {'kernel', 'bias'} or None, step) of ``path``,
+    replicated on ``mesh``. ``step``: our checkpoint to read (None: the latest)."""
+    abstract = abstract_variables(model, image_size, mesh)
+    prefix = official_prefix(path)
+    if prefix is not None:
+        tree, head = official_tf2.to_flax(official_tf2.read_variables(prefix), model, abstract)
+        head = None if head is None else sharding.put_replicated(head, mesh)
+        return sharding.put_replicated(tree, mesh), head, official_tf2.step_of(prefix)
+    variables, step = checkpoint.restore_variables(checkpoint.run_workdir(path), abstract, step,
+                                                   optional_params=(PROBE,))
+    head = variables["params"].pop(PROBE, None)
+    return variables, head, step
