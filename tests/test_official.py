@@ -176,6 +176,35 @@ def test_variables_that_are_not_simclrs_are_a_clear_error(tmp_path):
         simclr_jax.load_encoder(str(tmp_path / "truncated"))
 
 
+def test_logits_read_the_head_layer_the_encoder_was_loaded_with(unpacked):
+    """SimCLR v2's fine-tuned classifiers sit on head layer 1: logits of an
+    encoder loaded with head_layer=1 are that layer's official output times the head."""
+    _, official = _official("r18_cifar")
+    encoder = simclr_jax.load_encoder(unpacked["r18_cifar", "ckpt_prefix"], head_layer=1, batch_size=8)
+    head = jax.device_get(encoder.supervised_head)
+    want = official["proj_head_hidden_1"].astype(np.float64) @ head["kernel"] + head["bias"]
+    _assert_close(encoder.logits(official["images"]), want, "logits on head layer 1")
+
+
+def test_supervised_head_protocol_scores_the_official_head(unpacked, real_data_dir, tmp_path):
+    """configs/supervised_head.py on the official checkpoint: the top-1 of its own
+    linear-eval head on eval views, nothing trained."""
+    from configs import supervised_head as supervised_head_config
+    from simclr_jax.data import sources
+    from simclr_jax.evaluation import run
+
+    config = supervised_head_config.get_config()
+    config.update(pretrained=unpacked["r18_cifar", "saved_model"], data_dir=real_data_dir, test_split="test[:200]",
+                  eval_batch_size=40)
+    record = run.evaluate(config, str(tmp_path))
+    examples = list(sources.load_split("cifar10", "test[:200]", real_data_dir)[0].as_numpy_iterator())
+    encoder = simclr_jax.load_encoder(unpacked["r18_cifar", "saved_model"], batch_size=40)
+    logits = encoder.logits(encoder.preprocess(np.stack([e["image"] for e in examples])))
+    want = np.mean(logits.argmax(1) == np.array([e["label"] for e in examples]))
+    assert record["protocol"] == "supervised_head" and record["num_examples"] == 200
+    assert record["top1"] == pytest.approx(want, abs=1 / 200)
+
+
 def test_knn_protocol_runs_on_an_official_checkpoint(unpacked, real_data_dir, tmp_path):
     """The CLI's kNN on the official ResNet-18 checkpoint: the architecture comes
     from the variables, and the result is the kNN of its own features."""
