@@ -36,6 +36,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.sk_ratio = 0.0  # selective kernels + ResNet-D (SimCLR v2: 0.0625)
     config.model.se_ratio = 0.0  # squeeze-excitation
     config.dtype = "float32"  # compute dtype; parameters and loss stay float32
+    # Start from these weights instead of random ones (encoder, head, BatchNorm
+    # statistics): one of our pretraining workdirs or an official SimCLR TF2
+    # checkpoint of the same architecture. A resumed run ignores it.
+    config.init_from = ml_collections.config_dict.placeholder(str)
 
     # Objective and optimiser.
     config.batch_size = 512  # global, over all devices and processes

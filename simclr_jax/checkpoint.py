@@ -34,6 +34,17 @@ def create_manager(workdir: str, *, save_every_steps: int, max_to_keep: int,
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
+def latest_step(workdir: str) -> Optional[int]:
+    """The newest checkpoint's step in ``workdir``, None if there is none; creates nothing."""
+    if not os.path.isdir(checkpoint_dir(workdir)):
+        return None
+    manager = create_manager(workdir, save_every_steps=1, max_to_keep=1, read_only=True)
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, *, force: bool = False) -> bool:
     """Starts an async save of ``state`` at ``step`` if the interval says so."""
     return manager.save(step, args=ocp.args.StandardSave(state), force=force)

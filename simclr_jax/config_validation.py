@@ -31,7 +31,7 @@ _EVALUATION = (*_DATA, "protocol", "pretrained", "checkpoint_step", "random_init
 FIELDS = {
     "pretrain": (
         *_DATA, "image_size", "color_jitter_strength", "blur", "shuffle_buffer_size",
-        *(f"model.{name}" for name in MODEL_FIELDS), "dtype", "batch_size", "num_epochs",
+        *(f"model.{name}" for name in MODEL_FIELDS), "init_from", "dtype", "batch_size", "num_epochs",
         "num_train_steps", "temperature", "loss_impl", "optimizer.base_learning_rate",
         "optimizer.lr_scaling", "optimizer.warmup_epochs", "optimizer.weight_decay", "optimizer.momentum",
         "optimizer.trust_coefficient", "online_probe", "probe_learning_rate", "knn_monitor",
@@ -140,6 +140,8 @@ RULES: dict[str, tuple[Callable, str]] = {
     "log_every_steps": _POSITIVE_INT, "checkpoint_every_steps": _POSITIVE_INT, "keep_checkpoints": _POSITIVE_INT,
     "nonfinite_policy": (lambda v: v in ("stop", "skip"), "choose 'stop' or 'skip'"),
     "write_pictures": _BOOL,
+    "init_from": (lambda v: v is None or (isinstance(v, str) and bool(v)),
+                  "expected None or a path: a pretraining workdir or an official SimCLR TF2 checkpoint"),
     "pretrained": (lambda v: isinstance(v, str) and bool(v),
                    "set --config.pretrained=PRETRAIN_WORKDIR (a pretraining workdir)"),
     "checkpoint_step": (lambda v: _is_int(v) and v >= -1, "expected a step number, or -1 for the latest"),

@@ -296,3 +296,22 @@ def test_two_training_steps_equal_the_official_ones(unpacked):
         assert max(worst["kernel"], worst["scale"], worst["bias"]) < parameter_tolerance, worst
         assert max(worst["mean"], worst["var"]) < statistics_tolerance, worst
         before = after
+
+
+def test_pretraining_starts_from_official_weights(unpacked, real_data_dir, tmp_path):
+    """config.init_from=<official checkpoint>: the initial state holds its variables
+    (the architecture must be restated in the config, and is checked)."""
+    from configs import cifar10
+    from simclr_jax import sharding
+    from simclr_jax.pretraining import train
+
+    config = cifar10.get_config()
+    config.update(init_from=unpacked["r18_cifar", "saved_model"], data_dir=real_data_dir, batch_size=16)
+    config.model.variant = "official"
+    state = train._setup(config, str(tmp_path), sharding.make_mesh())[0]
+    official = simclr_jax.load_encoder(unpacked["r18_cifar", "saved_model"]).variables
+    got = {"params": {k: state.params[k] for k in ("encoder", "head")}, "batch_stats": state.batch_stats}
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), jax.device_get(official))
+    config.model.variant = "torchvision"
+    with pytest.raises(ValueError, match=r"set --config.model.variant='official' \(the config has 'torchvision'\)"):
+        train._setup(config, str(tmp_path / "other"), sharding.make_mesh())

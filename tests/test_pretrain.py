@@ -7,7 +7,7 @@ import pytest
 
 from configs import knn as knn_config
 from configs import smoke
-from simclr_jax import checkpoint, writers
+from simclr_jax import checkpoint, sharding, writers
 from simclr_jax.evaluation import run as evaluation
 from simclr_jax.pretraining import train
 from tests.workdirs import tiny_pretrain_config
@@ -136,3 +136,36 @@ def test_bfloat16_compute_trains_like_float32(real_data_dir, tmp_path):
         assert curve[-15:].mean() < curve[:15].mean() - 0.2
     np.testing.assert_allclose(bf16[0], f32[0], rtol=0.01)  # step 1: same weights and batch
     np.testing.assert_allclose(bf16[-30:].mean(), f32[-30:].mean(), rtol=0.05)
+
+
+@pytest.mark.slow
+def test_init_from_starts_from_another_runs_weights_with_a_fresh_optimiser(real_data_dir, tmp_path):
+    source = str(tmp_path / "source")
+    trained = jax.device_get(pretrain(_tiny_config(real_data_dir, num_train_steps=2, knn_monitor=False), source))
+    config = _tiny_config(real_data_dir, init_from=source, seed=1, knn_monitor=False, num_train_steps=1)
+    state = jax.device_get(train._setup(config, str(tmp_path / "setup"), sharding.make_mesh())[0])
+    assert int(state.step) == 0
+    for part in ("encoder", "head"):
+        jax.tree.map(np.testing.assert_array_equal, state.params[part], trained.params[part])
+    jax.tree.map(np.testing.assert_array_equal, state.batch_stats, trained.batch_stats)
+    assert not np.any(state.params["online_probe"]["kernel"])  # the probe starts afresh (zeros)
+    momentum = [x for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0]
+    assert momentum and not any(np.any(x) for x in momentum)
+    # And the run trains from there: one step, its own workdir, its own step count.
+    assert int(pretrain(config, str(tmp_path / "run")).step) == 1
+
+
+def test_init_from_another_architecture_names_the_fields_and_writes_nothing(real_data_dir, tmp_path):
+    from simclr_jax.config_validation import ConfigError
+    from tests.workdirs import tiny_workdir
+
+    source = tiny_workdir(tmp_path / "source", head_layers=3)
+    config = _tiny_config(real_data_dir, init_from=source)
+    config.model.width_multiplier = 0.125
+    with pytest.raises(ConfigError, match=r"holds another architecture: set --config.model.width_multiplier=0.0625 "
+                       r"\(the config has 0.125\), --config.model.head_layers=3 \(the config has 2\)"):
+        pretrain(config, str(tmp_path / "run"))
+    config.init_from = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        pretrain(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

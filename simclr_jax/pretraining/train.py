@@ -18,7 +18,7 @@ from absl import logging
 from clu import periodic_actions
 from jax.sharding import Mesh
 
-from simclr_jax import checkpoint, config_validation, models, pictures, preemption, sharding, writers
+from simclr_jax import checkpoint, config_validation, models, pictures, preemption, pretrained, sharding, writers
 from simclr_jax.data import input_pipeline, sources
 from simclr_jax.pretraining import optim, progress
 from simclr_jax.pretraining.step import (TrainState, create_train_state, make_train_step, model_params,
@@ -46,6 +46,8 @@ def _setup(config, workdir: str, mesh: Mesh):
     """Everything the loop needs that can fail on bad data or a bad workdir,
     before anything compiles: (state, model, tx, schedule, manager, steps per epoch,
     total steps, probe classes)."""
+    if config.init_from:
+        _check_init_architecture(config)
     _, num_examples, info = sources.load_split(config.dataset, config.train_split, config.data_dir,
                                                download=config.download)
     steps_per_epoch = num_examples // config.batch_size
@@ -59,6 +61,8 @@ def _setup(config, workdir: str, mesh: Mesh):
     if probe_classes:
         tx = with_probe_optimizer(tx, config.probe_learning_rate)
     state = create_train_state(model, tx, config.image_size, config.seed, mesh, probe_classes)
+    if config.init_from and checkpoint.latest_step(workdir) is None:  # read before anything is written
+        state = _start_from(state, config, mesh)
     manager = checkpoint.create_manager(workdir, save_every_steps=config.checkpoint_every_steps,
                                         max_to_keep=config.keep_checkpoints)
     if manager.latest_step() is not None:
@@ -66,6 +70,25 @@ def _setup(config, workdir: str, mesh: Mesh):
         logging.info("Resumed from step %d in %s", int(state.step), manager.directory)
     total_steps = optim.total_train_steps(config, steps_per_epoch)
     return state, model, tx, learning_rate, manager, steps_per_epoch, total_steps, probe_classes
+
+
+def _check_init_architecture(config) -> None:
+    """``config.init_from`` must hold the architecture the config trains."""
+    trained = pretrained.architecture(config.init_from).model
+    conflicts = [f"--config.model.{name}={trained[name]!r} (the config has {config.model[name]!r})"
+                 for name in config_validation.MODEL_FIELDS if trained[name] != config.model[name]]
+    if conflicts:
+        raise config_validation.ConfigError(
+            f"config.init_from={config.init_from!r} holds another architecture: set " + ", ".join(conflicts))
+
+
+def _start_from(state: TrainState, config, mesh: Mesh) -> TrainState:
+    """``state`` with the encoder, head and BatchNorm statistics of
+    ``config.init_from``; the optimiser, step and online probe start afresh."""
+    variables, _, step = pretrained.restore(config.init_from, models.model_from_config(config.model),
+                                            config.image_size, mesh)
+    logging.info("Starting from the weights of %s (its step %d)", config.init_from, step)
+    return state.replace(params={**state.params, **variables["params"]}, batch_stats=variables["batch_stats"])
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
