@@ -1,8 +1,10 @@
 """Pretrains or evaluates SimCLR: python main.py --config=configs/NAME.py --workdir=DIR.
 
-Pretraining recipes (cifar10, imagenet, smoke) train and checkpoint into
-workdir; evaluation recipes (knn, cached_linear, linear_eval, finetune) read
---config.pretrained=PRETRAIN_WORKDIR and write eval_results.json into workdir.
+Pretraining recipes (cifar10, imagenet, imagenet_v2, smoke) train and
+checkpoint into workdir; evaluation recipes (knn, cached_linear, linear_eval,
+finetune, supervised_head) read --config.pretrained=PATH (our pretraining
+workdir or an official SimCLR checkpoint) and write eval_results.json into
+workdir.
 Any config field can be overridden, e.g. --config.batch_size=256.
 
 Several processes (hosts) join one run through JAX's distributed runtime:
@@ -104,7 +106,8 @@ if __name__ == "__main__":
         sys.exit(f"main.py: {_unknown_field_message(e)} (see configs/ for the fields of each recipe)")
     except ValueError as e:
         from simclr_jax.config_validation import ConfigError
+        from simclr_jax.pretrained import CheckpointError
 
-        if not isinstance(e, ConfigError):
+        if not isinstance(e, (ConfigError, CheckpointError)):
             raise
         sys.exit(f"main.py: {e}")

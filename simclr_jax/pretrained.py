@@ -8,6 +8,7 @@ fine-tuned head, or our online probe (the same thing: a linear classifier
 trained on stop_gradient(h) beside pretraining). Evaluation (``load_encoder``)
 and pretraining's ``init_from`` both read weights through here.
 """
+import contextlib
 import os
 from typing import Optional
 
@@ -21,6 +22,23 @@ from simclr_jax.models import SimCLR
 PROBE = "online_probe"  # our online probe's key in the checkpoint's params (pretraining.step.PROBE)
 
 
+class CheckpointError(ValueError):
+    """A path that cannot serve as pretrained weights (missing, not SimCLR's,
+    another architecture, truncated), with what to pass instead. main.py
+    prints its message alone, like a ConfigError: the fix is in the message."""
+
+
+@contextlib.contextmanager
+def _reading(path: str, official: bool):
+    """Reading errors as CheckpointError; an official file's name the path (ours already do)."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: {e}" if official else str(e)) from e
+
+
 def official_prefix(path: str) -> Optional[str]:
     """The TF checkpoint prefix of an official checkpoint; None for our workdirs."""
     if os.path.isdir(path) and os.path.exists(os.path.join(checkpoint.run_workdir(path), checkpoint.CONFIG_FILE)):
@@ -30,10 +48,13 @@ def official_prefix(path: str) -> Optional[str]:
 
 def architecture(path: str) -> ml_collections.ConfigDict:
     """{'model', 'image_size'} that ``path`` was trained with."""
-    prefix = official_prefix(path)
+    with _reading(path, official=False):
+        prefix = official_prefix(path)
     if prefix is None:
-        return checkpoint.read_run_config(checkpoint.run_workdir(path))
-    model_config, _, image_size = official_tf2.infer(official_tf2.read_variables(prefix, shapes_only=True))
+        with _reading(path, official=False):
+            return checkpoint.read_run_config(checkpoint.run_workdir(path))
+    with _reading(path, official=True):
+        model_config, _, image_size = official_tf2.infer(official_tf2.read_variables(prefix, shapes_only=True))
     return ml_collections.ConfigDict(dict(model=model_config.to_dict(), image_size=image_size))
 
 
@@ -59,12 +80,15 @@ def restore(path: str, model: SimCLR, image_size: int, mesh,
     """(variables, supervised head {'kernel', 'bias'} or None, step) of ``path``,
     replicated on ``mesh``. ``step``: our checkpoint to read (None: the latest)."""
     abstract = abstract_variables(model, image_size, mesh)
-    prefix = official_prefix(path)
+    with _reading(path, official=False):
+        prefix = official_prefix(path)
     if prefix is not None:
-        tree, head = official_tf2.to_flax(official_tf2.read_variables(prefix), model, abstract)
+        with _reading(path, official=True):
+            tree, head = official_tf2.to_flax(official_tf2.read_variables(prefix), model, abstract)
         head = None if head is None else sharding.put_replicated(head, mesh)
         return sharding.put_replicated(tree, mesh), head, official_tf2.step_of(prefix)
-    variables, step = checkpoint.restore_variables(checkpoint.run_workdir(path), abstract, step,
-                                                   optional_params=(PROBE,))
+    with _reading(path, official=False):
+        variables, step = checkpoint.restore_variables(checkpoint.run_workdir(path), abstract, step,
+                                                       optional_params=(PROBE,))
     head = variables["params"].pop(PROBE, None)
     return variables, head, step

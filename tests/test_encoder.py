@@ -15,6 +15,7 @@ from simclr_jax import sharding
 from simclr_jax.data import augment, sources
 from simclr_jax.evaluation import encoder
 from simclr_jax.evaluation.features import FeatureExtractor
+from simclr_jax.pretrained import CheckpointError
 from tests.workdirs import tiny_workdir
 
 SPLIT = "test[:64]"
@@ -109,16 +110,16 @@ def test_bad_images_are_clear_errors(random_encoder, images, message):
 
 
 def test_bad_paths_are_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such directory.*pretraining workdir"):
+    with pytest.raises(CheckpointError, match="no such directory.*pretraining workdir"):
         simclr_jax.load_encoder(str(tmp_path / "missing"))
-    with pytest.raises(FileNotFoundError, match="no config.json.*pretraining workdir"):
+    with pytest.raises(CheckpointError, match="no config.json.*pretraining workdir"):
         simclr_jax.load_encoder(str(tmp_path))
     (tmp_path / "checkpoints").mkdir()
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(CheckpointError, match="no config.json"):
         simclr_jax.load_encoder(str(tmp_path / "checkpoints"))
     (tmp_path / "config.json").write_text(json.dumps({"model": smoke.get_config().model.to_dict(),
                                                        "image_size": 32}))
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
         simclr_jax.load_encoder(str(tmp_path))
     with pytest.raises(ValueError, match="head_layer"):
         simclr_jax.load_encoder(str(tmp_path), head_layer=5)

@@ -16,9 +16,9 @@ from simclr_jax.data import sources
 from simclr_jax.evaluation import encoder as encoder_lib
 from simclr_jax.evaluation import knn, run
 from simclr_jax.evaluation.features import feature_function
+from simclr_jax.pretrained import CheckpointError
 from simclr_jax.pretraining import optim, step
 from tests.workdirs import IMAGE_SIZE, tiny_pretrain_config
-
 
 
 def _pretrain_config():
@@ -82,10 +82,10 @@ def test_random_init_baseline_has_the_architecture_and_not_the_weights(eight_dev
 
 
 def test_workdir_without_checkpoint_or_config_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="has no config.json"):
+    with pytest.raises(CheckpointError, match="has no config.json"):
         encoder_lib.load_encoder(str(tmp_path))
     checkpoint.write_run_config(str(tmp_path), _pretrain_config())
-    with pytest.raises(FileNotFoundError, match="no checkpoint for step None"):
+    with pytest.raises(CheckpointError, match="no checkpoint for step None"):
         encoder_lib.load_encoder(str(tmp_path))
 
 

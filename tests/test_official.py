@@ -13,6 +13,7 @@ import pytest
 
 import simclr_jax
 from simclr_jax import models, official_tf2
+from simclr_jax.pretrained import CheckpointError
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official_simclr_tf2"
 
@@ -162,18 +163,64 @@ def test_encoder_without_a_supervised_head_says_so(tmp_path):
         encoder.embed_views(np.zeros((1, 32, 32, 3), np.uint8))
 
 
-def test_variables_that_are_not_simclrs_are_a_clear_error(tmp_path):
+def test_files_that_are_not_simclrs_are_a_clear_error(tmp_path):
     import tensorflow as tf
 
     ckpt = tf.train.Checkpoint(layer=tf.keras.layers.Dense(3))
     ckpt.layer.build((None, 2))
     prefix = ckpt.write(str(tmp_path / "other"))
     assert official_tf2.variables_prefix(prefix) == prefix
-    with pytest.raises(ValueError, match="not SimCLR's variables"):
+    with pytest.raises(CheckpointError, match="other: these are not SimCLR's variables"):
         simclr_jax.load_encoder(prefix)
+    module = tf.Module()
+    module.kernel = tf.Variable(tf.zeros([3, 3]), name="dense/kernel")
+    tf.saved_model.save(module, str(tmp_path / "saved_model"))
+    with pytest.raises(CheckpointError, match="saved_model: these are not SimCLR's variables"):
+        simclr_jax.load_encoder(str(tmp_path / "saved_model"))
     (tmp_path / "truncated.index").write_bytes(b"\x00" * 10)
-    with pytest.raises(ValueError, match="cannot read the TF checkpoint"):
+    with pytest.raises(CheckpointError, match="cannot read the TF checkpoint"):
         simclr_jax.load_encoder(str(tmp_path / "truncated"))
+
+
+def test_variables_the_architecture_does_not_know_are_named(unpacked, tmp_path):
+    import tensorflow as tf
+
+    official = official_tf2.read_variables(unpacked["r18_cifar", "ckpt_prefix"])
+
+    def with_extra(name, filename):
+        variables = [tf.Variable(value, name=key) for key, value in official.items()]
+        variables.append(tf.Variable(tf.zeros([3]), name=name))
+        return tf.train.Checkpoint(variables=variables).write(str(tmp_path / filename))
+
+    extra = "ema_head/dense/kernel"
+    with pytest.raises(CheckpointError, match=f"ckpt-7: the official checkpoint has variables this architecture "
+                       f"does not know: \\['{extra}'\\]"):
+        simclr_jax.load_encoder(with_extra(extra, "ckpt-7"))
+    inside = "resnet/block_group2/residual_block_2/mystery_layer/kernel"
+    with pytest.raises(CheckpointError, match="ckpt-8: unknown official layer resnet/block_group2/residual_block_2/"
+                       "mystery_layer"):
+        simclr_jax.load_encoder(with_extra(inside, "ckpt-8"))
+
+
+def test_truncated_saved_model_fails_on_the_command_line_with_one_message(unpacked, tmp_path):
+    """What a download cut short gives: one line naming the file, no traceback, no workdir."""
+    import shutil
+    import subprocess
+    import sys
+
+    truncated = tmp_path / "saved_model"
+    shutil.copytree(unpacked["r18_cifar", "saved_model"], truncated)
+    data = next((truncated / "variables").glob("variables.data-*"))
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    workdir = tmp_path / "eval"
+    result = subprocess.run([sys.executable, "main.py", "--config=configs/knn.py", f"--workdir={workdir}",
+                             f"--config.pretrained={truncated}", "--cpu_devices=0"],
+                            cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"main.py: {truncated}: cannot read the TF checkpoint") and "is it complete" in last
+    assert "Traceback" not in result.stderr and not workdir.exists()
 
 
 def test_logits_read_the_head_layer_the_encoder_was_loaded_with(unpacked):

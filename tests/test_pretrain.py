@@ -157,6 +157,7 @@ def test_init_from_starts_from_another_runs_weights_with_a_fresh_optimiser(real_
 
 def test_init_from_another_architecture_names_the_fields_and_writes_nothing(real_data_dir, tmp_path):
     from simclr_jax.config_validation import ConfigError
+    from simclr_jax.pretrained import CheckpointError
     from tests.workdirs import tiny_workdir
 
     source = tiny_workdir(tmp_path / "source", head_layers=3)
@@ -166,6 +167,6 @@ def test_init_from_another_architecture_names_the_fields_and_writes_nothing(real
                        r"\(the config has 0.125\), --config.model.head_layers=3 \(the config has 2\)"):
         pretrain(config, str(tmp_path / "run"))
     config.init_from = str(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match="no such directory"):
+    with pytest.raises(CheckpointError, match="no such directory"):
         pretrain(config, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()

@@ -76,6 +76,21 @@ def stage_widths(width_multiplier: float) -> tuple[int, ...]:
     return tuple(base * m for m in (1, 2, 4, 8))
 
 
+def block_projections(depth: int, width_multiplier: float, variant: str) -> list[list[bool]]:
+    """Per stage, whether each block has a projection shortcut: in the official
+    variant every stage's first block, in torchvision's where the shape changes
+    (so not ResNet-18/34's first block). The official export names by it too."""
+    kind, blocks_per_stage = RESNET_STAGES[depth]
+    expansion = 1 if kind == "basic" else 4
+    widths = stage_widths(width_multiplier)
+    projections, channels = [], widths[0]  # every stem ends with widths[0] channels
+    for stage, (width, blocks) in enumerate(zip(widths, blocks_per_stage)):
+        first = variant == "official" or stage > 0 or channels != width * expansion
+        projections.append([first] + [False] * (blocks - 1))
+        channels = width * expansion
+    return projections
+
+
 class SelectiveKernel(nn.Module):
     """Selective-kernel 3x3 convolution (Li et al. 2019) as SimCLR v2 builds it:
     one convolution makes two streams of ``features`` channels, and a softmax
@@ -188,6 +203,11 @@ class ResNet(nn.Module):
     ``cifar_stem`` swaps the 7x7/2 conv + max-pool for a 3x3/1 conv so 32x32
     images keep their resolution. No classifier: SimCLR only needs h.
     ``variant``, ``sk_ratio`` and ``se_ratio``: see the module docstring.
+
+    The feature maps the official SavedModel returns (``initial_conv``,
+    ``initial_max_pool``, ``block_group1..4``) are sown into 'intermediates':
+    ``apply(..., mutable=["intermediates"])`` returns them; otherwise sowing
+    does nothing.
     """
 
     depth: int
@@ -204,34 +224,37 @@ class ResNet(nn.Module):
         if self.depth not in RESNET_STAGES or self.variant not in VARIANTS:
             raise ValueError(f"Unsupported ResNet depth {self.depth} or variant {self.variant!r}; valid: "
                              f"{VALID_DEPTHS}, {VARIANTS}")
-        kind, blocks_per_stage = RESNET_STAGES[self.depth]
+        kind, _ = RESNET_STAGES[self.depth]
         block_cls = BasicBlock if kind == "basic" else Bottleneck
-        expansion = 1 if kind == "basic" else 4
         widths = stage_widths(self.width_multiplier)
         conv, norm = conv_def(self.dtype), norm_def(train, self.axis_name, self.dtype)
 
         x = self._stem(jnp.asarray(x, self.dtype), widths[0], conv, norm)
-        channels = x.shape[-1]
-        for stage, (width, num_blocks) in enumerate(zip(widths, blocks_per_stage)):
-            for block in range(num_blocks):
+        projections = block_projections(self.depth, self.width_multiplier, self.variant)
+        for stage, (width, projects) in enumerate(zip(widths, projections)):
+            for block, project in enumerate(projects):
                 strides = 2 if stage > 0 and block == 0 else 1
-                shape_changes = strides != 1 or channels != width * expansion
-                project = block == 0 if self.variant == "official" else shape_changes
                 x = block_cls(features=width, strides=strides, conv=conv, norm=norm, project=project,
                               resnet_d=self.sk_ratio > 0, se_ratio=self.se_ratio, sk_ratio=self.sk_ratio,
                               dtype=self.dtype, name=f"stage{stage + 1}_block{block + 1}")(x)
-                channels = width * expansion
+            self.sow("intermediates", f"block_group{stage + 1}", x)
 
         # Average in float32: a bfloat16 mean over 49+ positions loses precision.
         return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
     def _stem(self, x, width: int, conv, norm):
-        if self.cifar_stem:
-            return nn.relu(norm(name="stem_bn")(conv(width, 3, 1, "stem_conv")(x)))
-        if self.sk_ratio > 0:  # ResNet-D: three 3x3 convolutions instead of one 7x7
+        """The stem. Sows what the official SavedModel calls ``initial_conv`` (the
+        last stem convolution's output, before its BN) and ``initial_max_pool``
+        (after the max pool; the CIFAR stem has none: there, after BN and ReLU)."""
+        resnet_d = self.sk_ratio > 0 and not self.cifar_stem
+        if resnet_d:  # three 3x3 convolutions instead of one 7x7
             x = nn.relu(norm(name="stem_bn1")(conv(width // 2, 3, 2, "stem_conv1")(x)))
             x = nn.relu(norm(name="stem_bn2")(conv(width // 2, 3, 1, "stem_conv2")(x)))
-            x = nn.relu(norm(name="stem_bn")(conv(width, 3, 1, "stem_conv")(x)))
-        else:
-            x = nn.relu(norm(name="stem_bn")(conv(width, 7, 2, "stem_conv")(x)))
-        return nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+        plain = not (self.cifar_stem or resnet_d)
+        x = conv(width, 7 if plain else 3, 2 if plain else 1, "stem_conv")(x)
+        self.sow("intermediates", "initial_conv", x)
+        x = nn.relu(norm(name="stem_bn")(x))
+        if not self.cifar_stem:
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+        self.sow("intermediates", "initial_max_pool", x)
+        return x
