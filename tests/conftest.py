@@ -10,10 +10,12 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pathlib
+import tarfile
 
 import pytest
 
 REAL_DATA_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "tfds"
+OFFICIAL_FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official_simclr_tf2"
 
 
 def pytest_configure(config):
@@ -33,3 +35,25 @@ def real_data_dir():
             pytest.fail(message)
         pytest.skip(message)
     return str(REAL_DATA_DIR)
+
+
+@pytest.fixture(scope="session")
+def official_files(tmp_path_factory):
+    """{(model, format): path} of the files the official SimCLR TF2 code wrote
+    (../shared/fixtures/official_simclr_tf2), unpacked once per session.
+    Skipped when absent on a developer machine, a failure in CI."""
+    if not OFFICIAL_FIXTURES.is_dir():
+        message = f"official SimCLR fixtures not found under {OFFICIAL_FIXTURES}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    root = tmp_path_factory.mktemp("official")
+    paths = {}
+    for name in ("r18_cifar", "r50_1x_sk1"):
+        for archive in sorted((OFFICIAL_FIXTURES / name).glob("*.tar.gz")):
+            with tarfile.open(archive) as tar:
+                tar.extractall(root / name, filter="data")
+        paths[name, "saved_model"] = str(root / name / "saved_model" / "1")
+    paths["r18_cifar", "checkpoint_dir"] = str(root / "r18_cifar" / "checkpoint")
+    paths["r18_cifar", "ckpt_prefix"] = str(root / "r18_cifar" / "checkpoint" / "ckpt-1")
+    return paths

@@ -25,23 +25,32 @@ def _pretrain_config():
     return tiny_pretrain_config()
 
 
+def _initial_run(workdir, num_devices, tx, num_classes=0):
+    """(model, mesh, initial state) of the tiny architecture, its config.json written to ``workdir``."""
+    config = _pretrain_config()
+    checkpoint.write_run_config(workdir, config)
+    mesh = sharding.make_mesh(jax.devices()[:num_devices])
+    model = models.model_from_config(config.model, axis_name=sharding.DATA_AXIS)
+    return model, mesh, step.create_train_state(model, tx, IMAGE_SIZE, seed=0, mesh=mesh, num_classes=num_classes)
+
+
+def _save(workdir, step_number, state):
+    manager = checkpoint.create_manager(workdir, save_every_steps=1, max_to_keep=1)
+    checkpoint.save(manager, step_number, state, force=True)
+    manager.wait_until_finished()
+    manager.close()
+
+
 @pytest.fixture(scope="module")
 def eight_device_workdir(tmp_path_factory):
     """A workdir (config.json + checkpoint) written from an 8-device mesh after one step."""
     workdir = str(tmp_path_factory.mktemp("pretrain8"))
-    config = _pretrain_config()
-    checkpoint.write_run_config(workdir, config)
-    mesh = sharding.make_mesh(jax.devices()[:8])
-    model = models.model_from_config(config.model, axis_name=sharding.DATA_AXIS)
     tx = optim.lars(0.5, 1e-4)
-    state = step.create_train_state(model, tx, IMAGE_SIZE, seed=0, mesh=mesh)
+    model, mesh, state = _initial_run(workdir, 8, tx)
     train_step = step.make_train_step(model, tx, lambda s: 0.5, 0.5, mesh)
     views = np.random.default_rng(0).uniform(size=(16, 2, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
     state, _ = train_step(state, sharding.put_batch({"views": views}, mesh))
-    manager = checkpoint.create_manager(workdir, save_every_steps=1, max_to_keep=1)
-    checkpoint.save(manager, 1, state, force=True)
-    manager.wait_until_finished()
-    manager.close()
+    _save(workdir, 1, state)
     return workdir, jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
 
 
@@ -172,20 +181,13 @@ def test_pretrain_then_knn_and_cached_linear_on_real_cifar10(real_data_dir, tmp_
 def probe_workdir(tmp_path_factory):
     """A one-device workdir whose checkpoint holds an online probe with random weights."""
     workdir = str(tmp_path_factory.mktemp("probe"))
-    config = _pretrain_config()
-    checkpoint.write_run_config(workdir, config)
-    mesh = sharding.make_mesh(jax.devices()[:1])
-    model = models.model_from_config(config.model, axis_name=sharding.DATA_AXIS)
-    state = step.create_train_state(model, optim.lars(0.5, 1e-4), IMAGE_SIZE, seed=0, mesh=mesh, num_classes=10)
+    _, mesh, state = _initial_run(workdir, 1, optim.lars(0.5, 1e-4), num_classes=10)
     rng = np.random.default_rng(2)
     # A small kernel, so the bias decides as much as h does.
     probe = {"kernel": 0.02 * rng.normal(size=(state.params[step.PROBE]["kernel"].shape)).astype(np.float32),
              "bias": rng.normal(size=10).astype(np.float32)}
     state = state.replace(params={**state.params, step.PROBE: sharding.put_replicated(probe, mesh)})
-    manager = checkpoint.create_manager(workdir, save_every_steps=1, max_to_keep=1)
-    checkpoint.save(manager, 3, state, force=True)
-    manager.wait_until_finished()
-    manager.close()
+    _save(workdir, 3, state)
     return workdir, probe
 
 

@@ -8,7 +8,6 @@ import os
 import pathlib
 import subprocess
 import sys
-import tarfile
 
 import jax
 import jax.numpy as jnp
@@ -22,29 +21,10 @@ from tensorflow.core.protobuf import trackable_object_graph_pb2
 import simclr_jax
 from simclr_jax import models, official_export, official_tf2, sharding
 from simclr_jax.evaluation import encoder as encoder_lib
+from tests.conftest import OFFICIAL_FIXTURES
 from tests.workdirs import tiny_workdir
 
-FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official_simclr_tf2"
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def unpacked(tmp_path_factory):
-    """{(model, format): path} of the fixture's files, unpacked once."""
-    if not FIXTURES.is_dir():
-        message = f"official SimCLR fixtures not found under {FIXTURES}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    root = tmp_path_factory.mktemp("official")
-    paths = {}
-    for name in ("r18_cifar", "r50_1x_sk1"):
-        for archive in sorted((FIXTURES / name).glob("*.tar.gz")):
-            with tarfile.open(archive) as tar:
-                tar.extractall(root / name, filter="data")
-        paths[name, "saved_model"] = str(root / name / "saved_model" / "1")
-    paths["r18_cifar", "ckpt_prefix"] = str(root / "r18_cifar" / "checkpoint" / "ckpt-1")
-    return paths
 
 
 def _relative_error(got, want) -> float:
@@ -56,11 +36,11 @@ def _relative_error(got, want) -> float:
 
 @pytest.mark.parametrize("name, form", [("r18_cifar", "saved_model"), ("r18_cifar", "ckpt_prefix"),
                                         ("r50_1x_sk1", "saved_model")])
-def test_official_names_are_the_official_codes(unpacked, name, form):
+def test_official_names_are_the_official_codes(official_files, name, form):
     """The names official_names generates for the fixture's architecture are
     exactly the fixture's, each on the path the import maps it to, and (in
     the SavedModel) the trainable ones in the official order."""
-    official = official_tf2.read_variables(official_tf2.variables_prefix(unpacked[name, form]), shapes_only=True)
+    official = official_tf2.read_variables(official_tf2.variables_prefix(official_files[name, form]), shapes_only=True)
     config, classes, _ = official_tf2.infer(official)
     names = official_tf2.official_names(config, classes)
     by_name = {official_name: path for path, official_name in names.items()}
@@ -70,7 +50,7 @@ def test_official_names_are_the_official_codes(unpacked, name, form):
     assert official_tf2.flax_names(official, models.model_from_config(config)) == {
         n: path for n, path in by_name.items() if not path.startswith(head)}
     if form == "saved_model":
-        want = _trainable_variables_list(official_tf2.variables_prefix(unpacked[name, form]))
+        want = _trainable_variables_list(official_tf2.variables_prefix(official_files[name, form]))
         assert [n for path, n in names.items() if not path.startswith("batch_stats/")] == want
 
 
@@ -123,21 +103,21 @@ def test_import_reads_back_the_names_export_writes(architecture):
 # --------------------------------------------------------------------------- the exported fixture
 
 @pytest.fixture(scope="module")
-def exported_r18(unpacked, tmp_path_factory):
+def exported_r18(official_files, tmp_path_factory):
     """The official ResNet-18 checkpoint imported and exported again, through
     the command line."""
     out = str(tmp_path_factory.mktemp("export") / "r18")
     command = [sys.executable, "-m", "simclr_jax.official_export",
-               f"--pretrained={unpacked['r18_cifar', 'ckpt_prefix']}", f"--out={out}"]
+               f"--pretrained={official_files['r18_cifar', 'ckpt_prefix']}", f"--out={out}"]
     subprocess.run(command, check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     return out
 
 
-def test_exported_fixture_gives_every_official_output(unpacked, exported_r18):
-    official = dict(np.load(FIXTURES / "r18_cifar" / "outputs.npz"))
+def test_exported_fixture_gives_every_official_output(official_files, exported_r18):
+    official = dict(np.load(OFFICIAL_FIXTURES / "r18_cifar" / "outputs.npz"))
     images = tf.constant(official["images"])
     ours = tf.saved_model.load(exported_r18)
-    theirs = tf.saved_model.load(unpacked["r18_cifar", "saved_model"])
+    theirs = tf.saved_model.load(official_files["r18_cifar", "saved_model"])
     got = ours(images, trainable=False)
     assert set(got) == set(theirs(images, trainable=False)) == set(official_export.OUTPUTS)
     official["proj_head_input"] = official["final_avg_pool"]
@@ -157,8 +137,8 @@ def _signatures(saved_model) -> list:
                    for f in saved_model.__call__.concrete_functions), key=lambda s: s[0])
 
 
-def test_exported_fixture_reads_back_bitwise(unpacked, exported_r18):
-    before = simclr_jax.load_encoder(unpacked["r18_cifar", "ckpt_prefix"], batch_size=8)
+def test_exported_fixture_reads_back_bitwise(official_files, exported_r18):
+    before = simclr_jax.load_encoder(official_files["r18_cifar", "ckpt_prefix"], batch_size=8)
     after = simclr_jax.load_encoder(exported_r18, batch_size=8)
     assert after.model_config.to_dict() == before.model_config.to_dict()
     same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),

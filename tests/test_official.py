@@ -1,9 +1,7 @@
 """Official SimCLR TF2 checkpoints (files the official code wrote) give the
 official outputs and parameter counts through load_encoder."""
 import json
-import os
 import pathlib
-import tarfile
 
 import jax
 import jax.numpy as jnp
@@ -14,38 +12,17 @@ import pytest
 import simclr_jax
 from simclr_jax import models, official_tf2
 from simclr_jax.pretrained import CheckpointError
-
-FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official_simclr_tf2"
-
-
-@pytest.fixture(scope="module")
-def unpacked(tmp_path_factory):
-    """{(model, format): path} of the fixture's files, unpacked once."""
-    if not FIXTURES.is_dir():
-        message = f"official SimCLR fixtures not found under {FIXTURES}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    root = tmp_path_factory.mktemp("official")
-    paths = {}
-    for name in ("r18_cifar", "r50_1x_sk1"):
-        for archive in sorted((FIXTURES / name).glob("*.tar.gz")):
-            with tarfile.open(archive) as tar:
-                tar.extractall(root / name, filter="data")
-        paths[name, "saved_model"] = str(root / name / "saved_model" / "1")
-    paths["r18_cifar", "checkpoint_dir"] = str(root / "r18_cifar" / "checkpoint")
-    paths["r18_cifar", "ckpt_prefix"] = str(root / "r18_cifar" / "checkpoint" / "ckpt-1")
-    return paths
+from tests.conftest import OFFICIAL_FIXTURES
 
 
 @pytest.fixture(scope="module")
-def encoders(unpacked):
+def encoders(official_files):
     """load_encoder of each fixture file, loaded once."""
     cache = {}
 
     def get(name, form):
         if (name, form) not in cache:
-            cache[name, form] = simclr_jax.load_encoder(unpacked[name, form], batch_size=8)
+            cache[name, form] = simclr_jax.load_encoder(official_files[name, form], batch_size=8)
         return cache[name, form]
     return get
 
@@ -55,8 +32,8 @@ CASES = [("r18_cifar", "saved_model"), ("r18_cifar", "checkpoint_dir"), ("r18_ci
 
 
 def _official(name):
-    meta = json.loads((FIXTURES / name / "meta.json").read_text())
-    return meta, dict(np.load(FIXTURES / name / "outputs.npz"))
+    meta = json.loads((OFFICIAL_FIXTURES / name / "meta.json").read_text())
+    return meta, dict(np.load(OFFICIAL_FIXTURES / name / "outputs.npz"))
 
 
 def _assert_close(got, want, what):
@@ -182,10 +159,10 @@ def test_files_that_are_not_simclrs_are_a_clear_error(tmp_path):
         simclr_jax.load_encoder(str(tmp_path / "truncated"))
 
 
-def test_variables_the_architecture_does_not_know_are_named(unpacked, tmp_path):
+def test_variables_the_architecture_does_not_know_are_named(official_files, tmp_path):
     import tensorflow as tf
 
-    official = official_tf2.read_variables(unpacked["r18_cifar", "ckpt_prefix"])
+    official = official_tf2.read_variables(official_files["r18_cifar", "ckpt_prefix"])
 
     def with_extra(name, filename):
         variables = [tf.Variable(value, name=key) for key, value in official.items()]
@@ -202,14 +179,14 @@ def test_variables_the_architecture_does_not_know_are_named(unpacked, tmp_path):
         simclr_jax.load_encoder(with_extra(inside, "ckpt-8"))
 
 
-def test_truncated_saved_model_fails_on_the_command_line_with_one_message(unpacked, tmp_path):
+def test_truncated_saved_model_fails_on_the_command_line_with_one_message(official_files, tmp_path):
     """What a download cut short gives: one line naming the file, no traceback, no workdir."""
     import shutil
     import subprocess
     import sys
 
     truncated = tmp_path / "saved_model"
-    shutil.copytree(unpacked["r18_cifar", "saved_model"], truncated)
+    shutil.copytree(official_files["r18_cifar", "saved_model"], truncated)
     data = next((truncated / "variables").glob("variables.data-*"))
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
     workdir = tmp_path / "eval"
@@ -223,17 +200,17 @@ def test_truncated_saved_model_fails_on_the_command_line_with_one_message(unpack
     assert "Traceback" not in result.stderr and not workdir.exists()
 
 
-def test_logits_read_the_head_layer_the_encoder_was_loaded_with(unpacked):
+def test_logits_read_the_head_layer_the_encoder_was_loaded_with(official_files):
     """SimCLR v2's fine-tuned classifiers sit on head layer 1: logits of an
     encoder loaded with head_layer=1 are that layer's official output times the head."""
     _, official = _official("r18_cifar")
-    encoder = simclr_jax.load_encoder(unpacked["r18_cifar", "ckpt_prefix"], head_layer=1, batch_size=8)
+    encoder = simclr_jax.load_encoder(official_files["r18_cifar", "ckpt_prefix"], head_layer=1, batch_size=8)
     head = jax.device_get(encoder.supervised_head)
     want = official["proj_head_hidden_1"].astype(np.float64) @ head["kernel"] + head["bias"]
     _assert_close(encoder.logits(official["images"]), want, "logits on head layer 1")
 
 
-def test_supervised_head_protocol_scores_the_official_head(unpacked, real_data_dir, tmp_path):
+def test_supervised_head_protocol_scores_the_official_head(official_files, real_data_dir, tmp_path):
     """configs/supervised_head.py on the official checkpoint: the top-1 of its own
     linear-eval head on eval views, nothing trained."""
     from configs import supervised_head as supervised_head_config
@@ -241,18 +218,18 @@ def test_supervised_head_protocol_scores_the_official_head(unpacked, real_data_d
     from simclr_jax.evaluation import run
 
     config = supervised_head_config.get_config()
-    config.update(pretrained=unpacked["r18_cifar", "saved_model"], data_dir=real_data_dir, test_split="test[:200]",
+    config.update(pretrained=official_files["r18_cifar", "saved_model"], data_dir=real_data_dir, test_split="test[:200]",
                   eval_batch_size=40)
     record = run.evaluate(config, str(tmp_path))
     examples = list(sources.load_split("cifar10", "test[:200]", real_data_dir)[0].as_numpy_iterator())
-    encoder = simclr_jax.load_encoder(unpacked["r18_cifar", "saved_model"], batch_size=40)
+    encoder = simclr_jax.load_encoder(official_files["r18_cifar", "saved_model"], batch_size=40)
     logits = encoder.logits(encoder.preprocess(np.stack([e["image"] for e in examples])))
     want = np.mean(logits.argmax(1) == np.array([e["label"] for e in examples]))
     assert record["protocol"] == "supervised_head" and record["num_examples"] == 200
     assert record["top1"] == pytest.approx(want, abs=1 / 200)
 
 
-def test_knn_protocol_runs_on_an_official_checkpoint(unpacked, real_data_dir, tmp_path):
+def test_knn_protocol_runs_on_an_official_checkpoint(official_files, real_data_dir, tmp_path):
     """The CLI's kNN on the official ResNet-18 checkpoint: the architecture comes
     from the variables, and the result is the kNN of its own features."""
     from configs import knn as knn_config
@@ -260,7 +237,7 @@ def test_knn_protocol_runs_on_an_official_checkpoint(unpacked, real_data_dir, tm
     from simclr_jax.evaluation import knn, run
 
     config = knn_config.get_config()
-    config.update(pretrained=unpacked["r18_cifar", "checkpoint_dir"], data_dir=real_data_dir,
+    config.update(pretrained=official_files["r18_cifar", "checkpoint_dir"], data_dir=real_data_dir,
                   train_split="train[:500]", test_split="test[:200]", write_pictures=False, eval_batch_size=64)
     record = run.evaluate(config, str(tmp_path))
     assert record["checkpoint_step"] == 1 and record["num_examples"] == 200
@@ -269,13 +246,13 @@ def test_knn_protocol_runs_on_an_official_checkpoint(unpacked, real_data_dir, tm
         examples = list(sources.load_split("cifar10", split, real_data_dir)[0].as_numpy_iterator())
         return np.stack([e["image"] for e in examples]), np.array([e["label"] for e in examples])
 
-    encoder = simclr_jax.load_encoder(unpacked["r18_cifar", "checkpoint_dir"], batch_size=64)
+    encoder = simclr_jax.load_encoder(official_files["r18_cifar", "checkpoint_dir"], batch_size=64)
     (train_x, train_y), (test_x, test_y) = raw("train[:500]"), raw("test[:200]")
     want = knn.knn_accuracy(encoder.embed(train_x), train_y, encoder.embed(test_x), test_y, 10)
     assert record["top1"] == pytest.approx(want["top1"], abs=1 / 200)
 
 
-def test_two_training_steps_equal_the_official_ones(unpacked):
+def test_two_training_steps_equal_the_official_ones(official_files):
     """Two LARS pretraining steps from the official ResNet-18 checkpoint, with the
     fixture's hyperparameters and views (two_steps.npz): the official losses
     (the sum of both directions' cross-entropies, 2L) and the official variables
@@ -295,9 +272,9 @@ def test_two_training_steps_equal_the_official_ones(unpacked):
     from simclr_jax import sharding
     from simclr_jax.pretraining import optim, step
 
-    meta = json.loads((FIXTURES / "r18_cifar" / "meta.json").read_text())["two_steps"]
-    official = dict(np.load(FIXTURES / "r18_cifar" / "two_steps.npz"))
-    encoder = simclr_jax.load_encoder(unpacked["r18_cifar", "checkpoint_dir"])
+    meta = json.loads((OFFICIAL_FIXTURES / "r18_cifar" / "meta.json").read_text())["two_steps"]
+    official = dict(np.load(OFFICIAL_FIXTURES / "r18_cifar" / "two_steps.npz"))
+    encoder = simclr_jax.load_encoder(official_files["r18_cifar", "checkpoint_dir"])
     mesh = sharding.make_mesh()
     model = encoder.model.clone(axis_name=sharding.DATA_AXIS)
     tx = optim.lars(meta["lr"], weight_decay=meta["weight_decay"], momentum=meta["momentum"])
@@ -307,7 +284,7 @@ def test_two_training_steps_equal_the_official_ones(unpacked):
     train_step = step.make_train_step(model, tx, lambda s: meta["lr"], meta["temperature"], mesh)
     views = np.stack([official["view1"], official["view2"]], axis=1)  # [16, 2, 32, 32, 3]
     names = official_tf2.flax_names(official_tf2.read_variables(
-        official_tf2.variables_prefix(unpacked["r18_cifar", "checkpoint_dir"])), encoder.model)
+        official_tf2.variables_prefix(official_files["r18_cifar", "checkpoint_dir"])), encoder.model)
     before = {"params": jax.device_get(state.params), "batch_stats": jax.device_get(state.batch_stats)}
 
     def at(tree, path):
@@ -345,7 +322,7 @@ def test_two_training_steps_equal_the_official_ones(unpacked):
         before = after
 
 
-def test_pretraining_starts_from_official_weights(unpacked, real_data_dir, tmp_path):
+def test_pretraining_starts_from_official_weights(official_files, real_data_dir, tmp_path):
     """config.init_from=<official checkpoint>: the initial state holds its variables
     (the architecture must be restated in the config, and is checked)."""
     from configs import cifar10
@@ -353,10 +330,10 @@ def test_pretraining_starts_from_official_weights(unpacked, real_data_dir, tmp_p
     from simclr_jax.pretraining import train
 
     config = cifar10.get_config()
-    config.update(init_from=unpacked["r18_cifar", "saved_model"], data_dir=real_data_dir, batch_size=16)
+    config.update(init_from=official_files["r18_cifar", "saved_model"], data_dir=real_data_dir, batch_size=16)
     config.model.variant = "official"
     state = train._setup(config, str(tmp_path), sharding.make_mesh())[0]
-    official = simclr_jax.load_encoder(unpacked["r18_cifar", "saved_model"]).variables
+    official = simclr_jax.load_encoder(official_files["r18_cifar", "saved_model"]).variables
     got = {"params": {k: state.params[k] for k in ("encoder", "head")}, "batch_stats": state.batch_stats}
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), jax.device_get(official))
     config.model.variant = "torchvision"
