@@ -31,7 +31,7 @@ _EVALUATION = (*_DATA, "protocol", "pretrained", "checkpoint_step", "random_init
 FIELDS = {
     "pretrain": (
         *_DATA, "image_size", "color_jitter_strength", "blur", "shuffle_buffer_size",
-        *(f"model.{name}" for name in MODEL_FIELDS), "init_from", "dtype", "batch_size", "num_epochs",
+        *(f"model.{name}" for name in MODEL_FIELDS), "model.remat", "init_from", "dtype", "batch_size", "num_epochs",
         "num_train_steps", "temperature", "loss_impl", "optimizer.base_learning_rate",
         "optimizer.lr_scaling", "optimizer.warmup_epochs", "optimizer.weight_decay", "optimizer.momentum",
         "optimizer.trust_coefficient", "online_probe", "probe_learning_rate", "knn_monitor",
@@ -120,6 +120,7 @@ RULES: dict[str, tuple[Callable, str]] = {
     "model.sk_ratio": (lambda v: _is_number(v) and 0 <= v < 1,
                        "expected in [0, 1): 0 = no selective kernels, 0.0625 in SimCLR v2"),
     "model.se_ratio": (lambda v: _is_number(v) and 0 <= v < 1, "expected in [0, 1): 0 = no squeeze-excitation"),
+    "model.remat": _BOOL,
     "dtype": (lambda v: v in DTYPES,
               f"choose one of {DTYPES}" + "; float16 needs loss scaling, which is not implemented: use "
               "bfloat16 (float32's range at half the memory, what TPUs and recent GPUs compute in)"),

@@ -7,9 +7,9 @@ import pytest
 
 from configs import knn as knn_config
 from configs import smoke
-from simclr_jax import checkpoint, sharding, writers
+from simclr_jax import checkpoint, models, sharding, writers
 from simclr_jax.evaluation import run as evaluation
-from simclr_jax.pretraining import train
+from simclr_jax.pretraining import optim, step, train
 from tests.workdirs import tiny_pretrain_config
 
 
@@ -138,21 +138,32 @@ def test_bfloat16_compute_trains_like_float32(real_data_dir, tmp_path):
     np.testing.assert_allclose(bf16[-30:].mean(), f32[-30:].mean(), rtol=0.05)
 
 
-@pytest.mark.slow
 def test_init_from_starts_from_another_runs_weights_with_a_fresh_optimiser(real_data_dir, tmp_path):
     source = str(tmp_path / "source")
-    trained = jax.device_get(pretrain(_tiny_config(real_data_dir, num_train_steps=2, knn_monitor=False), source))
-    config = _tiny_config(real_data_dir, init_from=source, seed=1, knn_monitor=False, num_train_steps=1)
-    state = jax.device_get(train._setup(config, str(tmp_path / "setup"), sharding.make_mesh())[0])
+    config = _tiny_config(real_data_dir, seed=1)
+    checkpoint.write_run_config(source, config)
+    mesh = sharding.make_mesh()
+    model = models.model_from_config(config.model, axis_name=sharding.DATA_AXIS)
+    saved = step.create_train_state(model, optim.lars(0.1, 0.0), config.image_size, seed=7, mesh=mesh)
+    manager = checkpoint.create_manager(source, save_every_steps=1, max_to_keep=1)
+    checkpoint.save(manager, 5, saved, force=True)
+    manager.wait_until_finished()
+    manager.close()
+
+    config.init_from = source
+    state = jax.device_get(train._setup(config, str(tmp_path / "run"), mesh)[0])
+    saved = jax.device_get(saved)
     assert int(state.step) == 0
     for part in ("encoder", "head"):
-        jax.tree.map(np.testing.assert_array_equal, state.params[part], trained.params[part])
-    jax.tree.map(np.testing.assert_array_equal, state.batch_stats, trained.batch_stats)
+        jax.tree.map(np.testing.assert_array_equal, state.params[part], saved.params[part])
+    jax.tree.map(np.testing.assert_array_equal, state.batch_stats, saved.batch_stats)
     assert not np.any(state.params["online_probe"]["kernel"])  # the probe starts afresh (zeros)
     momentum = [x for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0]
     assert momentum and not any(np.any(x) for x in momentum)
-    # And the run trains from there: one step, its own workdir, its own step count.
-    assert int(pretrain(config, str(tmp_path / "run")).step) == 1
+    # Without init_from the same config starts elsewhere (seed 1, not the source's 7).
+    config.init_from = None
+    fresh = jax.device_get(train._setup(config, str(tmp_path / "fresh"), mesh)[0])
+    assert not np.array_equal(fresh.params["head"]["dense1"]["kernel"], saved.params["head"]["dense1"]["kernel"])
 
 
 def test_init_from_another_architecture_names_the_fields_and_writes_nothing(real_data_dir, tmp_path):

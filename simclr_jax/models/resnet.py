@@ -203,6 +203,9 @@ class ResNet(nn.Module):
     ``cifar_stem`` swaps the 7x7/2 conv + max-pool for a 3x3/1 conv so 32x32
     images keep their resolution. No classifier: SimCLR only needs h.
     ``variant``, ``sk_ratio`` and ``se_ratio``: see the module docstring.
+    ``remat``: each residual block's activations are recomputed in the
+    backward pass instead of stored (``nn.remat``), trading compute for the
+    memory of a larger batch; parameters, outputs and gradients are the same.
 
     The feature maps the official SavedModel returns (``initial_conv``,
     ``initial_max_pool``, ``block_group1..4``) are sown into 'intermediates':
@@ -218,6 +221,7 @@ class ResNet(nn.Module):
     se_ratio: float = 0.0
     axis_name: str | None = None
     dtype: Dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -226,6 +230,8 @@ class ResNet(nn.Module):
                              f"{VALID_DEPTHS}, {VARIANTS}")
         kind, _ = RESNET_STAGES[self.depth]
         block_cls = BasicBlock if kind == "basic" else Bottleneck
+        if self.remat:
+            block_cls = nn.remat(block_cls)
         widths = stage_widths(self.width_multiplier)
         conv, norm = conv_def(self.dtype), norm_def(train, self.axis_name, self.dtype)
 

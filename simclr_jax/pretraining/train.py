@@ -55,7 +55,8 @@ def _setup(config, workdir: str, mesh: Mesh):
         raise ValueError(f"batch_size={config.batch_size} is larger than the {num_examples} examples of "
                          f"{config.dataset}:{config.train_split}; lower --config.batch_size.")
     tx, learning_rate = optim.create_optimizer(config, steps_per_epoch)
-    model = models.model_from_config(config.model, axis_name=sharding.DATA_AXIS, dtype=jnp.dtype(config.dtype))
+    model = models.model_from_config(config.model, axis_name=sharding.DATA_AXIS, dtype=jnp.dtype(config.dtype),
+                                     remat=config.model.remat)
     # Labels, when the dataset has them, feed the online probe.
     probe_classes = sources.label_classes(info) if config.online_probe else 0
     if probe_classes:
