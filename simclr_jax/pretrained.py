@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from simclr_jax import checkpoint, official_tf2, sharding
+from simclr_jax import checkpoint, config_validation, official_tf2, sharding
 from simclr_jax.models import SimCLR
 
 PROBE = "online_probe"  # our online probe's key in the checkpoint's params (pretraining.step.PROBE)
@@ -47,12 +47,15 @@ def official_prefix(path: str) -> Optional[str]:
 
 
 def architecture(path: str) -> ml_collections.ConfigDict:
-    """{'model', 'image_size'} that ``path`` was trained with."""
+    """{'model', 'image_size'} that ``path`` was trained with: the architecture
+    fields alone (config_validation.MODEL_FIELDS), not how the run computed."""
     with _reading(path, official=False):
         prefix = official_prefix(path)
     if prefix is None:
         with _reading(path, official=False):
-            return checkpoint.read_run_config(checkpoint.run_workdir(path))
+            run_config = checkpoint.read_run_config(checkpoint.run_workdir(path))
+        model = {name: run_config.model[name] for name in config_validation.MODEL_FIELDS}  # not how it computed
+        return ml_collections.ConfigDict(dict(model=model, image_size=run_config.image_size))
     with _reading(path, official=True):
         model_config, _, image_size = official_tf2.infer(official_tf2.read_variables(prefix, shapes_only=True))
     return ml_collections.ConfigDict(dict(model=model_config.to_dict(), image_size=image_size))

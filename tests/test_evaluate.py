@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from configs import cached_linear as cached_linear_config
 from configs import knn as knn_config
-from simclr_jax import checkpoint, models, sharding
+from simclr_jax import checkpoint, config_validation, models, sharding
 from simclr_jax.data import sources
 from simclr_jax.evaluation import encoder as encoder_lib
 from simclr_jax.evaluation import knn, run
@@ -121,7 +121,8 @@ def test_architecture_comes_from_the_checkpoint_and_a_contradiction_names_both(e
     workdir, _ = eight_device_workdir
     resolved = encoder_lib.resolve_architecture(_evaluation_config(knn_config, workdir))
     assert resolved.image_size == IMAGE_SIZE
-    assert dict(resolved.model) == dict(_pretrain_config().model)
+    trained = _pretrain_config().model
+    assert dict(resolved.model) == {name: trained[name] for name in config_validation.MODEL_FIELDS}
     agreeing = _evaluation_config(knn_config, workdir, image_size=IMAGE_SIZE)
     agreeing.model.depth = 18
     assert encoder_lib.resolve_architecture(agreeing).model.depth == 18
