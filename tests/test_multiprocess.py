@@ -58,14 +58,15 @@ def test_checkpoint_of_two_processes_resumes_in_one(real_data_dir, tmp_path):
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
 
-    # kNN of the step-4 encoder in this process (8 devices) equals the 2-process run's monitor.
-    from configs import knn as knn_config
-    from simclr_jax.evaluation import run
-
-    config = knn_config.get_config()
-    config.update(pretrained=workdir, data_dir=real_data_dir, checkpoint_step=4, train_split="train[:2000]",
-                  test_split="test[:1001]", eval_batch_size=504, write_pictures=False)
-    result = run.evaluate(config, str(tmp_path / "eval"))
+    # kNN of the step-4 encoder on one process equals the 2-process run's monitor.
+    eval_dir = str(tmp_path / "eval")
+    knn_args = ["main.py", "--config=configs/knn.py", f"--workdir={eval_dir}", f"--config.pretrained={workdir}",
+                f"--config.data_dir={real_data_dir}", "--config.checkpoint_step=4",
+                "--config.train_split=train[:2000]", "--config.test_split=test[:1001]",
+                "--config.eval_batch_size=500"]
+    _wait(_start(knn_args, logs, num_processes=1, devices_per_process=4), logs)
+    with open(os.path.join(eval_dir, "eval_results.json")) as f:
+        result = json.load(f)[-1]
     assert result["num_examples"] == 1001
     knn_one_process = result["top1"]
     print(json.dumps({"knn_top1_two_processes": knn_two_processes[0], "knn_top1_one_process": knn_one_process}))
