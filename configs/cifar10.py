@@ -50,6 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_train_steps = -1  # > 0 overrides num_epochs
     config.temperature = 0.5
     config.loss_impl = "auto"  # NT-Xent: 'naive', 'blockwise' (memory-light), 'auto'
+    config.microbatches = 1  # > 1: model in chunks per device, all negatives kept (memory-light; BN per chunk)
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.base_learning_rate = 1.0
     config.optimizer.lr_scaling = "linear"  # peak = base * batch / 256

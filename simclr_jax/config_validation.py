@@ -32,7 +32,7 @@ FIELDS = {
     "pretrain": (
         *_DATA, "image_size", "color_jitter_strength", "blur", "shuffle_buffer_size",
         *(f"model.{name}" for name in MODEL_FIELDS), "model.remat", "init_from", "dtype", "batch_size", "num_epochs",
-        "num_train_steps", "temperature", "loss_impl", "optimizer.base_learning_rate",
+        "num_train_steps", "temperature", "loss_impl", "microbatches", "optimizer.base_learning_rate",
         "optimizer.lr_scaling", "optimizer.warmup_epochs", "optimizer.weight_decay", "optimizer.momentum",
         "optimizer.trust_coefficient", "online_probe", "probe_learning_rate", "knn_monitor",
         "eval_every_epochs", "test_split", "eval_batch_size", *_KNN, "log_every_steps",
@@ -129,6 +129,8 @@ RULES: dict[str, tuple[Callable, str]] = {
     "temperature": (lambda v: _is_number(v) and v > 0,
                     "the NT-Xent temperature must be > 0 (SimCLR uses 0.1-0.5)"),
     "loss_impl": (lambda v: v in LOSS_IMPLS, "choose 'auto', 'naive' or 'blockwise'"),
+    "microbatches": (lambda v: _is_int(v) and v > 0,
+                     "expected a positive integer (1 = the whole per-device batch at once)"),
     "optimizer.base_learning_rate": _POSITIVE,
     "optimizer.lr_scaling": (lambda v: v in ("linear", "sqrt"),
                              "choose 'linear' (base*B/256) or 'sqrt' (base*sqrt(B))"),
@@ -181,7 +183,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
         _check_pretrain(config)
     if kind == "supervised_head" and config.random_init:
         _fail("random_init", True, "a randomly initialised encoder has no trained supervised head to score")
-    _check_batch_sizes(config, kind, num_devices or jax.device_count(), num_processes or jax.process_count())
+    num_devices = num_devices or jax.device_count()
+    _check_batch_sizes(config, kind, num_devices, num_processes or jax.process_count())
+    if kind == "pretrain":
+        _check_microbatches(config.batch_size, num_devices, config.microbatches)
     return kind
 
 
@@ -198,6 +203,16 @@ def check_image_size(image_size: int, cifar_stem: bool) -> None:
         stem = "CIFAR" if cifar_stem else "ImageNet"
         _fail("image_size", image_size, f"the {stem}-stem ResNet downsamples by {downsampling}, so the crop "
               f"must be at least {downsampling}x{downsampling} pixels")
+
+
+def _check_microbatches(batch_size: int, num_devices: int, microbatches: int) -> None:
+    """Each device splits its share of the batch into ``microbatches`` equal chunks."""
+    per_device = batch_size // num_devices
+    if per_device % microbatches:
+        _fail("microbatches", microbatches,
+              f"each of the {num_devices} devices gets batch_size {batch_size} / {num_devices} = {per_device} "
+              f"images, which do not split into {microbatches} equal chunks; set microbatches to a divisor "
+              f"of {per_device}")
 
 
 def _check_batch_sizes(config, kind: str, num_devices: int, num_processes: int) -> None:

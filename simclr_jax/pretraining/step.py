@@ -19,6 +19,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from simclr_jax import sharding
+from simclr_jax.pretraining import chunked
 from simclr_jax.pretraining.losses import nt_xent
 
 
@@ -109,6 +110,7 @@ def make_train_step(
     mesh: Mesh,
     num_classes: int = 0,
     loss_impl: str = "auto",
+    microbatches: int = 1,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Builds ``train_step(state, batch) -> (state, metrics)``.
 
@@ -117,6 +119,10 @@ def make_train_step(
     argument is donated: its buffers are reused for the new state.
     ``loss_impl`` picks NT-Xent's form ('naive', 'blockwise', or 'auto':
     blockwise above 8192 global views, see losses.py).
+
+    ``microbatches > 1`` runs the model on that many chunks per device, one
+    at a time, and still contrasts every anchor with all 2N - 1 candidates
+    (see chunked.py); only BatchNorm's grouping differs from one big batch.
 
     With ``num_classes > 0`` the batch also holds ``'label'`` [N], and an
     online linear probe on ``stop_gradient(h)`` of both views learns from it
@@ -128,59 +134,64 @@ def make_train_step(
     and reports ``metrics['nonfinite'] = 1``.
     """
 
-    def step_on_device(state: TrainState, views: jax.Array, labels: jax.Array):
-        n = views.shape[0]
+    def forward(params, batch_stats, images):
+        """(h, z) of ``images`` in train mode, and the updated BN statistics."""
+        (h, z), updates = model.apply(
+            {"params": model_params(params), "batch_stats": batch_stats},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return (h, z), updates["batch_stats"]
+
+    def objective(params, h, z, labels):
+        """(OBJECTIVE_SCALE * L + probe loss, (L, metrics)) of [2n] rows, view 1 then view 2."""
+        n = z.shape[0] // 2
+        loss, metrics = nt_xent(
+            z[:n], z[n:], temperature, axis_name=sharding.DATA_AXIS, impl=loss_impl
+        )
+        # The official code minimises the sum of both directions' mean
+        # cross-entropies, 2L. LARS does not undo the factor (it doubles the
+        # steps of BN parameters and biases, and halves weight decay's share
+        # in the trust ratio), so the published hyperparameters mean what
+        # they meant there only for 2L. L is what is reported.
+        total = OBJECTIVE_SCALE * loss
+        if num_classes:
+            logits = _probe(num_classes).apply({"params": params[PROBE]}, jax.lax.stop_gradient(h))
+            both_labels = jnp.concatenate([labels, labels])
+            probe_loss = optax.softmax_cross_entropy_with_integer_labels(logits, both_labels).mean()
+            probe_metrics = {
+                "probe_loss": probe_loss,
+                "probe_acc": jnp.mean(jnp.argmax(logits, -1) == both_labels),
+            }
+            probe_metrics = jax.lax.pmean(probe_metrics, sharding.DATA_AXIS)
+            total = total + probe_metrics["probe_loss"]
+            metrics = dict(metrics, **probe_metrics)
+        return total, (loss, metrics)
+
+    def gradients(state: TrainState, views: jax.Array, labels: jax.Array):
+        """(grads, L, metrics, new BN statistics) of this device's views."""
+        if microbatches > 1:
+            (_, (loss, metrics)), grads, batch_stats = chunked.value_and_grad(
+                forward, lambda params, h, z: objective(params, h, z, labels),
+                state.params, state.batch_stats, views, microbatches)
+            return grads, loss, metrics, batch_stats
         # One forward pass over both views so BatchNorm statistics cover all 2N.
         images = jnp.concatenate([views[:, 0], views[:, 1]], axis=0)
 
         def loss_fn(params):
-            (h, z), updates = model.apply(
-                {"params": model_params(params), "batch_stats": state.batch_stats},
-                images,
-                train=True,
-                mutable=["batch_stats"],
-            )
-            loss, metrics = nt_xent(
-                z[:n], z[n:], temperature, axis_name=sharding.DATA_AXIS, impl=loss_impl
-            )
-            # The official code minimises the sum of both directions' mean
-            # cross-entropies, 2L. LARS does not undo the factor (it doubles the
-            # steps of BN parameters and biases, and halves weight decay's share
-            # in the trust ratio), so the published hyperparameters mean what
-            # they meant there only for 2L. L is what is reported.
-            total = OBJECTIVE_SCALE * loss
-            if num_classes:
-                logits = _probe(num_classes).apply({"params": params[PROBE]}, jax.lax.stop_gradient(h))
-                both_labels = jnp.concatenate([labels, labels])
-                probe_loss = optax.softmax_cross_entropy_with_integer_labels(logits, both_labels).mean()
-                probe_metrics = {
-                    "probe_loss": probe_loss,
-                    "probe_acc": jnp.mean(jnp.argmax(logits, -1) == both_labels),
-                }
-                probe_metrics = jax.lax.pmean(probe_metrics, sharding.DATA_AXIS)
-                total = total + probe_metrics["probe_loss"]
-                metrics = dict(metrics, **probe_metrics)
-            return total, (loss, metrics, updates["batch_stats"])
+            (h, z), batch_stats = forward(params, state.batch_stats, images)
+            total, (loss, metrics) = objective(params, h, z, labels)
+            return total, (loss, metrics, batch_stats)
 
         (_, (loss, metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params
         )
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        # A non-finite loss or gradient leaves parameters, optimiser state (but
-        # its counts) and BN statistics as they were; the train loop decides
-        # to stop or go on.
-        finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
-        keep_if_finite = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        new_step = state.step + 1
-        new_state = TrainState(
-            step=new_step,
-            params=keep_if_finite(optax.apply_updates(state.params, updates), state.params),
-            batch_stats=keep_if_finite(batch_stats, state.batch_stats),
-            opt_state=_counts_follow_step(keep_if_finite(opt_state, state.opt_state), new_step),
-        )
-        metrics = dict(metrics, loss=loss, learning_rate=learning_rate(state.step),
-                       nonfinite=1.0 - finite.astype(jnp.float32))
-        return new_state, metrics
+        return grads, loss, metrics, batch_stats
+
+    def step_on_device(state: TrainState, views: jax.Array, labels: jax.Array):
+        grads, loss, metrics, batch_stats = gradients(state, views, labels)
+        return _apply_gradients(state, tx, learning_rate, grads, loss, metrics, batch_stats)
 
     sharded = jax.shard_map(
         step_on_device,
@@ -194,3 +205,25 @@ def make_train_step(
         return sharded(state, batch["views"], labels)
 
     return jax.jit(train_step, donate_argnums=0)
+
+
+def _apply_gradients(state: TrainState, tx, learning_rate, grads, loss, metrics, batch_stats):
+    """The optimiser step, unless the loss or gradient is not finite; and the metrics.
+
+    A non-finite loss or gradient leaves parameters, optimiser state (but its
+    counts) and BN statistics as they were; the train loop decides to stop or
+    go on.
+    """
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+    keep_if_finite = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_step = state.step + 1
+    new_state = TrainState(
+        step=new_step,
+        params=keep_if_finite(optax.apply_updates(state.params, updates), state.params),
+        batch_stats=keep_if_finite(batch_stats, state.batch_stats),
+        opt_state=_counts_follow_step(keep_if_finite(opt_state, state.opt_state), new_step),
+    )
+    metrics = dict(metrics, loss=loss, learning_rate=learning_rate(state.step),
+                   nonfinite=1.0 - finite.astype(jnp.float32))
+    return new_state, metrics

@@ -107,7 +107,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if config.write_pictures:  # its own small pipeline: the training stream is untouched
             pictures.write_augmentation_grid(config, workdir, writer, step=start_step)
     train_step = make_train_step(model, tx, learning_rate, config.temperature, mesh, probe_classes,
-                                 config.loss_impl)
+                                 config.loss_impl, config.microbatches)
     evaluators = make_evaluators(config, models.model_from_config(config.model), mesh) if make_evaluators else []
     eval_every = int(round(config.eval_every_epochs * steps_per_epoch))
     per_process_batch = sharding.per_process_batch_size(config.batch_size)

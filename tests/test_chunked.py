@@ -1,0 +1,189 @@
+"""config.microbatches: the chunked (GradCache) train step against jax.grad of
+the same chunked-BatchNorm objective written directly, on one device and
+under shard_map over eight."""
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from simclr_jax import config_validation, models, sharding
+from simclr_jax.pretraining import chunked, step
+from simclr_jax.pretraining.losses import nt_xent
+from tests.workdirs import IMAGE_SIZE, tiny_pretrain_config
+
+GLOBAL_BATCH = 32  # 8 devices x 4 images: one image per group at K=4
+TEMPERATURE = 0.5
+NUM_CLASSES = 10
+RTOL = 2e-5  # float32, relative to each leaf's largest entry
+
+
+def _views(seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.uniform(size=(GLOBAL_BATCH, 2, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
+
+
+def _labels():
+    return np.arange(GLOBAL_BATCH, dtype=np.int32) % NUM_CLASSES
+
+
+def _model(axis_name=None):
+    return models.model_from_config(tiny_pretrain_config().model, axis_name=axis_name)
+
+
+def _capture_gradient() -> optax.GradientTransformation:
+    """Leaves params alone and keeps the gradient as its state: the step's
+    gradient itself, not an update that rounds it against the parameters."""
+    return optax.GradientTransformation(
+        init=lambda params: jax.tree.map(jnp.zeros_like, params),
+        update=lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads))
+
+
+def _perturbed(params):
+    """``params`` plus noise: the tiny model starts with zero-initialised last
+    BatchNorm scales in its residual blocks, which would leave most of their
+    gradients exactly zero and the comparison vacuous there."""
+    rng = np.random.default_rng(1)
+    return jax.tree.map(lambda p: p + 0.05 * rng.standard_normal(p.shape).astype(p.dtype), params)
+
+
+@functools.cache
+def _step_result(num_devices, microbatches, num_classes=0):
+    """(initial state, state after one step, metrics), all on the host; the
+    optimiser state after the step is the gradient (see _capture_gradient)."""
+    mesh = sharding.make_mesh(jax.devices()[:num_devices])
+    model = _model(sharding.DATA_AXIS)
+    tx = _capture_gradient()
+    state = step.create_train_state(model, tx, IMAGE_SIZE, seed=0, mesh=mesh, num_classes=num_classes)
+    state = state.replace(params=sharding.put_replicated(_perturbed(jax.device_get(state.params)), mesh))
+    initial = jax.device_get(state)
+    train_step = step.make_train_step(model, tx, lambda s: 0.5, TEMPERATURE, mesh, num_classes=num_classes,
+                                      microbatches=microbatches)
+    batch = {"views": _views(), "label": _labels()} if num_classes else {"views": _views()}
+    new_state, metrics = train_step(state, sharding.put_batch(batch, mesh))
+    return initial, jax.device_get(new_state), jax.device_get(metrics)
+
+
+def _direct_chunks(views, num_devices, microbatches):
+    """The chunks the step should form, written out independently of chunked.py.
+
+    Device d holds global images d*n .. d*n + n - 1, split into K groups; chunk
+    k is view 1 of group k and view 2 of group k + 1 (mod K) of every device,
+    normalised together. Returns (chunks [K, 2N/K, ...], and the global image
+    indices of each chunk's view-1 and view-2 rows, each [K, N/K]).
+    """
+    n = views.shape[0] // num_devices
+    m = n // microbatches
+    group = lambda k: np.concatenate([d * n + np.arange(k * m, (k + 1) * m) for d in range(num_devices)])
+    first = np.stack([group(k) for k in range(microbatches)])
+    second = np.stack([group((k + 1) % microbatches) for k in range(microbatches)])
+    return np.concatenate([views[first, 0], views[second, 1]], axis=1), first, second
+
+
+@functools.partial(jax.jit, static_argnums=6)
+def _direct_value_and_grad(params, batch_stats, chunks, first, second, labels, num_classes):
+    """jax.grad of 2L (+ the probe's loss) with BatchNorm per chunk, in one
+    pass (vmap over chunks: each its own train-mode batch); aux is (L, the
+    chunks' BN updates, stacked)."""
+    model = _model()
+
+    def objective(params):
+        apply = lambda images: model.apply({"params": step.model_params(params), "batch_stats": batch_stats},
+                                           images, train=True, mutable=["batch_stats"])
+        (h, z), updates = jax.vmap(apply)(chunks)
+        half = chunks.shape[1] // 2
+        place = lambda x, rows: jnp.zeros((labels.shape[0], x.shape[-1])).at[rows.ravel()].set(
+            x.reshape(-1, x.shape[-1]))
+        loss, _ = nt_xent(place(z[:, :half], first), place(z[:, half:], second), TEMPERATURE)
+        total = step.OBJECTIVE_SCALE * loss
+        if num_classes:
+            h_both = jnp.concatenate([place(h[:, :half], first), place(h[:, half:], second)])
+            logits = step._probe(num_classes).apply({"params": params[step.PROBE]}, jax.lax.stop_gradient(h_both))
+            both_labels = jnp.concatenate([labels, labels])
+            total = total + optax.softmax_cross_entropy_with_integer_labels(logits, both_labels).mean()
+        return total, (loss, updates["batch_stats"])
+
+    return jax.value_and_grad(objective, has_aux=True)(params)
+
+
+def _relative_error(got, want):
+    """Largest |got - want| of each leaf over that leaf's largest |want|, worst leaf."""
+    errors = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)), got, want)
+    return max(jax.tree.leaves(errors))
+
+
+@pytest.mark.parametrize("num_devices,microbatches,num_classes",
+                         [(1, 2, 0), (8, 2, 0), (1, 4, NUM_CLASSES), (8, 4, NUM_CLASSES)])
+def test_chunked_step_equals_grad_of_the_chunked_objective(num_devices, microbatches, num_classes):
+    start = time.time()
+    initial, new_state, metrics = _step_result(num_devices, microbatches, num_classes)
+    chunks, first, second = _direct_chunks(_views(), num_devices, microbatches)
+    (_, (want_loss, chunk_stats)), want_grads = jax.device_get(_direct_value_and_grad(
+        initial.params, initial.batch_stats, chunks, first, second, _labels(), num_classes))
+    want_stats = jax.tree.map(lambda s: np.mean(s, axis=0), chunk_stats)
+
+    loss_error = abs(float(metrics["loss"]) - float(want_loss)) / float(want_loss)
+    grad_error = _relative_error(new_state.opt_state, want_grads)
+    stats_error = _relative_error(new_state.batch_stats, want_stats)
+    print(f"D={num_devices} K={microbatches} probe={num_classes}: loss {loss_error:.1e}, "
+          f"grads {grad_error:.1e}, BN statistics {stats_error:.1e} ({time.time() - start:.1f} s)")
+    assert loss_error < RTOL and grad_error < RTOL and stats_error < RTOL
+    assert float(metrics["nonfinite"]) == 0.0
+    assert min(float(np.max(np.abs(g))) for g in jax.tree.leaves(want_grads)) > 0  # not vacuous
+    if num_classes:
+        assert np.max(np.abs(new_state.opt_state[step.PROBE]["kernel"])) > 0
+
+
+def test_one_microbatch_is_the_plain_step():
+    # The same program as the default, so the same bits (running both would
+    # compile it twice), and the one-batch one: the chunked step loops over
+    # chunks, the one-batch step has no loop at all.
+    mesh = sharding.make_mesh(jax.devices()[:8])
+    model, tx = _model(sharding.DATA_AXIS), _capture_gradient()
+    state = step.create_train_state(model, tx, IMAGE_SIZE, seed=0, mesh=mesh)
+    batch = sharding.put_batch({"views": _views()}, mesh)
+    program = lambda **chunking: step.make_train_step(model, tx, lambda s: 0.5, TEMPERATURE, mesh,
+                                                      **chunking).lower(state, batch).as_text()
+    one = program(microbatches=1)
+    assert one == program()
+    assert "stablehlo.while" not in one
+    assert "stablehlo.while" in program(microbatches=2)
+
+
+def test_chunks_change_batchnorm_visibly():
+    # BatchNorm per chunk gives other numbers than one batch: a comparison that
+    # passed for any K would be caught here.
+    (_, one, one_metrics), (_, two, two_metrics) = _step_result(8, 1, 0), _step_result(8, 2, 0)
+    assert abs(float(two_metrics["loss"]) - float(one_metrics["loss"])) > 1e-3
+    assert _relative_error(two.opt_state, one.opt_state) > 1e-2
+
+
+@pytest.mark.parametrize("n,microbatches", [(1, 1), (2, 2), (4, 4), (6, 3), (12, 4)])
+def test_no_chunk_holds_both_views_of_an_image(n, microbatches):
+    view1_rows, view2_rows = chunked.chunk_assignment(n, microbatches)
+    assert view1_rows.shape == view2_rows.shape == (microbatches, n // microbatches)
+    # Every image's two views are in the batch exactly once each.
+    assert sorted(view1_rows.ravel()) == sorted(view2_rows.ravel()) == list(range(n))
+    for first, second in zip(view1_rows, view2_rows):
+        if microbatches > 1:
+            assert not set(first) & set(second)
+    # The chunked layout round-trips to the one-batch layout (view 1 rows, then view 2).
+    x = jnp.arange(n * 2).reshape(n, 2)  # image i: view 1 = 2i, view 2 = 2i + 1
+    np.testing.assert_array_equal(chunked._from_chunks(chunked._to_chunks(x, microbatches)),
+                                  np.concatenate([x[:, 0], x[:, 1]]))
+
+
+def test_microbatches_must_divide_the_per_device_batch():
+    config = tiny_pretrain_config()
+    config.batch_size = 48
+    config.microbatches = 4
+    config_validation.validate(config, num_devices=4, num_processes=1)  # 12 per device
+    config.microbatches = 5
+    with pytest.raises(config_validation.ConfigError, match=r"microbatches=5.*= 12 images"):
+        config_validation.validate(config, num_devices=4, num_processes=1)
+    config.microbatches = 0
+    with pytest.raises(config_validation.ConfigError, match="microbatches=0"):
+        config_validation.validate(config, num_devices=4, num_processes=1)
