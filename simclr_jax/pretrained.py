@@ -18,8 +18,7 @@ import ml_collections
 
 from simclr_jax import checkpoint, config_validation, official_tf2, sharding
 from simclr_jax.models import SimCLR
-
-PROBE = "online_probe"  # our online probe's key in the checkpoint's params (pretraining.step.PROBE)
+from simclr_jax.pretraining.step import PROBE  # the online probe's key in the checkpoint's params
 
 
 class CheckpointError(ValueError):
