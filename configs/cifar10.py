@@ -51,6 +51,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.temperature = 0.5
     config.loss_impl = "auto"  # NT-Xent: 'naive', 'blockwise' (memory-light), 'auto'
     config.microbatches = 1  # > 1: model in chunks per device, all negatives kept (memory-light; BN per chunk)
+    # SimCLR v2's memory (MoCo's queue): a moving average of encoder and head
+    # makes key projections of every batch, and the latest `size` of them are
+    # extra negatives for every anchor. 0 = off; else a multiple of 2 * batch_size.
+    config.memory = ml_collections.ConfigDict()
+    config.memory.size = 0
+    config.memory.momentum = 0.999
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.base_learning_rate = 1.0
     config.optimizer.lr_scaling = "linear"  # peak = base * batch / 256

@@ -6,8 +6,9 @@ ResNet-D stem and shortcuts they switch on; a 3-layer projection head (fine-
 tuning then reads its first layer: --config.head_layer=1). Hyperparameters
 of the v2 paper: batch 4096, 800 epochs, LARS with learning rate
 0.1 x sqrt(batch) (6.4) and weight decay 1e-4, temperature 0.1; the
-warm-up is the v1 recipe's 10 epochs. The v2 paper's memory queue is not
-part of this recipe.
+warm-up is the v1 recipe's 10 epochs. The v2 paper's memory (a queue of
+65,536 negatives from a moving-average network, worth about 1 point there)
+is off, as in the official code: --config.memory.size=65536 turns it on.
 """
 from configs import imagenet
 

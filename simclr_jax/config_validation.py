@@ -32,7 +32,8 @@ FIELDS = {
     "pretrain": (
         *_DATA, "image_size", "color_jitter_strength", "blur", "shuffle_buffer_size",
         *(f"model.{name}" for name in MODEL_FIELDS), "model.remat", "init_from", "dtype", "batch_size", "num_epochs",
-        "num_train_steps", "temperature", "loss_impl", "microbatches", "optimizer.base_learning_rate",
+        "num_train_steps", "temperature", "loss_impl", "microbatches", "memory.size", "memory.momentum",
+        "optimizer.base_learning_rate",
         "optimizer.lr_scaling", "optimizer.warmup_epochs", "optimizer.weight_decay", "optimizer.momentum",
         "optimizer.trust_coefficient", "online_probe", "probe_learning_rate", "knn_monitor",
         "eval_every_epochs", "test_split", "eval_batch_size", *_KNN, "log_every_steps",
@@ -131,6 +132,10 @@ RULES: dict[str, tuple[Callable, str]] = {
     "loss_impl": (lambda v: v in LOSS_IMPLS, "choose 'auto', 'naive' or 'blockwise'"),
     "microbatches": (lambda v: _is_int(v) and v > 0,
                      "expected a positive integer (1 = the whole per-device batch at once)"),
+    "memory.size": (lambda v: _is_int(v) and v >= 0,
+                    "expected an integer >= 0: the number of queued negatives (0 = no memory; 65536 in SimCLR v2)"),
+    "memory.momentum": (lambda v: _is_number(v) and 0 <= v < 1,
+                        "expected in [0, 1): the moving average's momentum (0.999 in SimCLR v2)"),
     "optimizer.base_learning_rate": _POSITIVE,
     "optimizer.lr_scaling": (lambda v: v in ("linear", "sqrt"),
                              "choose 'linear' (base*B/256) or 'sqrt' (base*sqrt(B))"),
@@ -187,6 +192,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
     _check_batch_sizes(config, kind, num_devices, num_processes or jax.process_count())
     if kind == "pretrain":
         _check_microbatches(config.batch_size, num_devices, config.microbatches)
+        _check_memory_size(config.memory.size, config.batch_size)
     return kind
 
 
@@ -213,6 +219,14 @@ def _check_microbatches(batch_size: int, num_devices: int, microbatches: int) ->
               f"each of the {num_devices} devices gets batch_size {batch_size} / {num_devices} = {per_device} "
               f"images, which do not split into {microbatches} equal chunks; set microbatches to a divisor "
               f"of {per_device}")
+
+
+def _check_memory_size(size: int, batch_size: int) -> None:
+    """The queue holds whole steps of keys: 2 * batch_size per step."""
+    if size % (2 * batch_size):
+        whole = max(1, round(size / (2 * batch_size))) * 2 * batch_size
+        _fail("memory.size", size, f"the queue holds whole steps of keys, 2 x batch_size = {2 * batch_size} per "
+              f"step; set a multiple of {2 * batch_size}, e.g. {whole}")
 
 
 def _check_batch_sizes(config, kind: str, num_devices: int, num_processes: int) -> None:

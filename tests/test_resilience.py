@@ -40,8 +40,9 @@ def _saved_state(workdir, step):
 
 def test_sigterm_saves_and_resume_is_exact(real_data_dir, tmp_path):
     steps = 30
-    # No periodic checkpoints: the only one mid-run is the one SIGTERM asks for.
-    flags = ("--config.checkpoint_every_steps=1000", "--config.knn_monitor=False")
+    # No periodic checkpoints: the only one mid-run is the one SIGTERM asks for. A
+    # memory queue of 4 steps of keys (batch 16): it wraps around before the cut.
+    flags = ("--config.checkpoint_every_steps=1000", "--config.knn_monitor=False", "--config.memory.size=128")
     full, cut = str(tmp_path / "uninterrupted"), str(tmp_path / "interrupted")
     wait(start(main_args(full, real_data_dir, steps, *flags), str(tmp_path), num_processes=1,
                devices_per_process=2), str(tmp_path))
@@ -67,7 +68,8 @@ def test_sigterm_saves_and_resume_is_exact(real_data_dir, tmp_path):
                                                final_full, final_cut))
     print({"stopped_at": stopped_at, "seconds_to_exit": round(seconds_to_exit, 1),
            "max_abs_param_diff": max(differences)})
-    assert max(differences) == 0.0  # bit-identical on CPU
+    assert max(differences) == 0.0  # bit-identical on CPU, the memory's average network and queue included
+    assert int(final_cut["memory"]["count"]) == steps and np.all(final_cut["memory"]["queue"].any(axis=-1))
 
 
 def test_sigkill_while_saving_never_breaks_resume(real_data_dir, tmp_path):

@@ -61,6 +61,23 @@ def _after(x: jax.Array, previous) -> jax.Array:
     return jax.lax.optimization_barrier((x, previous))[0]
 
 
+def _forward_chunks(forward: Callable, params: Any, batch_stats: Any, chunks: jax.Array):
+    """((h, z), BN statistics) of every chunk, stacked [K, ...]; one chunk at a time."""
+    outputs, previous = [], ()
+    for chunk in chunks:
+        outputs.append(forward(params, batch_stats, _after(chunk, previous)))
+        previous = outputs[-1][0][1]  # z of this chunk: the next one starts after it
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
+
+
+def projections(forward: Callable, params: Any, batch_stats: Any, views: jax.Array,
+                microbatches: int) -> jax.Array:
+    """z of this device's views, [2n, d] (view 1 of every image, then view 2),
+    computed chunk by chunk with per-chunk BatchNorm, as pass 1 computes them."""
+    (_, z), _ = _forward_chunks(forward, params, batch_stats, _to_chunks(views, microbatches))
+    return _from_chunks(z)
+
+
 def value_and_grad(
     forward: Callable,
     objective: Callable,
@@ -79,11 +96,7 @@ def value_and_grad(
     vjp with respect to the replicated params sums over devices, as grad does.
     """
     chunks = _to_chunks(views, microbatches)
-    outputs, previous = [], ()
-    for k in range(microbatches):
-        outputs.append(forward(params, batch_stats, _after(chunks[k], previous)))
-        previous = outputs[-1][0][1]  # z of this chunk: the next one starts after it
-    (h, z), chunk_stats = jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
+    (h, z), chunk_stats = _forward_chunks(forward, params, batch_stats, chunks)
     new_batch_stats = jax.tree.map(lambda s: jnp.mean(s, axis=0), chunk_stats)
 
     def chunked_objective(params, z):

@@ -22,6 +22,11 @@ column blocks of the candidates with a running log-sum-exp and recomputes the
 blocks in its backward pass, so it never holds more than a [2n, block_size]
 tile. ``nt_xent(impl='auto')`` picks the blockwise form above
 ``BLOCKWISE_MIN_COLUMNS`` global candidates.
+
+SimCLR v2's memory adds ``negatives``: more candidate rows (a queue of
+earlier batches' key projections, see memory.py), never anyone's positive,
+appended to every anchor's 2N - 1. Only the first ``num_negatives`` count: a
+queue that is still filling up masks its empty tail.
 """
 import functools
 from typing import Optional
@@ -61,6 +66,8 @@ def nt_xent(
     axis_name: Optional[str] = None,
     impl: str = "auto",
     block_size: int = DEFAULT_BLOCK_SIZE,
+    negatives: Optional[jax.Array] = None,
+    num_negatives: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """NT-Xent over the two views' projections.
 
@@ -74,29 +81,35 @@ def nt_xent(
         ``nt_xent_blockwise``) or 'auto': blockwise when the global number of
         candidates 2N exceeds ``BLOCKWISE_MIN_COLUMNS``, else naive.
       block_size: candidate columns per block of the blockwise form.
+      negatives: optional [M, d] extra negatives, the same on every device
+        (not normalised yet; no gradient is wanted through them).
+      num_negatives: how many leading rows of ``negatives`` count (a scalar,
+        may be traced); default all M.
 
     Returns:
       (loss, metrics): the loss L averaged over all 2N global anchors, and
       ``contrastive_acc`` (fraction of anchors whose positive has the highest
-      similarity among the 2N - 1 candidates) and ``contrastive_entropy``
+      similarity among the 2N - 1 (+ M) candidates) and ``contrastive_entropy``
       (mean entropy of each anchor's softmax over its candidates). Under
       ``axis_name`` all three are already averaged over devices.
     """
-    _check_inputs(z1, z2, temperature)
+    _check_inputs(z1, z2, temperature, negatives)
     if impl == "auto":
         num_devices = 1 if axis_name is None else lax.axis_size(axis_name)
-        num_columns = 2 * z1.shape[0] * num_devices
+        num_columns = 2 * z1.shape[0] * num_devices + (0 if negatives is None else negatives.shape[0])
         impl = "blockwise" if num_columns > BLOCKWISE_MIN_COLUMNS else "naive"
     if impl == "blockwise":
-        return nt_xent_blockwise(z1, z2, temperature, axis_name, block_size)
+        return nt_xent_blockwise(z1, z2, temperature, axis_name, block_size, negatives, num_negatives)
     if impl != "naive":
         raise ValueError(f"impl must be 'auto', 'naive' or 'blockwise', got {impl!r}")
 
-    anchors, candidates, self_col, positive_col = _anchors_and_candidates(z1, z2, axis_name)
-    logits = anchors @ candidates.T / temperature  # [2n, 2N]
+    anchors, candidates, self_col, positive_col, num_valid = _anchors_and_candidates(
+        z1, z2, axis_name, negatives, num_negatives)
+    logits = anchors @ candidates.T / temperature  # [2n, 2N (+ M)]
 
     columns = jnp.arange(candidates.shape[0])
-    logits = jnp.where(columns[None, :] == self_col[:, None], _MASKED_LOGIT, logits)
+    masked = (columns[None, :] == self_col[:, None]) | (columns[None, :] >= num_valid)
+    logits = jnp.where(masked, _MASKED_LOGIT, logits)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
 
     loss = -jnp.mean(jnp.take_along_axis(log_probs, positive_col[:, None], axis=1))
@@ -111,6 +124,8 @@ def nt_xent_blockwise(
     temperature: float,
     axis_name: Optional[str] = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    negatives: Optional[jax.Array] = None,
+    num_negatives: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """NT-Xent without the [2n, 2N] matrix: same arguments and results as ``nt_xent``.
 
@@ -120,32 +135,36 @@ def nt_xent_blockwise(
     cost of one more [2n, d] x [d, 2N] matmul. Gradients (through the
     all-gather under ``axis_name`` too) equal the naive form's.
     """
-    _check_inputs(z1, z2, temperature)
+    _check_inputs(z1, z2, temperature, negatives)
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    anchors, candidates, self_col, positive_col = _anchors_and_candidates(z1, z2, axis_name)
+    anchors, candidates, self_col, positive_col, num_valid = _anchors_and_candidates(
+        z1, z2, axis_name, negatives, num_negatives)
     # Scaling the anchors rather than the logits keeps tau differentiable by
     # plain autodiff, outside the custom gradient.
     queries = anchors / temperature
     block_size = min(block_size, candidates.shape[0])
     cross_entropy, entropy, best_col = _blockwise_cross_entropy(
-        queries, candidates, self_col, positive_col, block_size
+        queries, candidates, self_col, positive_col, num_valid, block_size
     )
     loss = jnp.mean(cross_entropy)
     accuracy = jnp.mean(best_col == positive_col)
     return _mean_over_devices(loss, accuracy, jnp.mean(entropy), axis_name)
 
 
-def _check_inputs(z1: jax.Array, z2: jax.Array, temperature: float) -> None:
+def _check_inputs(z1: jax.Array, z2: jax.Array, temperature: float, negatives=None) -> None:
     if isinstance(temperature, (int, float)) and temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if z1.shape != z2.shape or z1.ndim != 2:
         raise ValueError(f"z1 and z2 must both be [n, d]; got {z1.shape} and {z2.shape}")
+    if negatives is not None and (negatives.ndim != 2 or negatives.shape[1] != z1.shape[1]):
+        raise ValueError(f"negatives must be [M, {z1.shape[1]}]; got {negatives.shape}")
 
 
-def _anchors_and_candidates(z1, z2, axis_name):
-    """Normalised local anchors [2n, d], global candidates [2N, d], and each
-    anchor's global self and positive column."""
+def _anchors_and_candidates(z1, z2, axis_name, negatives=None, num_negatives=None):
+    """Normalised local anchors [2n, d], global candidates [2N (+ M), d], each
+    anchor's global self and positive column, and the number of leading
+    candidate columns that count (the rest are an empty queue's tail)."""
     n = z1.shape[0]
     z1 = l2_normalize(z1.astype(jnp.float32))
     z2 = l2_normalize(z2.astype(jnp.float32))
@@ -159,6 +178,10 @@ def _anchors_and_candidates(z1, z2, axis_name):
         offset = lax.axis_index(axis_name) * n
     num_global = all_z1.shape[0]
     candidates = jnp.concatenate([all_z1, all_z2], axis=0)  # [2N, d]
+    num_valid = 2 * num_global
+    if negatives is not None:
+        candidates = jnp.concatenate([candidates, l2_normalize(negatives.astype(jnp.float32))], axis=0)
+        num_valid += negatives.shape[0] if num_negatives is None else num_negatives
 
     # Global column of each local row's own entry and of its positive: the
     # first view's row i is column offset + i, the second view's is N + offset + i.
@@ -167,7 +190,7 @@ def _anchors_and_candidates(z1, z2, axis_name):
     image = offset + row % n
     self_col = view * num_global + image
     positive_col = (1 - view) * num_global + image
-    return anchors, candidates, self_col, positive_col
+    return anchors, candidates, self_col, positive_col, num_valid
 
 
 def _mean_over_devices(loss, accuracy, entropy, axis_name):
@@ -191,26 +214,26 @@ def _candidate_blocks(candidates: jax.Array, block_size: int) -> jax.Array:
     return padded.reshape(num_blocks, block_size, dim).transpose(0, 2, 1)
 
 
-def _block_logits(queries, block, start, self_col, num_columns):
+def _block_logits(queries, block, start, self_col, num_valid):
     """[2n, block_size] logits of one [d, block_size] block, self and padding
-    columns masked, and the block's global column indices."""
+    columns (and those from ``num_valid`` on) masked, and the block's global
+    column indices."""
     logits = queries @ block
     columns = start + jnp.arange(block.shape[1])
-    masked = (columns[None, :] == self_col[:, None]) | (columns[None, :] >= num_columns)
+    masked = (columns[None, :] == self_col[:, None]) | (columns[None, :] >= num_valid)
     return jnp.where(masked, _MASKED_LOGIT, logits), columns
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _blockwise_cross_entropy(queries, candidates, self_col, positive_col, block_size):
-    """Per anchor, for the softmax over its masked logits ``queries @ candidates.T``:
-    the cross-entropy with its positive column, the entropy, and the column
-    of the largest logit."""
-    outputs, _ = _blockwise_forward(queries, candidates, self_col, positive_col, block_size)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _blockwise_cross_entropy(queries, candidates, self_col, positive_col, num_valid, block_size):
+    """Per anchor, for the softmax over its masked logits ``queries @ candidates.T``
+    (the first ``num_valid`` columns but its own): the cross-entropy with its
+    positive column, the entropy, and the column of the largest logit."""
+    outputs, _ = _blockwise_forward(queries, candidates, self_col, positive_col, num_valid, block_size)
     return outputs
 
 
-def _blockwise_forward(queries, candidates, self_col, positive_col, block_size):
-    num_columns = candidates.shape[0]
+def _blockwise_forward(queries, candidates, self_col, positive_col, num_valid, block_size):
     blocks = _candidate_blocks(candidates, block_size)
     starts = jnp.arange(blocks.shape[0]) * block_size
 
@@ -221,7 +244,7 @@ def _blockwise_forward(queries, candidates, self_col, positive_col, block_size):
         # becomes (l - m') = (l - m) + (m - m').
         running_max, sum_exp, sum_shifted, positive, best_col = carry
         start, block = inputs
-        logits, columns = _block_logits(queries, block, start, self_col, num_columns)
+        logits, columns = _block_logits(queries, block, start, self_col, num_valid)
         block_max = jnp.max(logits, axis=1)
         new_max = jnp.maximum(running_max, block_max)
         rebase = running_max - new_max
@@ -255,9 +278,10 @@ def _blockwise_forward(queries, candidates, self_col, positive_col, block_size):
     return (cross_entropy, entropy, best_col), (lse, mean_logit)
 
 
-def _blockwise_fwd(queries, candidates, self_col, positive_col, block_size):
-    outputs, (lse, mean_logit) = _blockwise_forward(queries, candidates, self_col, positive_col, block_size)
-    return outputs, (queries, candidates, self_col, positive_col, lse, mean_logit)
+def _blockwise_fwd(queries, candidates, self_col, positive_col, num_valid, block_size):
+    outputs, (lse, mean_logit) = _blockwise_forward(queries, candidates, self_col, positive_col, num_valid,
+                                                    block_size)
+    return outputs, (queries, candidates, self_col, positive_col, num_valid, lse, mean_logit)
 
 
 def _blockwise_bwd(block_size, residuals, cotangents):
@@ -269,7 +293,7 @@ def _blockwise_bwd(block_size, residuals, cotangents):
     d candidates = g.T @ queries. The one-hot part touches one column per row,
     so it is applied once, outside the scan.
     """
-    queries, candidates, self_col, positive_col, lse, mean_logit = residuals
+    queries, candidates, self_col, positive_col, num_valid, lse, mean_logit = residuals
     cross_entropy_bar, entropy_bar, _ = cotangents
     num_columns = candidates.shape[0]
     blocks = _candidate_blocks(candidates, block_size)
@@ -277,7 +301,7 @@ def _blockwise_bwd(block_size, residuals, cotangents):
 
     def step(queries_bar, inputs):
         start, block = inputs
-        logits, _ = _block_logits(queries, block, start, self_col, num_columns)
+        logits, _ = _block_logits(queries, block, start, self_col, num_valid)
         probs = jnp.exp(logits - lse[:, None])  # masked columns: exactly 0
         logits_bar = probs * (
             cross_entropy_bar[:, None] - entropy_bar[:, None] * (logits - mean_logit[:, None])
@@ -288,7 +312,7 @@ def _blockwise_bwd(block_size, residuals, cotangents):
     candidates_bar = block_bars.transpose(0, 2, 1).reshape(-1, candidates.shape[1])[:num_columns]
     queries_bar = queries_bar - cross_entropy_bar[:, None] * candidates[positive_col]
     candidates_bar = candidates_bar.at[positive_col].add(-cross_entropy_bar[:, None] * queries)
-    return queries_bar, candidates_bar, None, None
+    return queries_bar, candidates_bar, None, None, None
 
 
 _blockwise_cross_entropy.defvjp(_blockwise_fwd, _blockwise_bwd)

@@ -4,7 +4,8 @@ The step is ``jax.jit`` of a ``jax.shard_map`` body over the 1-D ``'data'``
 mesh. Inside, each device sees its n images (two views each); BatchNorm
 averages its moments over ``'data'`` (global BN) and NT-Xent gathers every
 device's projections, so the result is the same for any device count. The
-state is replicated; with shard_map's replication checking, the gradient of
+state is replicated (but for the memory queue's storage, split by image,
+see memory.py); with shard_map's replication checking, the gradient of
 the (already device-averaged) loss with respect to the replicated parameters
 comes back summed over devices, i.e. it is the global-batch gradient.
 
@@ -19,7 +20,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from simclr_jax import sharding
-from simclr_jax.pretraining import chunked
+from simclr_jax.pretraining import chunked, memory as memory_lib
 from simclr_jax.pretraining.losses import nt_xent
 
 
@@ -33,6 +34,14 @@ class TrainState:
     params: Any  # {'encoder', 'head'} of the SimCLR model, plus PROBE when enabled
     batch_stats: Any
     opt_state: Any
+    memory: Any = None  # memory_lib.Memory when config.memory.size > 0 (SimCLR v2's queue)
+
+
+def state_partition_specs(state: TrainState) -> TrainState:
+    """The state's placement over the mesh (a pytree prefix): all replicated,
+    but for the memory queue."""
+    return TrainState(step=P(), params=P(), batch_stats=P(), opt_state=P(),
+                      memory=None if state.memory is None else memory_lib.PARTITION_SPECS)
 
 
 def model_params(params: dict) -> dict:
@@ -111,6 +120,7 @@ def make_train_step(
     num_classes: int = 0,
     loss_impl: str = "auto",
     microbatches: int = 1,
+    memory_momentum: float = 0.999,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Builds ``train_step(state, batch) -> (state, metrics)``.
 
@@ -123,6 +133,10 @@ def make_train_step(
     ``microbatches > 1`` runs the model on that many chunks per device, one
     at a time, and still contrasts every anchor with all 2N - 1 candidates
     (see chunked.py); only BatchNorm's grouping differs from one big batch.
+
+    A state with a ``memory`` (memory.py) also contrasts every anchor with
+    the queue's keys, then moves the average network towards the new
+    parameters with ``memory_momentum`` and enqueues this batch's keys.
 
     With ``num_classes > 0`` the batch also holds ``'label'`` [N], and an
     online linear probe on ``stop_gradient(h)`` of both views learns from it
@@ -144,12 +158,13 @@ def make_train_step(
         )
         return (h, z), updates["batch_stats"]
 
-    def objective(params, h, z, labels):
-        """(OBJECTIVE_SCALE * L + probe loss, (L, metrics)) of [2n] rows, view 1 then view 2."""
+    def objective(params, h, z, labels, negatives):
+        """(OBJECTIVE_SCALE * L + probe loss, (L, metrics)) of [2n] rows, view 1 then view 2;
+        ``negatives``: None or (the queue's rows, how many are filled)."""
         n = z.shape[0] // 2
-        loss, metrics = nt_xent(
-            z[:n], z[n:], temperature, axis_name=sharding.DATA_AXIS, impl=loss_impl
-        )
+        queue, filled = (None, None) if negatives is None else negatives
+        loss, metrics = nt_xent(z[:n], z[n:], temperature, axis_name=sharding.DATA_AXIS, impl=loss_impl,
+                                negatives=queue, num_negatives=filled)
         # The official code minimises the sum of both directions' mean
         # cross-entropies, 2L. LARS does not undo the factor (it doubles the
         # steps of BN parameters and biases, and halves weight decay's share
@@ -169,11 +184,11 @@ def make_train_step(
             metrics = dict(metrics, **probe_metrics)
         return total, (loss, metrics)
 
-    def gradients(state: TrainState, views: jax.Array, labels: jax.Array):
+    def gradients(state: TrainState, views: jax.Array, labels: jax.Array, negatives):
         """(grads, L, metrics, new BN statistics) of this device's views."""
         if microbatches > 1:
             (_, (loss, metrics)), grads, batch_stats = chunked.value_and_grad(
-                forward, lambda params, h, z: objective(params, h, z, labels),
+                forward, lambda params, h, z: objective(params, h, z, labels, negatives),
                 state.params, state.batch_stats, views, microbatches)
             return grads, loss, metrics, batch_stats
         # One forward pass over both views so BatchNorm statistics cover all 2N.
@@ -181,7 +196,7 @@ def make_train_step(
 
         def loss_fn(params):
             (h, z), batch_stats = forward(params, state.batch_stats, images)
-            total, (loss, metrics) = objective(params, h, z, labels)
+            total, (loss, metrics) = objective(params, h, z, labels, negatives)
             return total, (loss, metrics, batch_stats)
 
         (_, (loss, metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -189,19 +204,28 @@ def make_train_step(
         )
         return grads, loss, metrics, batch_stats
 
-    def step_on_device(state: TrainState, views: jax.Array, labels: jax.Array):
-        grads, loss, metrics, batch_stats = gradients(state, views, labels)
-        return _apply_gradients(state, tx, learning_rate, grads, loss, metrics, batch_stats)
+    def key_projections(ema_params, batch_stats, views):
+        """The moving-average network's z of this device's views, [2n, d], in train mode."""
+        if microbatches > 1:  # chunk by chunk, so the keys cost no more memory than the step
+            return chunked.projections(forward, ema_params, batch_stats, views, microbatches)
+        return forward(ema_params, batch_stats, jnp.concatenate([views[:, 0], views[:, 1]], axis=0))[0][1]
 
-    sharded = jax.shard_map(
-        step_on_device,
-        mesh=mesh,
-        in_specs=(P(), P(sharding.DATA_AXIS), P(sharding.DATA_AXIS)),
-        out_specs=(P(), P()),
-    )
+    def step_on_device(state: TrainState, views: jax.Array, labels: jax.Array):
+        memory = state.memory
+        negatives = None if memory is None else memory_lib.negatives(memory, sharding.DATA_AXIS)
+        grads, loss, metrics, batch_stats = gradients(state, views, labels, negatives)
+        new_state, metrics = _apply_gradients(state, tx, learning_rate, grads, loss, metrics, batch_stats)
+        if memory is not None:
+            keys = key_projections(memory.ema_params, state.batch_stats, views)
+            moved = memory_lib.update(memory, model_params(new_state.params), keys, memory_momentum)
+            new_state = new_state.replace(memory=_where(metrics["nonfinite"] == 0, moved, memory))
+        return new_state, metrics
 
     def train_step(state, batch):
         labels = batch["label"] if num_classes else jnp.zeros(batch["views"].shape[:1], jnp.int32)
+        specs = state_partition_specs(state)
+        sharded = jax.shard_map(step_on_device, mesh=mesh, in_specs=(specs, P(sharding.DATA_AXIS),
+                                P(sharding.DATA_AXIS)), out_specs=(specs, P()))
         return sharded(state, batch["views"], labels)
 
     return jax.jit(train_step, donate_argnums=0)
@@ -216,14 +240,18 @@ def _apply_gradients(state: TrainState, tx, learning_rate, grads, loss, metrics,
     """
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
-    keep_if_finite = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_step = state.step + 1
-    new_state = TrainState(
+    new_state = state.replace(
         step=new_step,
-        params=keep_if_finite(optax.apply_updates(state.params, updates), state.params),
-        batch_stats=keep_if_finite(batch_stats, state.batch_stats),
-        opt_state=_counts_follow_step(keep_if_finite(opt_state, state.opt_state), new_step),
+        params=_where(finite, optax.apply_updates(state.params, updates), state.params),
+        batch_stats=_where(finite, batch_stats, state.batch_stats),
+        opt_state=_counts_follow_step(_where(finite, opt_state, state.opt_state), new_step),
     )
     metrics = dict(metrics, loss=loss, learning_rate=learning_rate(state.step),
                    nonfinite=1.0 - finite.astype(jnp.float32))
     return new_state, metrics
+
+
+def _where(condition: jax.Array, new: Any, old: Any) -> Any:
+    """``new`` where ``condition`` holds, else ``old``, leaf by leaf."""
+    return jax.tree.map(lambda a, b: jnp.where(condition, a, b), new, old)

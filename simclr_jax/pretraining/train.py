@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from simclr_jax import checkpoint, config_validation, models, pictures, preemption, pretrained, sharding, writers
 from simclr_jax.data import input_pipeline, sources
-from simclr_jax.pretraining import optim, progress
+from simclr_jax.pretraining import memory, optim, progress
 from simclr_jax.pretraining.step import (TrainState, create_train_state, make_train_step, model_params,
                                          with_probe_optimizer)
 
@@ -64,6 +64,9 @@ def _setup(config, workdir: str, mesh: Mesh):
     state = create_train_state(model, tx, config.image_size, config.seed, mesh, probe_classes)
     if config.init_from and checkpoint.latest_step(workdir) is None:  # read before anything is written
         state = _start_from(state, config, mesh)
+    if config.memory.size:  # after init_from: the moving average starts at the weights trained from
+        state = state.replace(memory=memory.create(model_params(state.params), config.memory.size,
+                                                   config.batch_size, config.model.proj_dim, mesh))
     manager = checkpoint.create_manager(workdir, save_every_steps=config.checkpoint_every_steps,
                                         max_to_keep=config.keep_checkpoints)
     if manager.latest_step() is not None:
@@ -107,7 +110,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if config.write_pictures:  # its own small pipeline: the training stream is untouched
             pictures.write_augmentation_grid(config, workdir, writer, step=start_step)
     train_step = make_train_step(model, tx, learning_rate, config.temperature, mesh, probe_classes,
-                                 config.loss_impl, config.microbatches)
+                                 config.loss_impl, config.microbatches, config.memory.momentum)
     evaluators = make_evaluators(config, models.model_from_config(config.model), mesh) if make_evaluators else []
     eval_every = int(round(config.eval_every_epochs * steps_per_epoch))
     per_process_batch = sharding.per_process_batch_size(config.batch_size)
