@@ -77,20 +77,19 @@ def test_sigkill_while_saving_never_breaks_resume(real_data_dir, tmp_path):
     rng = random.Random(0)
     # A checkpoint every step: most moments fall inside an asynchronous save.
     flags = ("--config.checkpoint_every_steps=1", "--config.knn_monitor=False")
-    for attempt in range(2):
-        (process,) = start(main_args(workdir, real_data_dir, 10_000, *flags), logs, num_processes=1,
-                           devices_per_process=2)
-        _wait_for_records(workdir, process, len(_losses(workdir)) + 2)
-        time.sleep(rng.uniform(0.0, 1.0))
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=60)
-        manager = checkpoint.create_manager(workdir, save_every_steps=1, max_to_keep=3, read_only=True)
-        latest = manager.latest_step()
-        manager.close()
-        assert latest is not None
-        state = _saved_state(workdir, latest)
-        assert int(state["step"]) == latest
-    # And a real resume from whatever the last kill left.
+    (process,) = start(main_args(workdir, real_data_dir, 10_000, *flags), logs, num_processes=1,
+                       devices_per_process=2)
+    _wait_for_records(workdir, process, 2)
+    time.sleep(rng.uniform(0.0, 1.0))
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    manager = checkpoint.create_manager(workdir, save_every_steps=1, max_to_keep=3, read_only=True)
+    latest = manager.latest_step()
+    manager.close()
+    assert latest is not None
+    state = _saved_state(workdir, latest)
+    assert int(state["step"]) == latest
+    # And a real resume from whatever the kill left.
     wait(start(main_args(workdir, real_data_dir, latest + 2, *flags), logs, num_processes=1,
                devices_per_process=2), logs)
     assert _losses(workdir)[-1][0] == latest + 2
