@@ -1,8 +1,10 @@
 """Per-device memory of the SimCLR train step: plain, remat, microbatches (GradCache), both.
 
-    python benchmarks/memory.py --target=tpu:v5p:1x1x1 --models=resnet50_224   # needs libtpu, see below
-    python benchmarks/memory.py --target=local             # on a GPU: the GPU compiler's own figures
-    python benchmarks/memory.py --time_only                # step time per image of each variant, here
+    python benchmarks/memory.py                                # the backend present: a GPU's own figures
+    python benchmarks/memory.py --target=tpu:v5p:1x1x1 --cache=/tmp/memory.json   # TPU, compiled here
+    python benchmarks/memory.py --target=tpu:v5p:1x1x1 --models=resnet50_224,resnet18_cifar \
+        --variants=plain,remat,K2,K4,K8,remat+K2,remat+K4,remat+K8 --cache=/tmp/memory.json  # the full table
+    python benchmarks/memory.py --time_only                    # step time per image of each variant, here
 
 Each variant of the step that pretraining runs
 (simclr_jax.pretraining.step.make_train_step) is compiled, never run:
@@ -25,27 +27,34 @@ count D is NT-Xent's [2b, 2bD] logits, small next to the activations. One
 device is therefore enough: ``--devices`` changes D.
 
 Why a TPU target on a machine without one: XLA:CPU does not schedule for
-memory, so the CPU figures do not show what remat saves (ResNet-18 width 1/4
-at b=256: 465 MB plain vs 498 MB remat). ``--target=tpu:<topology>`` compiles
-ahead of time for abstract TPU devices (jax.experimental.topologies, as
-MaxText's train_compile.py does) with the real TPU compiler. It needs libtpu,
-the version jax[tpu] pins (jax 0.10.2: libtpu 0.0.42.*), which is not a
-requirement of this project: ``pip install --no-deps "libtpu==0.0.42.*"``, or
-``pip install --target DIR`` and TPU_LIBRARY_PATH=DIR/libtpu/libtpu.so. The
-default topology is one v5p chip: its 95 GB of HBM holds both default budgets,
-and below its capacity the compiler does not rematerialise on its own (it
-does above it, and fails to compile a program that still does not fit, which
-counts as not fitting). TPU compiles take minutes here (most of it is
-code generation, not memory planning): restrict --models/--variants, and
-keep --cache so a rerun reuses every compile.
+memory, so its figures are not an accelerator's (ResNet-18 width 1/4, b=256:
+465 MB plain, 498 MB remat; ResNet-50 b=32: 9.5 GiB on CPU, 3.1 GiB on TPU).
+``--target=tpu:<topology>`` compiles ahead of time for abstract TPU devices
+(jax.experimental.topologies, as MaxText's train_compile.py does) with the
+real TPU compiler. It needs libtpu, the version jax[tpu] pins (jax 0.10.2:
+libtpu 0.0.42.*), which is not a requirement of this project:
+``pip install --no-deps "libtpu==0.0.42.*"``, or ``pip install --target DIR``
+and TPU_LIBRARY_PATH=DIR/libtpu/libtpu.so (libtpu's warnings about the TPU
+accelerator type and worker hostnames are harmless; a second process at once
+needs ALLOW_MULTIPLE_LIBTPU_LOAD=1). Use one v5p chip, tpu:v5p:1x1x1: its
+95.7 GiB of HBM holds both default budgets. The compiler rematerialises on
+its own only above a chip's capacity and fails to compile what still does
+not fit (counted as not fitting); on a 16 GiB v5e that would blur the 16 GiB
+figures and leave no 80. TPU compiles take 1.5-10 min each on 2 cores (code
+generation, not memory planning; the unrolled chunks make K8 the slowest):
+keep --cache, which makes reruns and wider searches reuse every compile.
 
 For each budget (GiB, 2^30 bytes, how HBM is quoted; the runtime reserves a
-little of it), the largest per-device batch, a multiple of --multiple, that
-fits: memory is close to linear in b, so a line through the measured points
-nearest the budget predicts it, and compiles at the predictions narrow the
-bracket (largest_batch_bracket: ``fits`` was compiled and fits,
-``does_not_fit`` was compiled and does not) to --tolerance, or at most
---max_probes compiles per budget.
+little of it), the largest per-device batch, a multiple of --multiple and of
+K, that fits: memory is close to linear in b, so a line through the measured
+points nearest the budget predicts it, and compiles at the predictions
+narrow the bracket (largest_batch_bracket: ``fits`` was compiled and fits,
+``does_not_fit`` was compiled and does not; ``settled`` once they are within
+--tolerance) in at most --max_probes compiles per budget. batch_vs_plain,
+the largest batch over plain's, needs both settled. Close to linear, not
+exactly: at some batches the TPU compiler picks other layouts (ResNet-50
+remat: 2808 -> 79.6 GiB, 2816 -> 88.1 GiB, 2896 -> 82.4 GiB), so a bracket
+says what was compiled, not that every batch below ``fits`` fits.
 
 --time measures the step on the local devices (ResNet-18 CIFAR, width 1/8,
 float32, global batch 128) for every variant, in rounds that interleave the
@@ -53,7 +62,7 @@ variants so drifting load hits all of them alike; the median step time per
 image and its ratio to plain are reported. Off by default for TPU targets
 (it would time this machine's CPU, not the target).
 
-Prints one JSON object. No TensorFlow is imported.
+Prints one JSON object (and a table on stderr). No TensorFlow is imported.
 """
 import json
 import math
@@ -75,19 +84,20 @@ from simclr_jax import models, sharding  # noqa: E402
 from simclr_jax.pretraining import optim, step  # noqa: E402
 
 MODELS = {  # name -> architecture and the per-device batches whose bytes are reported by default
-    "resnet50_224": dict(depth=50, cifar_stem=False, image_size=224, batches="32,64,128"),
-    "resnet18_cifar": dict(depth=18, cifar_stem=True, image_size=32, batches="256,512,1024"),
+    "resnet50_224": {"depth": 50, "cifar_stem": False, "image_size": 224, "batches": "64,128"},
+    "resnet18_cifar": {"depth": 18, "cifar_stem": True, "image_size": 32, "batches": "512,1024"},
 }
 VARIANTS = ["plain", "remat", "K2", "K4", "K8", "remat+K2", "remat+K4", "remat+K8"]
 
 flags.DEFINE_string("target", "local", "'local' (the backend present) or 'tpu:<topology>', e.g. tpu:v5p:1x1x1.")
-flags.DEFINE_list("models", list(MODELS), f"Models to measure, of {list(MODELS)}.")
-flags.DEFINE_list("variants", VARIANTS, "plain, remat, K<n> and remat+K<n>.")
+# Defaults sized to ~15 min of XLA:CPU compiles on 2 cores (remat+K8 alone takes ~7 min a compile there).
+flags.DEFINE_list("models", ["resnet50_224"], f"Models to measure, of {list(MODELS)}.")
+flags.DEFINE_list("variants", ["plain", "remat", "remat+K4"], f"Of {VARIANTS} (any K<n>).")
 for _name, _spec in MODELS.items():
     flags.DEFINE_list(f"{_name}_batches", _spec["batches"], f"Per-device batches whose bytes {_name} reports.")
 flags.DEFINE_list("budgets_gb", ["16", "80"], "Per-device memory budgets in GiB for the largest batch.")
 flags.DEFINE_integer("multiple", 8, "Largest batches are multiples of this (and of K).")
-flags.DEFINE_integer("max_probes", 4, "At most this many compiles per budget to bracket the largest batch.")
+flags.DEFINE_integer("max_probes", 2, "At most this many compiles per budget to bracket the largest batch.")
 flags.DEFINE_float("tolerance", 0.02, "The search stops when the bracket is within this fraction of the batch.")
 flags.DEFINE_integer("devices", 1, "Devices in the data-parallel mesh (memory is per device).")
 flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Compute dtype (parameters stay float32).")
@@ -230,8 +240,8 @@ def largest_batch(measure, points: dict, budget: float, multiple: int, tolerance
     single multiple), or after ``max_probes`` compiles. ``points`` ({batch:
     result}, grown in place) holds every compile so far."""
     for probe in range(max_probes + 1):
-        lo = max((b for b, r in points.items() if fits(r, budget)), default=0)
         hi = min((b for b, r in points.items() if not fits(r, budget)), default=math.inf)
+        lo = max((b for b, r in points.items() if fits(r, budget) and b < hi), default=0)
         if hi - lo <= max(multiple, tolerance * lo) or probe == max_probes:
             break
         guess = line_guess(points, budget, multiple)
@@ -239,7 +249,8 @@ def largest_batch(measure, points: dict, budget: float, multiple: int, tolerance
             guess = 2 * lo if hi == math.inf else (lo + hi) // 2 // multiple * multiple
         guess = max(lo + multiple, guess if hi == math.inf else min(guess, hi - multiple))
         points[guess] = measure(guess)
-    return {"fits": lo, "does_not_fit": None if hi == math.inf else hi}
+    return {"fits": lo, "does_not_fit": None if hi == math.inf else hi,
+            "settled": hi - lo <= max(multiple, tolerance * lo)}
 
 
 def fmt(nbytes) -> str:
@@ -258,7 +269,7 @@ def memory_table(target: str) -> dict:
         variants = {}
         for variant in FLAGS.variants:
             multiple = math.lcm(FLAGS.multiple, parse_variant(variant)[1])
-            measure = lambda b: memo(spec, variant, b, FLAGS.dtype)
+            measure = lambda b, spec=spec, variant=variant: memo(spec, variant, b, FLAGS.dtype)
             points = memo.known(spec, variant, FLAGS.dtype)  # every compile cached so far helps
             points.update({int(b): measure(int(b)) for b in getattr(FLAGS, f"{name}_batches")})
             largest = {key: largest_batch(measure, points, budget, multiple, FLAGS.tolerance, FLAGS.max_probes)
@@ -269,10 +280,11 @@ def memory_table(target: str) -> dict:
                 "largest_batch": {k: v["fits"] for k, v in largest.items()},
                 "largest_batch_bracket": largest,
             }
-        plain = variants.get("plain")
+        plain = variants.get("plain", {}).get("largest_batch_bracket", {})
         for v in variants.values():  # the issue's yardstick: batch in the same memory as plain's
-            v["batch_vs_plain"] = {k: round(b / plain["largest_batch"][k], 2) if plain and plain["largest_batch"][k]
-                                   else None for k, b in v["largest_batch"].items()}
+            v["batch_vs_plain"] = {k: round(s["fits"] / plain[k]["fits"], 2)
+                                   if s["settled"] and plain.get(k, {}).get("settled") and plain[k]["fits"] else None
+                                   for k, s in v["largest_batch_bracket"].items()}
         out["models"][name] = {"spec": {k: v for k, v in spec.items() if k != "batches"}, "variants": variants}
     return out
 
@@ -286,8 +298,9 @@ def print_table(result: dict) -> None:
               f"{'variant':>10}{head}{budgets}", file=sys.stderr)
         for variant, v in model["variants"].items():
             row = "".join(f"{fmt(v['bytes_at'].get(str(b))):>11}" for b in shown)
-            row += "".join(f"{bracket(s):>15}{'(' + str(v['batch_vs_plain'][k]) + 'x)' if v['batch_vs_plain'][k] else '':>8}"
-                           for k, s in v["largest_batch_bracket"].items())
+            for key, search in v["largest_batch_bracket"].items():
+                ratio = v["batch_vs_plain"][key]
+                row += f"{bracket(search):>15}{f'({ratio}x)' if ratio else '':>8}"
             print(f"{variant:>10}{row}", file=sys.stderr)
     print("(a..b: a fits, b does not, between them not compiled; Nx: a / plain's a)", file=sys.stderr)
 
@@ -301,7 +314,7 @@ def time_variants(variants: list, rounds: int, steps: int, batch_size: int = 128
     """Median step time per image of each variant on the local devices, the
     variants interleaved round by round so that load drifting over the run
     (this machine is shared) weighs on all of them alike."""
-    spec = dict(depth=18, cifar_stem=True, image_size=32)
+    spec = {"depth": 18, "cifar_stem": True, "image_size": 32}
     mesh = sharding.make_mesh()
     sharding.check_batch_size(batch_size, mesh.devices.size, jax.process_count())
     views = np.random.default_rng(0).uniform(size=(batch_size, 2, 32, 32, 3)).astype(np.float32)
