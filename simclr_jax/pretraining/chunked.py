@@ -10,7 +10,8 @@ gradient reaches the encoder only through them. So
   pass 2 runs each chunk's forward again under ``jax.vjp`` and back-propagates
          its slice of dL/dz, summing the parameter gradients.
 
-Peak activation memory is one chunk's, for a second forward pass per chunk.
+Peak activation memory is meant to be one chunk's, for a second forward
+pass per chunk (benchmarks/memory.py measures how close the compiled step gets).
 
 What does change is BatchNorm: its statistics are those of a chunk (still
 global over devices through the model's axis_name), not of the whole batch.
