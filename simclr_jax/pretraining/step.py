@@ -191,8 +191,7 @@ def make_train_step(
                 forward, lambda params, h, z: objective(params, h, z, labels, negatives),
                 state.params, state.batch_stats, views, microbatches)
             return grads, loss, metrics, batch_stats
-        # One forward pass over both views so BatchNorm statistics cover all 2N.
-        images = jnp.concatenate([views[:, 0], views[:, 1]], axis=0)
+        images = _both_views(views)
 
         def loss_fn(params):
             (h, z), batch_stats = forward(params, state.batch_stats, images)
@@ -208,7 +207,7 @@ def make_train_step(
         """The moving-average network's z of this device's views, [2n, d], in train mode."""
         if microbatches > 1:  # chunk by chunk, so the keys cost no more memory than the step
             return chunked.projections(forward, ema_params, batch_stats, views, microbatches)
-        return forward(ema_params, batch_stats, jnp.concatenate([views[:, 0], views[:, 1]], axis=0))[0][1]
+        return forward(ema_params, batch_stats, _both_views(views))[0][1]
 
     def step_on_device(state: TrainState, views: jax.Array, labels: jax.Array):
         memory = state.memory
@@ -255,3 +254,9 @@ def _apply_gradients(state: TrainState, tx, learning_rate, grads, loss, metrics,
 def _where(condition: jax.Array, new: Any, old: Any) -> Any:
     """``new`` where ``condition`` holds, else ``old``, leaf by leaf."""
     return jax.tree.map(lambda a, b: jnp.where(condition, a, b), new, old)
+
+
+def _both_views(views: jax.Array) -> jax.Array:
+    """[n, 2, ...] -> [2n, ...]: view 1 of every image, then view 2, as one
+    batch, so BatchNorm's statistics cover both views together."""
+    return jnp.concatenate([views[:, 0], views[:, 1]], axis=0)
