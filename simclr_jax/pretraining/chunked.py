@@ -10,8 +10,13 @@ gradient reaches the encoder only through them. So
   pass 2 runs each chunk's forward again under ``jax.vjp`` and back-propagates
          its slice of dL/dz, summing the parameter gradients.
 
-Peak activation memory is meant to be one chunk's, for a second forward
-pass per chunk (benchmarks/memory.py measures how close the compiled step gets).
+Both passes are loops over the chunks (lax.scan), so one chunk's
+activations are live at a time and pass 2 starts only once dL/dz exists.
+Unrolled, the TPU compiler ran pass 1's K chunks side by side and hoisted
+chunk 1's pass-2 forward above the loss: it drops the optimisation barriers
+that were to order them (seen in its buffer assignment). ``unroll=True`` is
+for XLA:CPU, which runs convolutions in loop bodies several times slower
+(benchmarks/memory.py --time_only) and does not schedule for memory anyway.
 
 What does change is BatchNorm: its statistics are those of a chunk (still
 global over devices through the model's axis_name), not of the whole batch.
@@ -53,29 +58,18 @@ def _from_chunks(x: jax.Array) -> jax.Array:
     return jnp.concatenate([view1, view2], axis=0)
 
 
-def _after(x: jax.Array, previous) -> jax.Array:
-    """``x``, available only once ``previous`` is computed: an optimisation
-    barrier orders the chunks, so XLA runs them one at a time (one chunk's
-    activations live at once) while the loop stays unrolled. Inside
-    lax.map/scan the same step ran 9-15x slower on XLA:CPU (convolutions in
-    loop bodies); unrolled it costs about what the one-batch step does."""
-    return jax.lax.optimization_barrier((x, previous))[0]
-
-
-def _forward_chunks(forward: Callable, params: Any, batch_stats: Any, chunks: jax.Array):
-    """((h, z), BN statistics) of every chunk, stacked [K, ...]; one chunk at a time."""
-    outputs, previous = [], ()
-    for chunk in chunks:
-        outputs.append(forward(params, batch_stats, _after(chunk, previous)))
-        previous = outputs[-1][0][1]  # z of this chunk: the next one starts after it
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
+def _forward_chunks(forward: Callable, params: Any, batch_stats: Any, chunks: jax.Array, unroll: bool):
+    """((h, z), BN statistics) of every chunk, stacked [K, ...], one chunk at a time."""
+    _, outputs = jax.lax.scan(lambda _, chunk: (None, forward(params, batch_stats, chunk)), None, chunks,
+                              unroll=unroll)
+    return outputs
 
 
 def projections(forward: Callable, params: Any, batch_stats: Any, views: jax.Array,
-                microbatches: int) -> jax.Array:
+                microbatches: int, unroll: bool = False) -> jax.Array:
     """z of this device's views, [2n, d] (view 1 of every image, then view 2),
     computed chunk by chunk with per-chunk BatchNorm, as pass 1 computes them."""
-    (_, z), _ = _forward_chunks(forward, params, batch_stats, _to_chunks(views, microbatches))
+    (_, z), _ = _forward_chunks(forward, params, batch_stats, _to_chunks(views, microbatches), unroll)
     return _from_chunks(z)
 
 
@@ -86,6 +80,7 @@ def value_and_grad(
     batch_stats: Any,
     views: jax.Array,
     microbatches: int,
+    unroll: bool = False,
 ) -> tuple[tuple[jax.Array, Any], Any, Any]:
     """((objective, aux), grads, new batch_stats) of this device's views, in chunks.
 
@@ -95,9 +90,10 @@ def value_and_grad(
     directly (the online probe) but reaches the model's only through z: h
     enters it behind ``stop_gradient``. Runs inside shard_map, where the
     vjp with respect to the replicated params sums over devices, as grad does.
+    ``unroll`` unrolls both loops (same numbers, no memory bound; see above).
     """
     chunks = _to_chunks(views, microbatches)
-    (h, z), chunk_stats = _forward_chunks(forward, params, batch_stats, chunks)
+    (h, z), chunk_stats = _forward_chunks(forward, params, batch_stats, chunks, unroll)
     new_batch_stats = jax.tree.map(lambda s: jnp.mean(s, axis=0), chunk_stats)
 
     def chunked_objective(params, z):
@@ -106,9 +102,11 @@ def value_and_grad(
     (total, aux), (objective_grads, dz) = jax.value_and_grad(
         chunked_objective, argnums=(0, 1), has_aux=True)(params, z)
 
-    model_grads = jax.tree.map(jnp.zeros_like, params)
-    for k in range(microbatches):
-        images = _after(chunks[k], model_grads)  # recomputed once the previous chunk's gradient is in
+    def add_chunk_gradient(model_grads, chunk_and_dz):
+        images, dz_chunk = chunk_and_dz
         _, vjp = jax.vjp(lambda p: forward(p, batch_stats, images)[0][1], params)
-        model_grads = jax.tree.map(jnp.add, model_grads, vjp(dz[k])[0])
+        return jax.tree.map(jnp.add, model_grads, vjp(dz_chunk)[0]), None
+
+    model_grads, _ = jax.lax.scan(add_chunk_gradient, jax.tree.map(jnp.zeros_like, params), (chunks, dz),
+                                  unroll=unroll)
     return (total, aux), jax.tree.map(jnp.add, objective_grads, model_grads), new_batch_stats

@@ -121,6 +121,7 @@ def make_train_step(
     loss_impl: str = "auto",
     microbatches: int = 1,
     memory_momentum: float = 0.999,
+    unroll_chunks: bool | None = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Builds ``train_step(state, batch) -> (state, metrics)``.
 
@@ -133,6 +134,8 @@ def make_train_step(
     ``microbatches > 1`` runs the model on that many chunks per device, one
     at a time, and still contrasts every anchor with all 2N - 1 candidates
     (see chunked.py); only BatchNorm's grouping differs from one big batch.
+    ``unroll_chunks`` unrolls its chunk loops (same numbers; no memory
+    bound, see chunked.py); None: on a CPU mesh only, where it is faster.
 
     A state with a ``memory`` (memory.py) also contrasts every anchor with
     the queue's keys, then moves the average network towards the new
@@ -147,6 +150,8 @@ def make_train_step(
     counter (which the optimiser's counts follow, see ``_counts_follow_step``)
     and reports ``metrics['nonfinite'] = 1``.
     """
+    if unroll_chunks is None:
+        unroll_chunks = mesh.devices.flat[0].platform == "cpu"
 
     def forward(params, batch_stats, images):
         """(h, z) of ``images`` in train mode, and the updated BN statistics."""
@@ -189,7 +194,7 @@ def make_train_step(
         if microbatches > 1:
             (_, (loss, metrics)), grads, batch_stats = chunked.value_and_grad(
                 forward, lambda params, h, z: objective(params, h, z, labels, negatives),
-                state.params, state.batch_stats, views, microbatches)
+                state.params, state.batch_stats, views, microbatches, unroll_chunks)
             return grads, loss, metrics, batch_stats
         images = _both_views(views)
 
@@ -206,7 +211,7 @@ def make_train_step(
     def key_projections(ema_params, batch_stats, views):
         """The moving-average network's z of this device's views, [2n, d], in train mode."""
         if microbatches > 1:  # chunk by chunk, so the keys cost no more memory than the step
-            return chunked.projections(forward, ema_params, batch_stats, views, microbatches)
+            return chunked.projections(forward, ema_params, batch_stats, views, microbatches, unroll_chunks)
         return forward(ema_params, batch_stats, _both_views(views))[0][1]
 
     def step_on_device(state: TrainState, views: jax.Array, labels: jax.Array):
