@@ -6,6 +6,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import ml_collections
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from simclr_jax.data import input_pipeline, sources
@@ -157,3 +158,66 @@ def test_pretrain_encoded_path_matches_decoded_path(mock_cifar10):
     encoded = _first(input_pipeline.pretrain_dataset(config, per_process_batch_size=8, seed=3))
     np.testing.assert_array_equal(encoded["label"], decoded["label"])
     np.testing.assert_array_equal(encoded["views"], decoded["views"])
+
+
+class _CountingSource:
+    """``sources.load_split`` stand-in: EPOCH examples (image i is filled with
+    i), counting every example read from it."""
+
+    EPOCH = 100
+
+    def __init__(self):
+        self.reads = 0
+
+    def __call__(self, *args, **kwargs):
+        def examples():
+            for i in range(self.EPOCH):
+                self.reads += 1
+                yield {"image": np.full((16, 16, 3), i, np.uint8), "label": np.int32(i % 10)}
+
+        spec = {"image": tf.TensorSpec((16, 16, 3), tf.uint8), "label": tf.TensorSpec((), tf.int32)}
+        ds = tf.data.Dataset.from_generator(examples, output_signature=spec)
+        return ds.apply(tf.data.experimental.assert_cardinality(self.EPOCH)), self.EPOCH, None
+
+
+def _image_ids(ds, num_batches):
+    """Which source image each view pair came from, and the views, of the first batches."""
+    batches = [b for _, b in zip(range(num_batches), ds.as_numpy_iterator())]
+    views = np.concatenate([b["views"] for b in batches])
+    return np.concatenate([b["label"] for b in batches]), views
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_resume_reads_only_the_current_epoch_and_matches(monkeypatch, cache):
+    source = _CountingSource()
+    monkeypatch.setattr(sources, "load_split", source)
+    config, batch, epoch = _config(cache_dataset=cache), 10, _CountingSource.EPOCH
+    skip = 35 * batch  # epoch 3.5
+
+    # Records read before the resumed stream's first example: the half epoch
+    # already consumed, the shuffle buffer and the one that refills it
+    # (replaying history read 3.5 epochs).
+    start = input_pipeline._stream(source()[0], epoch, config.shuffle_buffer_size, 0, skip)
+    source.reads = 0
+    position, _ = next(iter(start))
+    assert int(position) == skip
+    assert source.reads == epoch // 2 + config.shuffle_buffer_size + 1
+
+    # The resumed batches are the uninterrupted run's from there on, views included.
+    labels, views = _image_ids(input_pipeline.pretrain_dataset(config, per_process_batch_size=batch, seed=4), 40)
+    resumed_labels, resumed_views = _image_ids(input_pipeline.pretrain_dataset(
+        config, per_process_batch_size=batch, seed=4, skip_examples=skip), 5)
+    np.testing.assert_array_equal(resumed_labels, labels[skip:skip + 5 * batch])
+    np.testing.assert_array_equal(resumed_views, views[skip:skip + 5 * batch])
+
+
+def test_every_epoch_is_a_permutation_of_its_own(monkeypatch):
+    # Each epoch holds every example once, and epochs are shuffled differently.
+    source = _CountingSource()
+    epoch = source.EPOCH
+    stream = input_pipeline._stream(source()[0].map(lambda e: e["image"][0, 0, 0]), epoch, 8, 0, 0)
+    positions, ids = zip(*[(int(p), int(i)) for p, i in stream.take(3 * epoch).as_numpy_iterator()])
+    assert list(positions) == list(range(3 * epoch))
+    orders = [ids[e * epoch:(e + 1) * epoch] for e in range(3)]
+    assert all(sorted(order) == list(range(epoch)) for order in orders)
+    assert len({tuple(order) for order in orders}) == 3

@@ -81,27 +81,31 @@ def _finish(ds, batch_size, drop_remainder):
 def pretrain_dataset(config, *, per_process_batch_size, seed, skip_examples=0):
     """Endless batches {'views': f32 [B, 2, S, S, 3], 'label': i32 [B]}.
 
-    Pipeline: decode -> (cache uint8) -> repeat -> shuffle -> two views per
-    image -> batch -> prefetch.
+    Pipeline: decode -> (cache uint8) -> epochs, each shuffled -> two views
+    per image -> batch -> prefetch.
 
     Without ``config.cache_dataset`` (ImageNet) images stay encoded until the
     views are made: the shuffle buffer holds compressed bytes, several times
     smaller than decoded images, and a JPEG is decoded once per example, only
     within its two crop boxes (``augment.train_views_from_encoded``; same
     boxes and augmentations as the decoded path).
+
+    ``skip_examples`` (resume: steps done x B) starts the stream there, as an
+    uninterrupted run would be, reading only the part of its epoch already
+    consumed (see ``_stream``).
     """
     _check_batch_size("per_process_batch_size", per_process_batch_size)
     seeds_at = example_seeds(seed, 2)
     size, strength, blur = config.image_size, config.color_jitter_strength, config.blur
     # Decode before caching; otherwise leave images encoded (see above).
     decoders = None if config.cache_dataset else _SKIP_IMAGES
-    ds, _, _ = sources.load_split(config.dataset, config.train_split, config.data_dir,
-                                  download=config.download, shuffle_files=True, seed=seed,
-                                  autocache=not config.cache_dataset, decoders=decoders)
+    ds, num_examples, _ = sources.load_split(config.dataset, config.train_split, config.data_dir,
+                                             download=config.download, shuffle_files=True, seed=seed,
+                                             autocache=not config.cache_dataset, decoders=decoders)
+    epoch_size = _process_examples(ds, num_examples)
     ds = ds.map(_image_and_label, num_parallel_calls=AUTOTUNE)
     if config.cache_dataset:
         ds = ds.cache()
-    ds = ds.repeat().shuffle(config.shuffle_buffer_size, seed=seed)
 
     def two_views(position, example):
         seeds, image = seeds_at(position), example["image"]
@@ -115,16 +119,51 @@ def pretrain_dataset(config, *, per_process_batch_size, seed, skip_examples=0):
                      for i in range(2)]
         return {"views": tf.stack(views), "label": example["label"]}
 
-    # Resuming at step s skips this process's first s*b examples of the same
-    # stream (before augmenting them), so a resumed run sees exactly the
-    # batches and views an uninterrupted one would.
-    ds = ds.enumerate().skip(skip_examples).map(two_views, num_parallel_calls=AUTOTUNE)
+    ds = _stream(ds, epoch_size, config.shuffle_buffer_size, seed, skip_examples)
+    ds = ds.map(two_views, num_parallel_calls=AUTOTUNE)
     if config.dataset.startswith(sources.IMAGES_PREFIX) and not config.cache_dataset:
         # A file of an image folder can pass the signature check and still fail
         # to decode (truncated): drop it, as load_image_files does when decoding.
         # (Resume then repeats as many examples as were dropped before it.)
         ds = ds.ignore_errors(log_warning=True)
     return _finish(ds, per_process_batch_size, drop_remainder=True)
+
+
+def _process_examples(ds, num_examples) -> int:
+    """Examples in this process's slice: its epoch. Image files and folders
+    may not know their count (ignore_errors); a process holds every
+    process_count-th of them."""
+    count = int(ds.cardinality())
+    if count < 0:
+        count = len(range(jax.process_index(), num_examples, jax.process_count()))
+    if count == 0:
+        raise ValueError("this process's slice of the training split is empty: more processes than examples?")
+    return count
+
+
+def _stream(ds, epoch_size, buffer_size, seed, skip_examples):
+    """(position, example) from position ``skip_examples`` on, forever.
+
+    The stream is a function of (seed, epoch, position in the epoch): epoch
+    e is ``ds`` (files in one fixed order) shuffled with a seed folded from
+    (seed, e), and position e * epoch_size + i is its i-th example. So a
+    resume opens its epoch directly and reads only what that epoch already
+    gave (plus the shuffle buffer), not every earlier epoch again; the
+    positions key the augmentations (``example_seeds``), so a resumed run
+    sees exactly the batches and views an uninterrupted one would.
+    """
+    first_epoch, offset = divmod(skip_examples, epoch_size)
+    base = tf.constant([seed, 0], tf.int64)
+
+    def epoch(e):
+        key = tf.random.experimental.stateless_fold_in(base, e)
+        epoch_seed = tf.random.stateless_uniform([], key, minval=None, maxval=None, dtype=tf.int64)
+        shuffled = ds.shuffle(buffer_size, seed=epoch_seed, reshuffle_each_iteration=False)
+        positions = tf.data.Dataset.range(e * epoch_size, (e + 1) * epoch_size)
+        return tf.data.Dataset.zip(positions, shuffled)
+
+    epochs = tf.data.Dataset.range(first_epoch, tf.int64.max)
+    return epochs.flat_map(epoch).skip(offset)
 
 
 # ------------------------------------------------------------ evaluation

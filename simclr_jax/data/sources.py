@@ -63,7 +63,11 @@ def load_split(dataset, split, data_dir, *, download=False, shuffle_files=False,
         ) from None
     num_examples = splits[split].num_examples
     process_split = tfds.split_for_jax_process(split) if process_slice else split
-    read_config = tfds.ReadConfig(shuffle_seed=seed, try_autocache=autocache)
+    # A shuffled file order is one fixed order per seed, the same on every
+    # pass: pretraining shuffles each epoch itself, keyed by the epoch, so a
+    # resume can open any epoch directly (input_pipeline._stream).
+    read_config = tfds.ReadConfig(shuffle_seed=seed, shuffle_reshuffle_each_iteration=False,
+                                  try_autocache=autocache)
     ds = builder.as_dataset(split=process_split, shuffle_files=shuffle_files,
                             read_config=read_config, decoders=decoders)
     return ds, num_examples, builder.info
@@ -201,8 +205,8 @@ def load_image_files(root, *, shuffle_files=False, seed=None, decoders=None, pro
     Yields {'image': uint8 [H, W, 3], 'label': int32 -1}: grayscale is
     replicated to 3 channels, an alpha channel dropped, any size. The files
     are sorted and a process takes every process_count-th one; with
-    ``shuffle_files`` their order is reshuffled each pass, following
-    ``seed``. Files that fail the signature check are skipped up front (see
+    ``shuffle_files`` their order is one shuffle following ``seed``, the
+    same every pass (as ``load_split``'s). Files that fail the signature check are skipped up front (see
     ``list_image_files``); files that pass it but still fail to decode
     (truncated) are dropped by ``ignore_errors`` and TF logs each. With
     ``decoders={'image': tfds.decode.SkipDecoding()}`` images stay encoded,
@@ -215,7 +219,7 @@ def load_image_files(root, *, shuffle_files=False, seed=None, decoders=None, pro
     mine = paths[jax.process_index()::jax.process_count()] if process_slice else paths
     ds = tf.data.Dataset.from_tensor_slices(tf.constant(mine, tf.string))
     if shuffle_files:
-        ds = ds.shuffle(max(len(mine), 1), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.shuffle(max(len(mine), 1), seed=seed, reshuffle_each_iteration=False)
     skip_decoding = isinstance((decoders or {}).get("image"), tfds.decode.SkipDecoding)
 
     def example(path):
