@@ -2,6 +2,7 @@
 the same chunked-BatchNorm objective written directly, on one device and
 under shard_map over eight."""
 import functools
+import re
 import time
 
 import jax
@@ -192,3 +193,26 @@ def test_microbatches_must_divide_the_per_device_batch():
     config.microbatches = 0
     with pytest.raises(config_validation.ConfigError, match="microbatches=0"):
         config_validation.validate(config, num_devices=4, num_processes=1)
+
+
+@pytest.mark.parametrize("microbatches", [1, 2])
+def test_gradients_cross_devices_in_float32_under_bfloat16_compute(microbatches):
+    # The official code sums float32 gradients over replicas. shard_map's
+    # implicit sum would happen after each kernel's cast to bfloat16.
+    mesh = sharding.make_mesh(jax.devices()[:8])
+    model = models.model_from_config(tiny_pretrain_config().model, axis_name=sharding.DATA_AXIS,
+                                     dtype=jnp.bfloat16)
+    tx = optax.sgd(0.1)
+    state = jax.eval_shape(lambda: step.create_train_state(model, tx, IMAGE_SIZE, seed=0, mesh=mesh))
+    state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding.replicated(mesh)),
+                         state)
+    views = jax.ShapeDtypeStruct((GLOBAL_BATCH, 2, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32,
+                                 sharding=sharding.batch_sharded(mesh))
+    text = step.make_train_step(model, tx, lambda s: 0.1, TEMPERATURE, mesh, microbatches=microbatches,
+                                unroll_chunks=False).lower(state, {"views": views}).as_text()
+    reduced = re.findall(r"stablehlo.all_reduce.*?\}\) : \((.*?)\) ->", text, re.S)
+    dtypes = {t.split("x")[-1] for operands in reduced for t in re.findall(r"tensor<([^>]*)>", operands)}
+    assert reduced and dtypes == {"f32"}
+    # Every parameter's gradient is among them, whole (a kernel's shape appears as an operand).
+    kernel = jax.tree.leaves(state.params)[0].shape
+    assert any(f"tensor<{'x'.join(map(str, kernel))}xf32>" in operands for operands in reduced)

@@ -5,9 +5,9 @@ mesh. Inside, each device sees its n images (two views each); BatchNorm
 averages its moments over ``'data'`` (global BN) and NT-Xent gathers every
 device's projections, so the result is the same for any device count. The
 state is replicated (but for the memory queue's storage, split by image,
-see memory.py); with shard_map's replication checking, the gradient of
-the (already device-averaged) loss with respect to the replicated parameters
-comes back summed over devices, i.e. it is the global-batch gradient.
+see memory.py); each device differentiates the (already device-averaged)
+loss with respect to its copy of the parameters, and one float32 psum of
+those gradients gives the global-batch gradient.
 
 Kept free of TensorFlow so benchmarks can run it on machines without TF.
 """
@@ -190,23 +190,29 @@ def make_train_step(
         return total, (loss, metrics)
 
     def gradients(state: TrainState, views: jax.Array, labels: jax.Array, negatives):
-        """(grads, L, metrics, new BN statistics) of this device's views."""
+        """(grads, L, metrics, new BN statistics) of this device's views.
+
+        The gradient is taken with respect to a per-device ("varying") copy
+        of the float32 parameters and summed over devices by one psum of
+        float32 gradients, as the official code sums them. Left to
+        shard_map, the sum happens where each replicated parameter meets the
+        device's data, after its cast to the compute dtype: in bfloat16.
+        """
+        params = jax.lax.pcast(state.params, sharding.DATA_AXIS, to="varying")
         if microbatches > 1:
             (_, (loss, metrics)), grads, batch_stats = chunked.value_and_grad(
                 forward, lambda params, h, z: objective(params, h, z, labels, negatives),
-                state.params, state.batch_stats, views, microbatches, unroll_chunks)
-            return grads, loss, metrics, batch_stats
-        images = _both_views(views)
+                params, state.batch_stats, views, microbatches, unroll_chunks)
+        else:
+            images = _both_views(views)
 
-        def loss_fn(params):
-            (h, z), batch_stats = forward(params, state.batch_stats, images)
-            total, (loss, metrics) = objective(params, h, z, labels, negatives)
-            return total, (loss, metrics, batch_stats)
+            def loss_fn(params):
+                (h, z), batch_stats = forward(params, state.batch_stats, images)
+                total, (loss, metrics) = objective(params, h, z, labels, negatives)
+                return total, (loss, metrics, batch_stats)
 
-        (_, (loss, metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params
-        )
-        return grads, loss, metrics, batch_stats
+            (_, (loss, metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return jax.lax.psum(grads, sharding.DATA_AXIS), loss, metrics, batch_stats
 
     def key_projections(ema_params, batch_stats, views):
         """The moving-average network's z of this device's views, [2n, d], in train mode."""
