@@ -278,11 +278,11 @@ def write_evaluation_pictures(config, workdir, train_x, train_y, test_x, test_y,
     queries = np.unique(test_y, return_index=True)[1][:num_queries].tolist()  # first of each class
     taken = set(queries)
     queries += [i for i in range(min(len(test_y), 2 * num_queries)) if i not in taken][:num_queries - len(queries)]
-    bank = min(len(train_x), BANK_LIMIT)
+    bank = min(len(train_y), BANK_LIMIT)  # train_x may hold just these first rows
     neighbours, _ = nearest_neighbours(test_x[queries], train_x[:bank], k)
     used, remap = np.unique(neighbours, return_inverse=True)
     title = (f"Queries from {config.test_split} (blue) and their {neighbours.shape[1]} nearest "
-             f"{config.train_split} images{f' (first {bank})' if bank < len(train_x) else ''} by cosine "
+             f"{config.train_split} images{f' (first {bank})' if bank < len(train_y) else ''} by cosine "
              f"similarity of {what}: green = same class, red = not")
     grid = retrieval_grid(images_at(config, config.test_split, queries), test_y[queries],
                           images_at(config, config.train_split, used), train_y[used],

@@ -6,6 +6,10 @@ also calls ``train_steps`` in its own process for the single-process run.
 It trains a few steps on fixed batches of real CIFAR-10 and writes what the
 test compares: the losses and final parameters, and this process's slice of
 the test split.
+
+``python -m tests.multiprocess_worker evaluation OUT_DIR`` instead runs kNN
+and the cached linear classifier on small random features split over both
+processes' devices (``sharded_evaluation``).
 """
 import os
 import sys
@@ -66,6 +70,50 @@ def train_steps(global_batches: np.ndarray, devices=None) -> tuple[list[float], 
     return losses, params
 
 
+EVAL_SIZES = {"train": 1001, "test": 203}  # odd: the two processes hold uneven slices
+EVAL_DIM, EVAL_CLASSES, EVAL_BATCH = 16, 10, 12  # EVAL_BATCH rows per process and batch
+EVAL_LINEAR = dict(epochs=3, batch_size=32, learning_rate=0.5, weight_decay=1e-3, seed=0)
+
+
+def evaluation_data() -> dict:
+    """{split: (features, labels)}: the same on every process."""
+    rng = np.random.default_rng(0)
+    return {split: (rng.normal(size=(n, EVAL_DIM)).astype(np.float32), rng.integers(0, EVAL_CLASSES, size=n))
+            for split, n in EVAL_SIZES.items()}
+
+
+def sharded_evaluation(out_dir: str) -> None:
+    """Extracts (identity features) each process's every other example, runs
+    sharded kNN and the sharded linear classifier, and writes, from process 0,
+    the gathered features and the results in the gathered order."""
+    from simclr_jax import distributed
+
+    distributed.initialize(init_timeout_s=60, heartbeat_timeout_s=10)
+    import jax
+    import tensorflow as tf
+
+    from simclr_jax import sharding
+    from simclr_jax.evaluation import cached_linear, knn
+    from simclr_jax.evaluation.features import ShardedFeatures, ShardedSplit
+
+    mesh = sharding.make_mesh()
+    mine = slice(jax.process_index(), None, jax.process_count())
+    splits = {}
+    for split, (x, y) in evaluation_data().items():
+        dataset = tf.data.Dataset.from_tensor_slices({"image": x[mine], "label": y[mine]}).batch(EVAL_BATCH)
+        splits[split] = ShardedSplit(*sharding.map_sharded_batches(jax.jit(lambda v: v), dataset, mesh, EVAL_BATCH))
+    bank, queries = splits["train"], splits["test"]
+    scores = knn.sharded_knn_scores(bank, queries, EVAL_CLASSES, query_batch_size=16)
+    accuracy = knn.sharded_knn_accuracy(bank, queries, EVAL_CLASSES, query_batch_size=16)
+    params = cached_linear.train_sharded_classifier(bank, EVAL_CLASSES, **EVAL_LINEAR)
+    host = ShardedFeatures(bank, queries).numpy()
+    scores = sharding.take_rows(scores, queries.rows)
+    if jax.process_index() == 0:
+        np.savez(os.path.join(out_dir, "evaluation.npz"), train_x=host.train_x, train_y=host.train_y,
+                 test_x=host.test_x, test_y=host.test_y, scores=scores, top1=accuracy["top1"],
+                 top5=accuracy["top5"], **{name: np.asarray(value) for name, value in params.items()})
+
+
 def main(out_dir: str, data_dir: str) -> None:
     from simclr_jax import distributed
 
@@ -90,4 +138,7 @@ def main(out_dir: str, data_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if sys.argv[1] == "evaluation":
+        sharded_evaluation(sys.argv[2])
+    else:
+        main(*sys.argv[1:])

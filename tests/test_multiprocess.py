@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from simclr_jax import checkpoint, writers
+from simclr_jax.evaluation import cached_linear, knn
 from tests import multiprocess_worker
 from tests.launch import main_args as _main_args, start as _start, wait as _wait
 
@@ -41,6 +42,36 @@ def test_two_processes_match_one_process_and_slice_the_split(real_data_dir, tmp_
     print(json.dumps({"max_abs_loss_diff": float(np.max(np.abs(result["losses"] - losses))),
                       "max_abs_param_diff": max(diffs.values())}))
     assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
+
+
+def test_sharded_knn_and_linear_classifier_over_two_processes_match_one_device(tmp_path):
+    out = str(tmp_path)
+    _wait(_start(["-m", "tests.multiprocess_worker", "evaluation", out], out), out)
+    result = np.load(os.path.join(out, "evaluation.npz"))
+
+    # Gathered in map_padded_batches' order: per batch, process 0's rows then process 1's.
+    data = multiprocess_worker.evaluation_data()
+    for split, (x, y) in data.items():
+        b = multiprocess_worker.EVAL_BATCH
+        order = np.concatenate([np.arange(len(y))[p::2][t * b:(t + 1) * b]
+                                for t in range(-(-len(y) // (2 * b))) for p in range(2)])
+        np.testing.assert_array_equal(result[f"{split}_x"], x[order])
+        np.testing.assert_array_equal(result[f"{split}_y"], y[order])
+
+    # The exact global top-k of each query, over both processes' banks, as on one device.
+    bank_x, bank_y, query_x, query_y = (result[name] for name in ("train_x", "train_y", "test_x", "test_y"))
+    classes = multiprocess_worker.EVAL_CLASSES
+    want = knn.knn_scores(bank_x, bank_y, query_x, classes, query_batch_size=16)
+    np.testing.assert_allclose(result["scores"], want, rtol=5e-6, atol=0)  # as tests/test_sharded_evaluation.py
+    accuracy = knn.knn_accuracy(bank_x, bank_y, query_x, query_y, classes)
+    assert (float(result["top1"]), float(result["top5"])) == (accuracy["top1"], accuracy["top5"])
+
+    params = cached_linear.train_classifier(bank_x, bank_y, classes, **multiprocess_worker.EVAL_LINEAR)
+    diffs = {name: float(np.max(np.abs(result[name] - np.asarray(value)))) for name, value in params.items()}
+    print(json.dumps({"max_abs_knn_score_diff": float(np.max(np.abs(result["scores"] - want))),
+                      "max_abs_linear_param_diff": diffs}))
+    for name, value in params.items():  # float32 sums in another order
+        np.testing.assert_allclose(result[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def test_checkpoint_of_two_processes_resumes_in_one(real_data_dir, tmp_path):

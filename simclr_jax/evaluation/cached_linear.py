@@ -8,28 +8,38 @@ linear-evaluation optimiser (softmax cross-entropy, Nesterov SGD at
 learning_rate x B/256 decayed by a cosine to 0). The whole run is one
 compiled program, so this takes seconds where the paper's protocol
 (classifier.py) sends augmented images through the encoder at every step.
+It trains data parallel on features split over the mesh, as extracted.
 """
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
+from simclr_jax import sharding
 from simclr_jax.data import sources
-from simclr_jax.evaluation.features import FeatureExtractor, SplitFeatures
-from simclr_jax.evaluation.metrics import check_labels, topk_accuracy
+from simclr_jax.evaluation.features import FeatureExtractor, ShardedFeatures, ShardedSplit, SplitFeatures
+from simclr_jax.evaluation.metrics import check_labels, masked_topk_accuracy
+from simclr_jax.sharding import DATA_AXIS as DATA
 
 MOMENTUM = 0.9  # Nesterov, as the paper's linear evaluation
 
 
-def standardizer(features: jax.Array) -> dict:
-    """{'mean', 'inv_std'} per dimension of the training features. Constant
+@jax.jit
+def standardizer(features: jax.Array, valid: jax.Array) -> dict:
+    """{'mean', 'inv_std'} per dimension of the training features, over the
+    rows marked ``valid`` (padding rows of split features are not). Constant
     dimensions (dead ReLUs are exactly 0) keep scale 1: dividing by a
-    rounding-error std would blow up test values."""
-    mean = jnp.mean(features, axis=0)
-    std = jnp.sqrt(jnp.mean(jnp.square(features - mean), axis=0))
-    constant = jnp.max(features, axis=0) == jnp.min(features, axis=0)
+    rounding-error std would blow up test values. On features split over the
+    mesh each device reduces its rows and the partial sums are all-reduced."""
+    keep, count = valid[:, None], jnp.sum(valid)
+    mean = jnp.sum(jnp.where(keep, features, 0.0), axis=0) / count
+    std = jnp.sqrt(jnp.sum(jnp.where(keep, jnp.square(features - mean), 0.0), axis=0) / count)
+    constant = jnp.max(jnp.where(keep, features, -jnp.inf), axis=0) == jnp.min(jnp.where(keep, features, jnp.inf),
+                                                                             axis=0)
     return {"mean": mean, "inv_std": 1.0 / jnp.where(constant, 1.0, std)}
 
 
@@ -40,41 +50,65 @@ def classifier_logits(params, features) -> jax.Array:
     return x @ params["kernel"] + params["bias"]
 
 
-@functools.partial(jax.jit, static_argnames=("num_classes", "epochs", "batch_size"))
-def _fit(features, labels, key, learning_rate, weight_decay, *, num_classes, epochs, batch_size):
-    """The whole training run as one compiled program: scan over epochs, and
-    inside each a scan over the minibatches of a fresh permutation. The float
-    hyperparameters are traced, so a sweep over them compiles once."""
-    n, d = features.shape
-    steps_per_epoch = n // batch_size
-    optimizer = optax.chain(
+def _optimizer(learning_rate, weight_decay, total_steps: int) -> optax.GradientTransformation:
+    return optax.chain(
         optax.add_decayed_weights(weight_decay, mask={"kernel": True, "bias": False}),
-        optax.sgd(optax.cosine_decay_schedule(learning_rate, epochs * steps_per_epoch), momentum=MOMENTUM,
-                  nesterov=True))
-    # Zero init, as SimCLR's linear eval (zero_init_logits_layer): the problem
-    # is convex, so the start only has to be deterministic.
-    params = {"kernel": jnp.zeros((d, num_classes), jnp.float32), "bias": jnp.zeros((num_classes,), jnp.float32)}
-
-    def loss_fn(p, x, y):
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(x @ p["kernel"] + p["bias"], y))
-
-    def step(carry, idx):
-        p, opt_state = carry
-        grads = jax.grad(loss_fn)(p, features[idx], labels[idx])
-        updates, opt_state = optimizer.update(grads, opt_state, p)
-        return (optax.apply_updates(p, updates), opt_state), None
-
-    def epoch(carry, epoch_index):
-        order = jax.random.permutation(jax.random.fold_in(key, epoch_index), n)
-        return lax.scan(step, carry, order[:steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size))[0], None
-
-    (params, _), _ = lax.scan(epoch, (params, optimizer.init(params)), jnp.arange(epochs))
-    return params
+        optax.sgd(optax.cosine_decay_schedule(learning_rate, total_steps), momentum=MOMENTUM, nesterov=True))
 
 
-def train_classifier(train_features, train_labels, num_classes: int, *, epochs: int, batch_size: int,
-                     learning_rate: float, weight_decay: float, seed: int) -> dict:
-    """Trains a linear classifier on frozen features; returns its params.
+@functools.partial(jax.jit, static_argnames=("mesh", "num_classes", "epochs", "batch_size"))
+def _fit(features, row_labels, rows, stats, key, learning_rate, weight_decay, *, mesh, num_classes, epochs,
+         batch_size):
+    """The whole training run as one compiled program: scan over epochs, and
+    inside each a scan over the minibatches of a fresh permutation of the n
+    examples (``rows`` [n] says where each lives in ``features``). The float
+    hyperparameters are traced, so a sweep over them compiles once.
+
+    Data parallel over the mesh (jit of shard_map): every device draws the
+    same minibatch, computes the loss of the examples it holds (standardised
+    on the fly, so no second copy of the features), and the gradients are
+    summed over devices; the replicated update then equals the whole-batch one."""
+    n, d = rows.shape[0], features.shape[1]
+    steps_per_epoch = n // batch_size
+
+    def on_device(features, row_labels, rows, stats, key, learning_rate, weight_decay):
+        optimizer = _optimizer(learning_rate, weight_decay, epochs * steps_per_epoch)
+        # Zero init, as SimCLR's linear eval (zero_init_logits_layer): the problem
+        # is convex, so the start only has to be deterministic.
+        params = {"kernel": jnp.zeros((d, num_classes), jnp.float32), "bias": jnp.zeros((num_classes,), jnp.float32)}
+        local_rows = features.shape[0]
+
+        def loss_fn(p, local, mine):  # examples held elsewhere weigh 0
+            x = (features[local] - stats["mean"]) * stats["inv_std"]
+            losses = optax.softmax_cross_entropy_with_integer_labels(x @ p["kernel"] + p["bias"],
+                                                                     jnp.maximum(row_labels[local], 0))
+            return jnp.sum(jnp.where(mine, losses, 0.0)) / batch_size
+
+        def step(carry, idx):
+            p, opt_state = carry
+            local = rows[idx] - lax.axis_index(DATA) * local_rows
+            mine = (local >= 0) & (local < local_rows)
+            # p is replicated and the loss varies by device, so shard_map hands
+            # back this gradient already summed over devices: the whole batch's.
+            grads = jax.grad(loss_fn)(p, jnp.clip(local, 0, local_rows - 1), mine)
+            updates, opt_state = optimizer.update(grads, opt_state, p)
+            return (optax.apply_updates(p, updates), opt_state), None
+
+        def epoch(carry, epoch_index):
+            order = jax.random.permutation(jax.random.fold_in(key, epoch_index), n)
+            batches = order[:steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
+            return lax.scan(step, carry, batches)[0], None
+
+        (params, _), _ = lax.scan(epoch, (params, optimizer.init(params)), jnp.arange(epochs))
+        return params
+
+    return jax.shard_map(on_device, mesh=mesh, in_specs=(P(DATA), P(DATA), P(), P(), P(), P(), P()),
+                         out_specs=P())(features, row_labels, rows, stats, key, learning_rate, weight_decay)
+
+
+def train_sharded_classifier(features: ShardedSplit, num_classes: int, *, epochs: int, batch_size: int,
+                             learning_rate: float, weight_decay: float, seed: int) -> dict:
+    """Trains a linear classifier on frozen features split over the mesh; returns its params.
 
     Peak learning rate ``learning_rate * batch_size / 256`` (SimCLR's linear
     scaling), cosine to 0 over all steps. Each epoch is a fresh permutation
@@ -82,43 +116,59 @@ def train_classifier(train_features, train_labels, num_classes: int, *, epochs: 
     (the batch is capped at the number of examples). Weight decay applies to
     the kernel only. The params are {'kernel' [d, C], 'bias' [C]} plus the
     standardisation ('mean', 'inv_std'), so ``classifier_logits`` takes raw
-    features.
+    features. The features never leave their devices.
     """
-    features = jnp.asarray(train_features, jnp.float32)
-    labels = jnp.asarray(check_labels(train_labels, num_classes))
-    if features.ndim != 2 or features.shape[0] != labels.shape[0] or features.shape[0] == 0:
-        raise ValueError(f"need [n, d] features for n > 0 labels; got {features.shape}, {labels.shape}")
+    labels = check_labels(features.labels, num_classes)
+    if features.x.ndim != 2 or len(features.rows) != len(labels) or len(labels) == 0:
+        raise ValueError(f"need [n, d] features for n > 0 labels; got {features.x.shape} with "
+                         f"{len(features.rows)} examples, {labels.shape} labels")
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
-    batch_size = min(batch_size, features.shape[0])
-    stats = standardizer(features)
-    trained = _fit((features - stats["mean"]) * stats["inv_std"], labels, jax.random.key(seed),
-                   learning_rate * batch_size / 256, weight_decay, num_classes=num_classes, epochs=epochs,
-                   batch_size=batch_size)
+    batch_size = min(batch_size, len(labels))
+    mesh, row_labels = features.mesh, features.row_labels()
+    stats = standardizer(features.x, row_labels >= 0)
+    rows = sharding.put_replicated(np.asarray(features.rows, np.int32), mesh)
+    trained = _fit(features.x, row_labels, rows, stats, jax.random.key(seed), learning_rate * batch_size / 256,
+                   weight_decay, mesh=mesh, num_classes=num_classes, epochs=epochs, batch_size=batch_size)
     return {**trained, **stats}
+
+
+def train_classifier(train_features, train_labels, num_classes: int, *, epochs: int, batch_size: int,
+                     learning_rate: float, weight_decay: float, seed: int, mesh=None) -> dict:
+    """``train_sharded_classifier`` on host features (the same on every
+    process), placed on ``mesh`` (default: one local device)."""
+    features, labels = np.asarray(train_features, np.float32), np.asarray(train_labels)
+    if features.ndim != 2 or features.shape[0] != labels.shape[0] or features.shape[0] == 0:
+        raise ValueError(f"need [n, d] features for n > 0 labels; got {features.shape}, {labels.shape}")
+    mesh = sharding.make_mesh(jax.local_devices()[:1]) if mesh is None else mesh
+    return train_sharded_classifier(ShardedSplit.from_numpy(features, labels, mesh), num_classes, epochs=epochs,
+                                    batch_size=batch_size, learning_rate=learning_rate,
+                                    weight_decay=weight_decay, seed=seed)
 
 
 class CachedLinearEvaluator:
     """``run(variables)`` -> {'top1', 'top5', 'num_examples'} of a linear
     classifier trained on the train split's cached features (``config.linear``)
-    and scored on the test split's."""
+    and scored on the test split's. The features stay split over the mesh."""
 
     name = "cached_linear"
 
     def __init__(self, model, config, mesh, head_layer: int = 0):
-        self.features = FeatureExtractor(model, config, mesh, head_layer)
+        self.features = FeatureExtractor(model, config, mesh, head_layer, sharded=True)
         self.num_classes = sources.num_classes(config.dataset, config.train_split, config.data_dir,
                                                download=config.download)
         self.settings, self.seed = config.linear, config.seed
 
-    def score(self, features: SplitFeatures) -> dict[str, float]:
+    def score(self, features: ShardedFeatures | SplitFeatures) -> dict[str, float]:
+        if isinstance(features, SplitFeatures):
+            features = features.to_sharded(self.features.mesh)
         s = self.settings
-        params = train_classifier(features.train_x, features.train_y, self.num_classes, epochs=s.epochs,
-                                  batch_size=s.batch_size, learning_rate=s.learning_rate,
-                                  weight_decay=s.weight_decay, seed=self.seed)
-        logits = classifier_logits(params, features.test_x)
-        result = topk_accuracy(logits, check_labels(features.test_y, self.num_classes))
-        return dict(result, num_examples=len(features.test_y))
+        params = train_sharded_classifier(features.train, self.num_classes, epochs=s.epochs,
+                                          batch_size=s.batch_size, learning_rate=s.learning_rate,
+                                          weight_decay=s.weight_decay, seed=self.seed)
+        check_labels(features.test.labels, self.num_classes)
+        result = masked_topk_accuracy(classifier_logits(params, features.test.x), features.test.row_labels())
+        return dict(result, num_examples=len(features.test.labels))
 
     def run(self, variables) -> dict[str, float]:
         return self.score(self.features(variables))

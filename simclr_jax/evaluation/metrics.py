@@ -1,4 +1,6 @@
 """Top-k accuracy of class scores, and the label check every evaluator shares."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +26,20 @@ def topk_accuracy(scores, labels, ks=(1, 5)) -> dict[str, float]:
     """{'top1': ..., 'top5': ...}: fractions of examples correct at each k."""
     correct = topk_correct(scores, labels, ks)
     return {f"top{k}": float(np.mean(np.asarray(c))) for k, c in correct.items()}
+
+
+@functools.partial(jax.jit, static_argnames="ks")
+def _masked_topk_counts(scores, labels, ks):
+    correct = topk_correct(scores, labels, ks)
+    return jnp.sum(labels >= 0), {k: jnp.sum(c) for k, c in correct.items()}
+
+
+def masked_topk_accuracy(scores, labels, ks=(1, 5)) -> dict[str, float]:
+    """``topk_accuracy`` over the rows whose label is >= 0: padding rows of
+    features split over a mesh carry -1. Counts are summed where the rows
+    live (the scores are never gathered), then divided exactly as the mean."""
+    total, hits = _masked_topk_counts(scores, labels, tuple(ks))
+    return {f"top{k}": int(hits[k]) / int(total) for k in ks}
 
 
 def check_labels(labels, num_classes: int) -> np.ndarray:

@@ -79,14 +79,17 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                   dataset=config.dataset, split=config.test_split, checkpoint_step=encoder.step,
                   head_layer=config.head_layer, seconds=round(time.perf_counter() - start, 1), **result)
     logging.info("Evaluation result: %s", record)
+    drawn = None
+    if features is not None and config.write_pictures:  # a collective: every process takes part
+        drawn = features.numpy(max_train_rows=pictures.BANK_LIMIT)  # all the retrieval grid searches
     if jax.process_index() == 0:
         append_result(workdir, record)
         writer = writers.create_writer(workdir)
         writer.write_scalars(encoder.step, {f"{config.protocol}/{k}": record[k] for k in ("top1", "top5")})
         writer.close()
-        if features is not None and config.write_pictures:
+        if drawn is not None:
             start = time.perf_counter()
-            paths = pictures.write_evaluation_pictures(config, workdir, features.train_x, features.train_y,
-                                                       features.test_x, features.test_y)
+            paths = pictures.write_evaluation_pictures(config, workdir, drawn.train_x, drawn.train_y,
+                                                       drawn.test_x, drawn.test_y)
             logging.info("Wrote %s (%.1f s)", ", ".join(paths), time.perf_counter() - start)
     return record
