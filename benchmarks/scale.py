@@ -30,9 +30,8 @@ chips (needs libtpu, not a requirement: see benchmarks/memory.py; one
 ResNet-50 TPU compile takes minutes on 2 cores). The step is data parallel with the
 state replicated, so FLOPs per device are the step's / D, and the collectives
 are, per device and step (f32 but where said):
-  gradients      all-reduce of every parameter's gradient, constant in D: Conv/Dense
-                 kernels in the compute dtype (bfloat16: JAX sums them before
-                 the cast back to f32 parameters), BN and probe parameters f32
+  gradients      all-reduce of every parameter's gradient, float32 (the step
+                 sums them before any cast to the compute dtype), constant in D
   BN statistics  global BatchNorm: forward all-reduces of mean and variance
                  (4 * 2 * channels per BN layer), and as many in the backward
                  pass (their cotangents): constant in D
@@ -121,19 +120,13 @@ CHIPS = {
                      "bandwidth per Pod 340 TB/s' / 1024 chips = 332 GB/s per chip"},
 }
 HLO_CHECK_NOTE = (
-    "The program (lowered StableHLO) all-reduces the Conv/Dense kernel gradients of encoder and head in the "
-    "compute dtype, bfloat16 (JAX sums them before the cast back to the float32 parameters), the rest in float32: "
-    "that is the construction, and what the TPU compiler keeps. XLA:CPU computes bfloat16 all-reduces in float32, "
-    "so the CPU check adds that difference. CPU: "
-    "all-gather and reduce-scatter match the construction exactly, and so do the forward all-reduces (BN "
-    "statistics + scalars). The compiled backward pass all-reduces 15,360 bytes (0.013%) less than constructed: "
-    "4 * (256 + 512 + 1024 + 2048), one channel-sized all-reduce fewer in each of the 4 blocks with a projection "
-    "shortcut (counted per size in the HLO at D=8). Apparently XLA reduces once a sum shared by the two BNs that "
-    "meet at the residual add (they receive the same cotangent). The construction is that small upper bound. "
-    "TPU (v5p:4x4x4, D=64, compiled once): no all-gather or reduce-scatter is left; the compiler turns both "
-    "projection collectives into all-reduces of the zero-padded [4096, 128] arrays (the forward one in bfloat16: "
-    "it gathers z before the row-wise float32 cast and normalisation), which moves about twice the all-gather's "
-    "bytes on the wire; gradients stay bfloat16.")
+    "CPU: all-gather and reduce-scatter match the construction exactly; the all-reduces total 1.0008x it "
+    "(99,584 bytes more at every D, not attributed: XLA:CPU combines the float32 gradient sum with the "
+    "BatchNorm all-reduces into a few tuple all-reduces, so the parts cannot be told apart in the HLO). "
+    "TPU (--tpu_topology; v5p:4x4x4, D=64, compiled once, before the step summed gradients in float32): no "
+    "all-gather or reduce-scatter is left; the compiler turns both projection collectives into all-reduces of "
+    "the zero-padded [4096, 128] arrays (the forward one in bfloat16: it gathers z before the row-wise float32 "
+    "cast and normalisation), which moves about twice the all-gather's bytes on the wire.")
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
                "f32": 4, "s64": 8, "u64": 8, "f64": 8}
@@ -188,12 +181,11 @@ def build(config, mesh):
 
 
 def hlo_collectives(hlo: str) -> dict:
-    """{kind: {ops, bytes, forward_bytes, backward_bytes}} of one device's compiled HLO.
+    """{kind: {ops, bytes}} of one device's compiled HLO.
 
     Bytes are the payload: an all-reduce's array, an all-gather's gathered
     output, a reduce-scatter's full input. Combined (tuple) ops count each
-    element; forward/backward follows the op_name metadata ('transpose(' is
-    the backward pass). Async '-start' ops count, their '-done' halves do not.
+    element. Async '-start' ops count, their '-done' halves do not.
     """
     out = {}
     pattern = re.compile(r"^\s*(?:ROOT\s+)?%\S+\s*=\s*(.+?)\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
@@ -208,15 +200,9 @@ def hlo_collectives(hlo: str) -> dict:
             shapes = shapes[len(shapes) // 2:]
         if kind == "reduce-scatter":
             shapes = [b * group_size(line) for b in shapes]
-        names = re.search(r'op_name="([^"]*)"', line)
-        names = names.group(1).split("shard_map/", 1)[-1] if names else ""
-        names = names[1:-1].split(":") if names.startswith("(") else [names]
-        names = names if len(names) == len(shapes) else [":".join(names)] * len(shapes)
-        entry = out.setdefault(kind, {"ops": 0, "bytes": 0, "forward_bytes": 0, "backward_bytes": 0})
+        entry = out.setdefault(kind, {"ops": 0, "bytes": 0})
         entry["ops"] += 1
-        for nbytes, name in zip(shapes, names):
-            entry["bytes"] += nbytes
-            entry["backward_bytes" if "transpose(" in name else "forward_bytes"] += nbytes
+        entry["bytes"] += sum(shapes)
     return out
 
 
@@ -273,13 +259,9 @@ def model_sizes(config) -> dict:
     mesh = sharding.make_mesh(jax.devices()[:1])
     _, state, _ = build(config, mesh)
     params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
-    # Conv and Dense kernels of encoder and head are cast to the compute dtype before use, and JAX
-    # all-reduces their gradients there, before the cast back: in bfloat16 (see the lowered StableHLO).
-    kernels = sum(math.prod(x.shape) for name in ("encoder", "head")
-                  for x in jax.tree.leaves(state.params[name]) if x.ndim > 1)
     bn_means = [x for path, x in jax.tree_util.tree_leaves_with_path(state.batch_stats)
                 if getattr(path[-1], "key", None) == "mean"]
-    return {"params": params, "compute_dtype_params": kernels, "bn_layers": len(bn_means),
+    return {"params": params, "bn_layers": len(bn_means),
             "bn_channels": sum(x.shape[-1] for x in bn_means)}
 
 
@@ -290,7 +272,7 @@ def construction(sizes: dict, config, devices: int) -> dict:
     scalars = 3 + (2 if FLAGS.probe_classes else 0)  # loss, contrastive acc / entropy (+ probe loss / acc)
     all_reduce, gather = 2 * (devices - 1) / devices, (devices - 1) / devices
     rows = {
-        "gradients": ("all-reduce", None, gradient_bytes(sizes), all_reduce, True),
+        "gradients": ("all-reduce", None, sizes["params"] * f32, all_reduce, True),
         "bn_forward": ("all-reduce", 2 * sizes["bn_layers"], 2 * sizes["bn_channels"] * f32, all_reduce, False),
         "bn_backward": ("all-reduce", 2 * sizes["bn_layers"], 2 * sizes["bn_channels"] * f32, all_reduce, False),
         "scalars": ("all-reduce", 1, scalars * f32, all_reduce, False),
@@ -302,27 +284,15 @@ def construction(sizes: dict, config, devices: int) -> dict:
             for name, (kind, ops, payload, factor, overlaps) in rows.items()}
 
 
-def gradient_bytes(sizes: dict, upcast: bool = False) -> int:
-    """The gradient all-reduce's payload: kernels in the compute dtype (f32 when ``upcast``), the rest f32."""
-    itemsize = 4 if upcast else jnp.dtype(FLAGS.dtype).itemsize
-    return sizes["compute_dtype_params"] * itemsize + (sizes["params"] - sizes["compute_dtype_params"]) * 4
-
-
-def check(built: dict, measured: dict, sizes: dict, target: str) -> dict:
-    """Construction's payload per collective kind beside the compiled HLO's. XLA:CPU all-reduces
-    bfloat16 in float32, so the CPU check compares with float32 gradients."""
+def check(built: dict, measured: dict) -> dict:
+    """Construction's payload per collective kind beside the compiled HLO's."""
     out = {}
-    upcast = gradient_bytes(sizes, upcast=True) - gradient_bytes(sizes) if target == "cpu" else 0
     for kind in ("all-reduce", "all-gather", "reduce-scatter"):
         expected = sum(r["payload_bytes"] for r in built.values() if r["kind"] == kind)
-        expected += upcast if kind == "all-reduce" else 0
         got = measured.get(kind, {}).get("bytes", 0)
         ops = measured.get(kind, {}).get("ops", 0)
         out[kind] = {"construction_bytes": expected, "hlo_bytes": got, "hlo_ops": ops,
                      "ratio": round(got / expected, 5) if expected else None}
-    bn_fwd = built["bn_forward"]["payload_bytes"]
-    out["all-reduce"]["hlo_forward_bytes"] = measured.get("all-reduce", {}).get("forward_bytes", 0)
-    out["all-reduce"]["construction_forward_bytes"] = bn_fwd + built["scalars"]["payload_bytes"]
     return out
 
 
@@ -375,9 +345,7 @@ def assumptions(config, sizes: dict) -> dict:
         "image_size": {"value": config.image_size, "source": "configs/imagenet.py"},
         "model": {"value": config.model.to_dict(), "source": "configs/imagenet.py (head: configs/cifar10.py)"},
         "compute_dtype": {"value": FLAGS.dtype, "source": "flag; parameters, BN statistics and projections "
-                          "are float32 (models/, losses.py); kernel gradients are all-reduced in this dtype"},
-        "compute_dtype_params": {"value": sizes["compute_dtype_params"], "source": "Conv/Dense kernels of "
-                                 "encoder and head (ndim > 1), from the train state's shapes"},
+                          "are float32 (models/, losses.py), and so are the gradients all-reduced (step.py)"},
         "online_probe_classes": {"value": FLAGS.probe_classes, "source": "configs: online_probe=True, ImageNet's "
                                  "1000 classes (its 2048x1000 kernel adds 8 MB to the gradient all-reduce)"},
         "params": {"value": sizes["params"], "source": "the train state's shapes (encoder, head, probe)"},
@@ -478,7 +446,7 @@ def main(argv):
     for d in sorted({int(x) for x in FLAGS.devices} | {d for _, d in targets}):
         built = construction(sizes, config, d)
         result["collectives"][str(d)] = {"construction": built, "hlo_check": {
-            c["target"]: check(built, c["collectives"], sizes, c["target"]) for c in compiled if c["devices"] == d}}
+            c["target"]: check(built, c["collectives"]) for c in compiled if c["devices"] == d}}
     result["hlo_check_note"] = HLO_CHECK_NOTE
     result["platforms"] = platform_table(flops_at, sizes, config)
     result["assumptions"] = assumptions(config, sizes)
