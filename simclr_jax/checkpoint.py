@@ -103,6 +103,25 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(config)
 
 
+def save_network(workdir: str, config: ml_collections.ConfigDict, variables: dict, head: dict, step: int,
+                 head_key: str) -> None:
+    """Writes a trained network as a run ``restore_variables`` and evaluation read:
+    ``workdir/checkpoints/<step>`` holds {'params': the model's params plus
+    ``head`` under ``head_key``, 'batch_stats'}, then ``workdir/config.json``
+    ``config`` (its model and image_size say the architecture). A collective:
+    every process calls it. The config is written last, so a directory
+    without one was cut short."""
+    tree = {"params": {**variables["params"], head_key: head}, "batch_stats": variables["batch_stats"]}
+    manager = create_manager(workdir, save_every_steps=1, max_to_keep=1)
+    try:
+        save(manager, step, tree, force=True)
+        manager.wait_until_finished()
+    finally:
+        manager.close()
+    if jax.process_index() == 0:
+        write_run_config(workdir, config)
+
+
 def restore_variables(workdir: str, abstract_variables: Any, step: Optional[int] = None,
                       optional_params: tuple[str, ...] = ()) -> tuple[Any, int]:
     """(the model variables of ``workdir``'s checkpoint at ``step``, that step).

@@ -21,7 +21,7 @@ from configs import cached_linear as cached_linear_config
 from configs import finetune as finetune_config
 from configs import knn as knn_config
 from configs import linear_eval as linear_eval_config
-from simclr_jax import sharding
+from simclr_jax import config_validation, sharding
 from simclr_jax.data import input_pipeline, sources
 from simclr_jax.evaluation import cached_linear, classifier, knn
 from simclr_jax.evaluation import encoder as encoder_lib
@@ -523,3 +523,18 @@ def test_full_linear_eval_and_finetune_end_to_end_on_real_cifar10(real_data_dir,
     for record in records:
         assert record["num_examples"] == 10_000 and record["split"] == "test"
         assert 0 < record["top1"] <= record["top5"] <= 1.0
+
+    # The fine-tuned network was written as a run of its own: loaded like a
+    # pretraining workdir, its logits give the recorded accuracy.
+    network = encoder_lib.load_encoder(tuned["finetuned"], head_layer=config.head_layer)
+    ds, _, _ = sources.load_split("cifar10", "test", real_data_dir)
+    examples = list(ds.as_numpy_iterator())
+    images, labels = np.stack([e["image"] for e in examples]), np.array([e["label"] for e in examples])
+    logits = network.logits(network.preprocess(images))
+    assert network.step == tuned["train_steps"]
+    untuned = encoder_lib.load_encoder(workdir, head_layer=config.head_layer, random_init_seed=SEED)
+    moved = np.abs(network.embed(images[:64]) - untuned.embed(images[:64])).max()
+    assert moved > 1e-3, moved  # the encoder it wrote is the fine-tuned one, not where it started
+    assert float(np.mean(np.argmax(logits, -1) == labels)) == pytest.approx(tuned["top1"], abs=2 / 10_000)
+    with pytest.raises(config_validation.ConfigError, match="already holds a fine-tuned network"):
+        evaluate(config, eval_dir)  # refuses before training, rather than overwrite it

@@ -293,6 +293,7 @@ class ClassifierExperiment:
         state = self.train(variables)
         self.trained_variables = (variables if self.freeze_encoder else
                                   {"params": state.params["model"], "batch_stats": state.batch_stats})
+        self.trained_classifier = state.params["classifier"]
         result = self.score(self.trained_variables, state.params["classifier"], state.feature_norm)
         result = dict(result, num_train_examples=self.num_train, train_steps=self.total_steps)
         if not self.freeze_encoder:

@@ -3,7 +3,9 @@
 ``evaluate(config, workdir)`` restores the encoder of ``config.pretrained``
 (architecture and image size from its config.json), builds the evaluator of
 ``config.protocol`` once, runs it, and appends the result to
-``workdir/eval_results.json`` and TensorBoard. ``pretraining_evaluators``
+``workdir/eval_results.json`` and TensorBoard; fine-tuning also writes
+the network it trained to ``workdir/finetuned`` (see ``evaluate``).
+``pretraining_evaluators``
 builds the same kNN evaluator for pretraining's monitor, so the number a
 run reports is the number the kNN recipe gives.
 """
@@ -16,12 +18,15 @@ import jax
 import ml_collections
 from absl import logging
 
-from simclr_jax import config_validation, pictures, sharding, writers
+from simclr_jax import checkpoint, config_validation, pictures, sharding, writers
 from simclr_jax.data import sources
 from simclr_jax.evaluation import encoder as encoder_lib
 from simclr_jax.evaluation.cached_linear import CachedLinearEvaluator
 from simclr_jax.evaluation.classifier import ClassifierExperiment, SupervisedHeadEvaluator
 from simclr_jax.evaluation.knn import KnnEvaluator
+from simclr_jax.pretrained import PROBE
+
+FINETUNED = "finetuned"  # where fine-tuning writes its network, inside the evaluation workdir
 
 
 def build_evaluator(config: ml_collections.ConfigDict, model, mesh):
@@ -59,9 +64,19 @@ def append_result(workdir: str, record: dict[str, Any]) -> None:
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Runs ``config.protocol`` on ``config.pretrained`` and records the result."""
+    """Runs ``config.protocol`` on ``config.pretrained`` and records the result.
+
+    Fine-tuning also writes the network it trained (encoder, head and the
+    classifier as its supervised head) to ``workdir/finetuned``, readable as
+    any pretraining workdir: ``load_encoder(path, head_layer=config.head_layer)``
+    gives its ``logits``. It refuses to start if that directory exists.
+    """
     mesh = sharding.make_mesh()
     config_validation.validate(config, mesh.devices.size)
+    finetuned = os.path.join(workdir, FINETUNED)
+    if config.protocol == "finetune" and os.path.exists(finetuned):
+        raise config_validation.ConfigError(
+            f"{finetuned} already holds a fine-tuned network; remove it, or give this run another --workdir")
     config = encoder_lib.resolve_architecture(config)
     start = time.perf_counter()
     encoder = encoder_lib.load_encoder(config.pretrained, step=config.checkpoint_step, mesh=mesh,
@@ -75,6 +90,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         result = evaluator.run(encoder.variables, encoder.supervised_head)
     else:
         result = evaluator.run(encoder.variables)
+    if config.protocol == "finetune":
+        checkpoint.save_network(finetuned, config, evaluator.trained_variables, evaluator.trained_classifier,
+                                result["train_steps"], PROBE)
+        result = dict(result, finetuned=finetuned)
     record = dict(protocol=config.protocol, pretrained=config.pretrained, random_init=config.random_init,
                   dataset=config.dataset, split=config.test_split, checkpoint_step=encoder.step,
                   head_layer=config.head_layer, seconds=round(time.perf_counter() - start, 1), **result)
