@@ -46,18 +46,21 @@ def official_prefix(path: str) -> Optional[str]:
 
 
 def architecture(path: str) -> ml_collections.ConfigDict:
-    """{'model', 'image_size'} that ``path`` was trained with: the architecture
-    fields alone (config_validation.MODEL_FIELDS), not how the run computed."""
+    """{'model', 'image_size', 'head_layer'} that ``path`` was trained with: the
+    architecture fields alone (config_validation.MODEL_FIELDS), not how the
+    run computed, and the layer its supervised head reads (0 = h, but for a
+    network fine-tuned from a head layer, whose config.json says which)."""
     with _reading(path, official=False):
         prefix = official_prefix(path)
     if prefix is None:
         with _reading(path, official=False):
             run_config = checkpoint.read_run_config(checkpoint.run_workdir(path))
         model = {name: run_config.model[name] for name in config_validation.MODEL_FIELDS}  # not how it computed
-        return ml_collections.ConfigDict(dict(model=model, image_size=run_config.image_size))
+        return ml_collections.ConfigDict(dict(model=model, image_size=run_config.image_size,
+                                              head_layer=run_config.get("head_layer", 0)))
     with _reading(path, official=True):
         model_config, _, image_size = official_tf2.infer(official_tf2.read_variables(prefix, shapes_only=True))
-    return ml_collections.ConfigDict(dict(model=model_config.to_dict(), image_size=image_size))
+    return ml_collections.ConfigDict(dict(model=model_config.to_dict(), image_size=image_size, head_layer=0))
 
 
 def abstract_variables(model: SimCLR, image_size: int, mesh) -> dict:

@@ -526,7 +526,8 @@ def test_full_linear_eval_and_finetune_end_to_end_on_real_cifar10(real_data_dir,
 
     # The fine-tuned network was written as a run of its own: loaded like a
     # pretraining workdir, its logits give the recorded accuracy.
-    network = encoder_lib.load_encoder(tuned["finetuned"], head_layer=config.head_layer)
+    network = encoder_lib.load_encoder(tuned["finetuned"])  # its config.json says the classifier's head layer
+    assert network.head_layer == config.head_layer
     ds, _, _ = sources.load_split("cifar10", "test", real_data_dir)
     examples = list(ds.as_numpy_iterator())
     images, labels = np.stack([e["image"] for e in examples]), np.array([e["label"] for e in examples])

@@ -131,7 +131,7 @@ class Encoder:
                 f"head_layer={self.head_layer}, devices={self.mesh.devices.size})")
 
 
-def load_encoder(path: str, *, step: Optional[int] = None, head_layer: int = 0, batch_size: int = 256,
+def load_encoder(path: str, *, step: Optional[int] = None, head_layer: Optional[int] = None, batch_size: int = 256,
                  random_init_seed: Optional[int] = None, mesh: Optional[jax.sharding.Mesh] = None) -> Encoder:
     """Restores the encoder of a pretraining workdir (or its checkpoints/ folder),
     or of an official SimCLR TF2 checkpoint: a SavedModel directory (as
@@ -140,7 +140,9 @@ def load_encoder(path: str, *, step: Optional[int] = None, head_layer: int = 0, 
 
     ``step``: our checkpoint to read (default: the latest). ``head_layer``: 0
     returns h, the encoder's output; i >= 1 the output of projection-head
-    layer i (also what ``logits`` feeds the supervised head). ``batch_size``:
+    layer i (also what ``logits`` feeds the supervised head); default: the
+    layer the path's supervised head reads (a fine-tuned network's
+    config.json says it; else 0). ``batch_size``:
     images per compiled chunk of ``embed`` (rounded up to a multiple of the
     device count). ``random_init_seed``: the same architecture at random
     initialisation instead (the baseline; reads only the architecture).
@@ -149,6 +151,7 @@ def load_encoder(path: str, *, step: Optional[int] = None, head_layer: int = 0, 
     mesh = mesh or sharding.make_mesh(jax.local_devices())
     trained = pretrained.architecture(path)
     model_config, image_size = trained.model, int(trained.image_size)
+    head_layer = trained.head_layer if head_layer is None else head_layer
     model = model_from_config(model_config)
     feature_function(model, head_layer)  # a bad head_layer fails before restoring
     if random_init_seed is not None:
