@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from simclr_jax.evaluation.distill import distillation_loss, distillation_objective
+from simclr_jax.distillation.losses import distillation_loss, distillation_objective
 
 
 def _softmax(x):

@@ -9,8 +9,8 @@ with P(y | x; tau) = softmax(logits / tau) and tau = 1 in the paper; the
 teacher is fixed (its logits carry no gradient). Optionally a supervised
 cross-entropy on the labelled examples joins it with weight alpha.
 
-This module holds the loss; the protocol (configs/distill.py: teacher,
-student, data and optimiser) is being built on it.
+The loss, first of the distillation folder; the protocol (configs/distill.py:
+teacher, student, data and optimiser) is to be built on it.
 """
 import jax
 import jax.numpy as jnp
