@@ -20,8 +20,7 @@ than this machine's memory cost nothing. Variants:
 Peak bytes of one device = argument + output - alias + temp: what XLA's
 buffer assignment reserves for a step (the state is donated, so its outputs
 alias its arguments). The executable's own code is reported beside it
-(code_bytes; on TPU it lives in HBM too, and the unrolled chunks make it grow
-with K). The state is replicated and the step is data parallel, so a device's
+(code_bytes; on TPU it lives in HBM too). The state is replicated and the step is data parallel, so a device's
 memory depends on its own batch b; the only part that grows with the device
 count D is NT-Xent's [2b, 2bD] logits, small next to the activations. One
 device is therefore enough: ``--devices`` changes D.
@@ -41,8 +40,9 @@ needs ALLOW_MULTIPLE_LIBTPU_LOAD=1). Use one v5p chip, tpu:v5p:1x1x1: its
 its own only above a chip's capacity and fails to compile what still does
 not fit (counted as not fitting); on a 16 GiB v5e that would blur the 16 GiB
 figures and leave no 80. TPU compiles take 1.5-10 min each on 2 cores (code
-generation, not memory planning; the unrolled chunks make K8 the slowest):
-keep --cache, which makes reruns and wider searches reuse every compile.
+generation, not memory planning): keep --cache, which makes reruns and wider
+searches reuse every compile. The cache keys hold the jax and libtpu
+versions, not the code: use a new file after changing the step.
 
 For each budget (GiB, 2^30 bytes, how HBM is quoted; the runtime reserves a
 little of it), the largest per-device batch, a multiple of --multiple and of
