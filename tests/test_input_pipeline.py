@@ -195,13 +195,14 @@ def test_resume_reads_only_the_current_epoch_and_matches(monkeypatch, cache):
     skip = 35 * batch  # epoch 3.5
 
     # Records read before the resumed stream's first example: the half epoch
-    # already consumed, the shuffle buffer and the one that refills it
-    # (replaying history read 3.5 epochs).
+    # already consumed, the shuffle buffer and perhaps the one that refills
+    # it (tf.data may read it before or after handing the example out).
+    # Replaying history read 3.5 epochs.
     start = input_pipeline._stream(source()[0], epoch, config.shuffle_buffer_size, 0, skip)
     source.reads = 0
     position, _ = next(iter(start))
     assert int(position) == skip
-    assert source.reads == epoch // 2 + config.shuffle_buffer_size + 1
+    assert epoch // 2 + config.shuffle_buffer_size <= source.reads <= epoch // 2 + config.shuffle_buffer_size + 1
 
     # The resumed batches are the uninterrupted run's from there on, views included.
     labels, views = _image_ids(input_pipeline.pretrain_dataset(config, per_process_batch_size=batch, seed=4), 40)
