@@ -1,10 +1,16 @@
-"""SimCLR v2 distillation's loss against numpy (float64), with its gradients."""
+"""SimCLR v2 distillation: the loss against numpy (float64), with its gradients,
+and the train step against jax.grad of the global-batch objective written out."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+from simclr_jax import models, sharding
 from simclr_jax.distillation.losses import distillation_loss, distillation_objective
+from simclr_jax.distillation.step import StudentState, make_distill_step
+from simclr_jax.evaluation.classifier import features_at
+from tests.workdirs import IMAGE_SIZE, WIDTH_MULTIPLIER, tiny_pretrain_config
 
 
 def _softmax(x):
@@ -66,3 +72,97 @@ def test_temperature_must_be_positive(temperature):
 def test_class_counts_must_agree():
     with pytest.raises(ValueError, match="must share one label set"):
         distillation_loss(_logits(0, (6, 5)), _logits(1, (6, 10)), 1.0)
+
+
+# ------------------------------------------------------------ the train step
+
+GLOBAL_BATCH = 16
+NUM_CLASSES = 5
+TEMPERATURE, ALPHA = 2.0, 0.5
+
+
+def _capture_gradient() -> optax.GradientTransformation:
+    """Leaves params alone and keeps the gradient as its state (as in test_chunked)."""
+    return optax.GradientTransformation(
+        init=lambda params: jax.tree.map(jnp.zeros_like, params),
+        update=lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads))
+
+
+def _networks(axis_name):
+    """(teacher, student): the tiny test architecture, and the student at half its width."""
+    teacher = models.model_from_config(tiny_pretrain_config().model)
+    student = models.model_from_config(tiny_pretrain_config(width_multiplier=WIDTH_MULTIPLIER / 2).model,
+                                       axis_name=axis_name)
+    return teacher, student
+
+
+def _noisy(tree, seed, scale=0.05):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda p: p + scale * rng.standard_normal(p.shape).astype(p.dtype), tree)
+
+
+def _setup():
+    """Teacher variables and head, the student's initial params and statistics, images, labels."""
+    teacher, student = _networks(None)
+    images = np.random.default_rng(0).uniform(size=(GLOBAL_BATCH, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
+    init = lambda model: model.init(jax.random.key(0), images[:2], train=False)
+    teacher_variables = {"params": _noisy(init(teacher)["params"], 1), "batch_stats": init(teacher)["batch_stats"]}
+    dim = jax.eval_shape(lambda v: features_at(teacher, v, images[:1], 1, False)[0], teacher_variables).shape[-1]
+    rng = np.random.default_rng(2)
+    teacher_head = {"kernel": rng.normal(size=(dim, NUM_CLASSES)).astype(np.float32),
+                    "bias": rng.normal(size=(NUM_CLASSES,)).astype(np.float32)}
+    student_variables = init(student)
+    student_dim = jax.eval_shape(lambda v: features_at(student, v, images[:1], 1, False)[0],
+                                 student_variables).shape[-1]
+    # A non-zero classifier, so the gradient reaches the encoder on the first step.
+    params = {"model": _noisy(student_variables["params"], 3),
+              "classifier": {"kernel": 0.1 * rng.normal(size=(student_dim, NUM_CLASSES)).astype(np.float32),
+                             "bias": np.zeros(NUM_CLASSES, np.float32)}}
+    labels = np.array([3, -1, -1, 0, -1, 4, -1, -1, 1, -1, -1, -1, 2, -1, 0, -1], np.int32)
+    return teacher_variables, teacher_head, params, student_variables["batch_stats"], images, labels
+
+
+def _direct_objective(params, batch_stats, teacher_variables, teacher_head, images, labels):
+    """The global-batch objective on one device, written out: BatchNorm over all images."""
+    teacher, student = _networks(None)
+    targets = features_at(teacher, teacher_variables, images, 1, False)[0] @ teacher_head["kernel"] \
+        + teacher_head["bias"]
+    features, _ = features_at(student, {"params": params["model"], "batch_stats": batch_stats}, images, 1, True)
+    logits = features @ params["classifier"]["kernel"] + params["classifier"]["bias"]
+    p_t = jax.nn.softmax(jax.lax.stop_gradient(targets) / TEMPERATURE)
+    loss = -jnp.mean(jnp.sum(p_t * jax.nn.log_softmax(logits / TEMPERATURE), -1))
+    labelled = labels >= 0
+    picked = jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.maximum(labels, 0)[:, None], -1)[:, 0]
+    return loss - ALPHA * jnp.sum(jnp.where(labelled, picked, 0.0)) / jnp.sum(labelled)
+
+
+@pytest.mark.parametrize("num_devices", [1, 8])
+def test_distill_step_gradient_is_that_of_the_global_objective_and_the_teacher_never_changes(num_devices):
+    teacher_variables, teacher_head, params, batch_stats, images, labels = _setup()
+    want_objective, want_grads = jax.value_and_grad(_direct_objective)(
+        params, batch_stats, teacher_variables, teacher_head, images, labels)
+
+    mesh = sharding.make_mesh(jax.devices()[:num_devices])
+    teacher, student = _networks(sharding.DATA_AXIS)
+    tx = _capture_gradient()
+    state = StudentState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                         opt_state=tx.init(params))
+    state = sharding.put_replicated(state, mesh)
+    frozen = sharding.put_replicated((teacher_variables, teacher_head), mesh)
+    before = jax.device_get(frozen)
+    step = make_distill_step(student, teacher, tx, mesh, num_classes=NUM_CLASSES, student_head_layer=1,
+                             teacher_head_layer=1, temperature=TEMPERATURE, alpha=ALPHA)
+    batch = sharding.put_batch({"image": images, "label": labels}, mesh)
+    new_state, metrics = step(state, *frozen, batch["image"], batch["label"])
+    new_state, _ = step(new_state, *frozen, batch["image"], batch["label"])  # the teacher is used twice
+
+    np.testing.assert_allclose(float(metrics["objective"]), float(want_objective), rtol=1e-5)
+    got = jax.device_get(new_state.opt_state)
+    errors = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)),
+                          got, jax.device_get(want_grads))
+    assert max(jax.tree.leaves(errors)) < 2e-5, errors
+    learning = (want_grads["classifier"], want_grads["model"]["encoder"])  # head layers past 1 feed nothing
+    assert min(float(np.max(np.abs(g))) for g in jax.tree.leaves(learning)) > 0
+    after = jax.device_get(frozen)  # the step's arguments, still alive (not donated) and unchanged
+    jax.tree.map(np.testing.assert_array_equal, after, before)
+    assert int(new_state.step) == 2 and 0 <= float(metrics["teacher_agreement"]) <= 1

@@ -9,8 +9,9 @@ with P(y | x; tau) = softmax(logits / tau) and tau = 1 in the paper; the
 teacher is fixed (its logits carry no gradient). Optionally a supervised
 cross-entropy on the labelled examples joins it with weight alpha.
 
-The loss, first of the distillation folder; the protocol (configs/distill.py:
-teacher, student, data and optimiser) is to be built on it.
+The loss of the distillation folder (step.py uses it); the protocol
+(configs/distill.py: teacher, student, data and optimiser) is to be built
+on them.
 """
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,15 @@ def distillation_loss(teacher_logits: jax.Array, student_logits: jax.Array, temp
     return -jnp.mean(jnp.sum(teacher * student, axis=-1))
 
 
+def supervised_sum(student_logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum of the student's cross-entropy over the labelled rows, their count);
+    ``labels`` [B] int, -1 = unlabelled. Sums, so devices can add them up."""
+    labelled = labels >= 0
+    log_probs = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(log_probs, jnp.maximum(labels, 0)[:, None], axis=-1)[:, 0]
+    return -jnp.sum(jnp.where(labelled, picked, 0.0)), jnp.sum(labelled)
+
+
 def distillation_objective(teacher_logits: jax.Array, student_logits: jax.Array, temperature: float,
                            labels: jax.Array, alpha: float) -> jax.Array:
     """``distillation_loss`` plus ``alpha`` times the student's cross-entropy on
@@ -42,8 +52,5 @@ def distillation_objective(teacher_logits: jax.Array, student_logits: jax.Array,
     loss = distillation_loss(teacher_logits, student_logits, temperature)
     if alpha == 0:
         return loss
-    labelled = labels >= 0
-    log_probs = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
-    picked = jnp.take_along_axis(log_probs, jnp.maximum(labels, 0)[:, None], axis=-1)[:, 0]
-    supervised = -jnp.sum(jnp.where(labelled, picked, 0.0)) / jnp.maximum(jnp.sum(labelled), 1)
-    return loss + alpha * supervised
+    total, count = supervised_sum(student_logits, labels)
+    return loss + alpha * total / jnp.maximum(count, 1)

@@ -53,14 +53,14 @@ class ClassifierState:
     feature_norm: Any
 
 
-def _classifier(num_classes: int) -> nn.Dense:
+def linear_classifier(num_classes: int) -> nn.Dense:
     # Zero-initialised, as the reference code's linear-eval and fine-tuning
     # commands set (zero_init_logits_layer=True). Fine-tuning's encoder
     # therefore first moves on the second step.
     return nn.Dense(num_classes, kernel_init=nn.initializers.zeros)
 
 
-def _features(model, variables, images, head_layer: int, train: bool):
+def features_at(model, variables, images, head_layer: int, train: bool):
     """(features at head_layer, updated BatchNorm statistics or None)."""
     if train:
         features, updates = model.apply(variables, images, train, head_layer, method=SimCLR.features,
@@ -77,7 +77,7 @@ def _standardize(features, feature_norm):
     return (features - feature_norm["mean"]) * feature_norm["inv_std"]
 
 
-def _keep_unused_head_stats(new, old, head_layer: int):
+def keep_unused_head_stats(new, old, head_layer: int):
     """The head computes all its layers, but those past head_layer feed nothing:
     keep their BatchNorm statistics (their parameters get zero gradients)."""
     head = {name: new["head"][name] if int(name[len("bn"):]) <= head_layer else old["head"][name]
@@ -93,16 +93,16 @@ def make_train_step(model, tx, num_classes: int, head_layer: int, mesh, *, train
     does not train ({} otherwise). The loss is pmean-ed over 'data', so with
     replicated parameters the gradient is the global-batch one.
     """
-    classifier = _classifier(num_classes)
+    classifier = linear_classifier(num_classes)
 
     def on_device(state, frozen, images, labels):
         def loss_fn(params):
             if train_encoder:
                 variables = {"params": params["model"], "batch_stats": state.batch_stats}
-                features, stats = _features(model, variables, images, head_layer, train=True)
-                stats = _keep_unused_head_stats(stats, state.batch_stats, head_layer)
+                features, stats = features_at(model, variables, images, head_layer, train=True)
+                stats = keep_unused_head_stats(stats, state.batch_stats, head_layer)
             else:
-                features, _ = _features(model, frozen, images, head_layer, train=False)
+                features, _ = features_at(model, frozen, images, head_layer, train=False)
                 features, stats = lax.stop_gradient(features), state.batch_stats
             logits = classifier.apply({"params": params["classifier"]}, _standardize(features, state.feature_norm))
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
@@ -137,7 +137,7 @@ def feature_standardizer(model, variables, batches, mesh, head_layer: int) -> di
     keep scale 1."""
     @jax.jit
     def moments(images):
-        features = _features(model, variables, images, head_layer, train=False)[0].astype(jnp.float32)
+        features = features_at(model, variables, images, head_layer, train=False)[0].astype(jnp.float32)
         return features.shape[0], features.sum(0), jnp.square(features).sum(0), features.max(0), features.min(0)
 
     count, total, squares, high, low = 0, 0.0, 0.0, -np.inf, np.inf
@@ -173,7 +173,7 @@ class SupervisedHeadEvaluator:
         self.config, self.mesh, self.head_layer = config, mesh, config.head_layer
         self.num_classes = sources.num_classes(config.dataset, config.test_split, config.data_dir,
                                                download=config.download)
-        self._logits = jax.jit(lambda variables, head, images: _features(
+        self._logits = jax.jit(lambda variables, head, images: features_at(
             model, variables, images, self.head_layer, False)[0] @ head["kernel"] + head["bias"])
 
     def run(self, variables, head) -> dict:
@@ -215,9 +215,9 @@ class ClassifierExperiment:
         self.tx = make_optimizer(self.settings, schedule, self.total_steps)
         self._step = make_train_step(model.clone(axis_name=DATA), self.tx, self.num_classes, self.head_layer,
                                      mesh, train_encoder=not freeze_encoder)
-        classifier = _classifier(self.num_classes)
+        classifier = linear_classifier(self.num_classes)
         self._logits = jax.jit(lambda variables, params, norm, images: classifier.apply(
-            {"params": params}, _standardize(_features(model, variables, images, self.head_layer, False)[0], norm)))
+            {"params": params}, _standardize(features_at(model, variables, images, self.head_layer, False)[0], norm)))
         self.trained_variables = None
 
     def _training_examples(self):
@@ -244,8 +244,8 @@ class ClassifierExperiment:
 
     def _initial_state(self, variables) -> ClassifierState:
         dummy = jnp.zeros((1, self.config.image_size, self.config.image_size, 3), jnp.float32)
-        dim = jax.eval_shape(lambda v: _features(self.model, v, dummy, self.head_layer, False)[0], variables).shape[-1]
-        init = lambda: _classifier(self.num_classes).init(jax.random.key(0), jnp.zeros((1, dim)))["params"]
+        dim = jax.eval_shape(lambda v: features_at(self.model, v, dummy, self.head_layer, False)[0], variables).shape[-1]
+        init = lambda: linear_classifier(self.num_classes).init(jax.random.key(0), jnp.zeros((1, dim)))["params"]
         params = {"classifier": jax.jit(init, out_shardings=sharding.replicated(self.mesh))()}
         batch_stats, feature_norm = {}, {}
         if not self.freeze_encoder:
