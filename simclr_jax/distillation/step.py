@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from simclr_jax import sharding
 from simclr_jax.distillation.losses import distillation_loss, supervised_sum
-from simclr_jax.evaluation.classifier import features_at, keep_unused_head_stats, linear_classifier
+from simclr_jax.evaluation.classifier import features_at, head_logits, keep_unused_head_stats, linear_classifier
 
 DATA = sharding.DATA_AXIS
 
@@ -29,13 +29,6 @@ class StudentState:
     params: Any  # {'model': the student SimCLR's params, 'classifier': {'kernel', 'bias'}}
     batch_stats: Any  # the student's BatchNorm statistics
     opt_state: Any
-
-
-def teacher_logits(teacher, variables, head, images, head_layer: int) -> jax.Array:
-    """The teacher's logits [B, C]: its supervised head on its head_layer
-    features, BatchNorm in inference mode, no gradient."""
-    features, _ = features_at(teacher, variables, images, head_layer, train=False)
-    return lax.stop_gradient(features.astype(jnp.float32) @ head["kernel"] + head["bias"])
 
 
 def make_distill_step(student, teacher, tx: optax.GradientTransformation, mesh, *, num_classes: int,
@@ -50,7 +43,8 @@ def make_distill_step(student, teacher, tx: optax.GradientTransformation, mesh, 
     classifier = linear_classifier(num_classes)
 
     def on_device(state, teacher_variables, teacher_head, images, labels):
-        targets = teacher_logits(teacher, teacher_variables, teacher_head, images, teacher_head_layer)
+        targets = lax.stop_gradient(head_logits(teacher, teacher_variables, teacher_head, images,
+                                                teacher_head_layer))
 
         def loss_fn(params):
             variables = {"params": params["model"], "batch_stats": state.batch_stats}

@@ -69,6 +69,14 @@ def features_at(model, variables, images, head_layer: int, train: bool):
     return model.apply(variables, images, train, head_layer, method=SimCLR.features), None
 
 
+def head_logits(model, variables, head, images, head_layer: int) -> jax.Array:
+    """A supervised head {'kernel', 'bias'} on the head_layer features of
+    ``images``, BatchNorm in inference mode: how a checkpoint's own classifier
+    (or a distillation teacher) scores images."""
+    features, _ = features_at(model, variables, images, head_layer, train=False)
+    return features.astype(jnp.float32) @ head["kernel"] + head["bias"]
+
+
 def _standardize(features, feature_norm):
     """(features - mean) * inv_std: an affine map, so classifier and map
     together are still one linear classifier on the features."""
@@ -173,8 +181,8 @@ class SupervisedHeadEvaluator:
         self.config, self.mesh, self.head_layer = config, mesh, config.head_layer
         self.num_classes = sources.num_classes(config.dataset, config.test_split, config.data_dir,
                                                download=config.download)
-        self._logits = jax.jit(lambda variables, head, images: features_at(
-            model, variables, images, self.head_layer, False)[0] @ head["kernel"] + head["bias"])
+        self._logits = jax.jit(lambda variables, head, images: head_logits(
+            model, variables, head, images, self.head_layer))
 
     def run(self, variables, head) -> dict:
         if head is None:

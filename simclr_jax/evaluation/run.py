@@ -68,7 +68,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     Fine-tuning also writes the network it trained (encoder, head and the
     classifier as its supervised head) to ``workdir/finetuned``, readable as
-    any pretraining workdir: ``load_encoder(path)`` gives its ``logits``. It refuses to start if that directory exists.
+    any pretraining workdir: ``load_encoder(path)`` gives its ``logits``. It
+    refuses to start if that directory exists.
     """
     mesh = sharding.make_mesh()
     config_validation.validate(config, mesh.devices.size)
