@@ -4,7 +4,8 @@ Pretraining recipes (cifar10, imagenet, imagenet_v2, smoke) train and
 checkpoint into workdir; evaluation recipes (knn, cached_linear, linear_eval,
 finetune, supervised_head) read --config.pretrained=PATH (our pretraining
 workdir or an official SimCLR checkpoint) and write eval_results.json into
-workdir.
+workdir; distill reads --config.teacher=PATH (a fine-tuned network) and
+trains a student into workdir.
 Any config field can be overridden, e.g. --config.batch_size=256.
 
 Several processes (hosts) join one run through JAX's distributed runtime:
@@ -69,6 +70,7 @@ def main(argv):
     tf.config.set_visible_devices([], "GPU")  # tf.data only: leave accelerators to JAX
     import jax
 
+    from simclr_jax.distillation import experiment as distillation
     from simclr_jax.evaluation import run as evaluation
     from simclr_jax.pretraining import train
 
@@ -78,7 +80,9 @@ def main(argv):
         workdir = os.path.join("workdir", recipe)
     logging.info("Config:\n%s", FLAGS.config)
     try:
-        if "protocol" in FLAGS.config:  # an evaluation recipe
+        if FLAGS.config.get("protocol") == "distill":
+            distillation.distill(FLAGS.config, workdir)
+        elif "protocol" in FLAGS.config:  # an evaluation recipe
             evaluation.evaluate(FLAGS.config, workdir)
         else:
             train.train_and_evaluate(FLAGS.config, workdir, make_evaluators=evaluation.pretraining_evaluators)

@@ -10,6 +10,7 @@ Everything that reads a checkpoint is here: resuming the whole training state
 (``restore_variables``: Orbax partial restore onto any mesh, so a checkpoint
 written by 8 devices evaluates on 1 and vice versa).
 """
+import contextlib
 import json
 import os
 from typing import Any, Optional
@@ -122,6 +123,23 @@ def save_network(workdir: str, config: ml_collections.ConfigDict, variables: dic
         write_run_config(workdir, config)
 
 
+@contextlib.contextmanager
+def _reader(workdir: str, step: Optional[int]):
+    """(a read-only manager of ``workdir``'s checkpoints, the step to read:
+    ``step``, or the latest when None or < 0, which must exist)."""
+    root = checkpoint_dir(workdir)
+    manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True),
+                                    item_handlers=ocp.PyTreeCheckpointHandler())
+    try:
+        step = manager.latest_step() if step is None or step < 0 else step
+        if step is None or step not in manager.all_steps():
+            raise FileNotFoundError(f"no checkpoint for step {step} in {root}; available steps: "
+                                    f"{list(manager.all_steps())}")
+        yield manager, step
+    finally:
+        manager.close()
+
+
 def restore_variables(workdir: str, abstract_variables: Any, step: Optional[int] = None,
                       optional_params: tuple[str, ...] = ()) -> tuple[Any, int]:
     """(the model variables of ``workdir``'s checkpoint at ``step``, that step).
@@ -132,14 +150,8 @@ def restore_variables(workdir: str, abstract_variables: Any, step: Optional[int]
     that the checkpoint has (e.g. the online probe), placed like the others.
     ``step`` None or < 0 means the latest.
     """
-    root = checkpoint_dir(workdir)
-    manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True),
-                                    item_handlers=ocp.PyTreeCheckpointHandler())
-    try:
-        step = manager.latest_step() if step is None or step < 0 else step
-        if step is None or step not in manager.all_steps():
-            raise FileNotFoundError(f"no checkpoint for step {step} in {root}; available steps: "
-                                    f"{list(manager.all_steps())}")
+    with _reader(workdir, step) as (manager, step):
+        root = manager.directory
         abstract = _with_optional_params(abstract_variables, manager.item_metadata(step), optional_params)
         restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
         try:
@@ -148,9 +160,15 @@ def restore_variables(workdir: str, abstract_variables: Any, step: Optional[int]
         except (ValueError, KeyError) as e:
             raise ValueError(f"the checkpoint in {root} (step {step}) does not fit the architecture in "
                              f"{CONFIG_FILE} ({e.__class__.__name__}: {str(e)[:300]})") from None
-    finally:
-        manager.close()
     return restored, step
+
+
+def saved_head_classes(workdir: str, head_key: str, step: Optional[int] = None) -> int:
+    """The class count of the head saved under ``params[head_key]`` at ``step``
+    (None or < 0: the latest), 0 if there is none; reads metadata only."""
+    with _reader(workdir, step) as (manager, step):
+        head = manager.item_metadata(step).tree["params"].get(head_key)
+    return int(head["bias"].shape[0]) if head else 0
 
 
 def _with_optional_params(abstract: dict, metadata, names: tuple[str, ...]) -> dict:

@@ -1,8 +1,9 @@
 """Every recipe checked in one place, before anything is loaded or compiled.
 
-There are six recipe kinds: pretraining (no ``protocol`` field) and the
+There are seven recipe kinds: pretraining (no ``protocol`` field), the
 evaluation protocols ``knn``, ``cached_linear``, ``linear_eval``,
-``finetune`` and ``supervised_head``. Each kind has exactly the fields listed in ``FIELDS`` (a
+``finetune`` and ``supervised_head``, and SimCLR v2's distillation
+(``distill``). Each kind has exactly the fields listed in ``FIELDS`` (a
 missing or an extra field is an error, so no field is ever read through a
 silent default and none is set without effect), and each field has one rule.
 A failure is one ConfigError (a ValueError) naming the field, the bad value
@@ -17,7 +18,8 @@ from simclr_jax import sharding
 from simclr_jax.models import VALID_DEPTHS, VARIANTS
 
 DTYPES = ("float32", "bfloat16")
-PROTOCOLS = ("knn", "cached_linear", "linear_eval", "finetune", "supervised_head")
+PROTOCOLS = ("knn", "cached_linear", "linear_eval", "finetune", "supervised_head", "distill")
+OPTIMIZERS = ("momentum", "lars")
 LOSS_IMPLS = ("auto", "naive", "blockwise")
 SCHEDULES = ("cosine", "constant")
 MODEL_FIELDS = ("depth", "width_multiplier", "cifar_stem", "head_layers", "proj_dim", "variant", "sk_ratio",
@@ -45,6 +47,12 @@ FIELDS = {
     "finetune": (*_EVALUATION, "shuffle_buffer_size", "finetune.label_fraction", "finetune.subset_seed",
                  "finetune.subset_split", "finetune.epochs", "finetune.batch_size", "finetune.learning_rate",
                  "finetune.weight_decay", "finetune.schedule"),
+    "distill": (*_DATA, "protocol", "teacher", "teacher_step", "teacher_head_layer", "init_from", "test_split",
+                "shuffle_buffer_size", "image_size", *(f"model.{name}" for name in MODEL_FIELDS), "head_layer",
+                "distill.temperature", "distill.alpha", "distill.label_fraction", "distill.subset_seed",
+                "distill.epochs", "distill.batch_size", "distill.optimizer", "distill.learning_rate",
+                "distill.warmup_epochs", "distill.weight_decay", "distill.schedule", "eval_batch_size",
+                "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"),
 }
 
 
@@ -153,7 +161,7 @@ RULES: dict[str, tuple[Callable, str]] = {
     "pretrained": (lambda v: isinstance(v, str) and bool(v),
                    "set --config.pretrained=PRETRAIN_WORKDIR (a pretraining workdir)"),
     "checkpoint_step": (lambda v: _is_int(v) and v >= -1, "expected a step number, or -1 for the latest"),
-    "protocol": _NAME, "random_init": _BOOL, "head_layer": _NONNEG_INT,
+    "protocol": _NAME, "random_init": _BOOL, "head_layer": _NONNEG_INT, "teacher_head_layer": _NONNEG_INT,
     "linear.epochs": _POSITIVE_INT, "linear.batch_size": _POSITIVE_INT, "linear.learning_rate": _POSITIVE,
     "linear.weight_decay": _NONNEG, "linear.standardize": _BOOL,
     "finetune.label_fraction": (lambda v: _is_number(v) and 0 < v <= 1,
@@ -163,9 +171,26 @@ RULES: dict[str, tuple[Callable, str]] = {
     "finetune.epochs": _POSITIVE, "finetune.batch_size": _POSITIVE_INT, "finetune.learning_rate": _POSITIVE,
     "finetune.weight_decay": _NONNEG,
     "finetune.schedule": (lambda v: v in SCHEDULES, f"choose one of {SCHEDULES}"),
+    "teacher": (lambda v: isinstance(v, str) and bool(v),
+                "set --config.teacher=PATH: a fine-tuned network (the finetuned/ folder configs/finetune.py "
+                "writes into its workdir) or an official fine-tuned SimCLR checkpoint"),
+    "teacher_step": (lambda v: _is_int(v) and v >= -1, "expected a step number, or -1 for the latest"),
+    "distill.temperature": (lambda v: _is_number(v) and v > 0,
+                            "the distillation temperature must be > 0 (1.0 in the SimCLR v2 paper)"),
+    "distill.alpha": (lambda v: _is_number(v) and v >= 0,
+                      "expected >= 0: the supervised term's weight (0 = distillation alone)"),
+    "distill.label_fraction": (lambda v: _is_number(v) and 0 < v <= 1,
+                               "expected in (0, 1]: the labelled subset, as finetune.label_fraction"),
+    "distill.subset_seed": (_is_int, "expected an integer"),
+    "distill.epochs": _POSITIVE, "distill.batch_size": _POSITIVE_INT, "distill.learning_rate": _POSITIVE,
+    "distill.warmup_epochs": _NONNEG, "distill.weight_decay": _NONNEG,
+    "distill.optimizer": (lambda v: v in OPTIMIZERS, f"choose one of {OPTIMIZERS}"),
+    "distill.schedule": (lambda v: v in SCHEDULES, f"choose one of {SCHEDULES}"),
 }
-# Evaluation configs may leave the architecture unset: it comes from the checkpoint.
+# Evaluation configs may leave the architecture unset: it comes from the checkpoint
+# (distillation's student from init_from or the teacher, head layers likewise).
 _FROM_CHECKPOINT = {"image_size", *(f"model.{name}" for name in MODEL_FIELDS)}
+_FROM_TEACHER = {*_FROM_CHECKPOINT, "head_layer", "teacher_head_layer"}
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = None,
@@ -179,7 +204,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
     _check_field_set(config, kind)
     for field in FIELDS[kind]:
         value = _get(config, field)
-        if kind != "pretrain" and field in _FROM_CHECKPOINT and value is None:
+        if value is None and field in (_FROM_TEACHER if kind == "distill" else
+                                       _FROM_CHECKPOINT if kind != "pretrain" else ()):
             continue
         holds, expected = RULES[field]
         if not holds(value):
@@ -231,7 +257,8 @@ def _check_memory_size(size: int, batch_size: int) -> None:
 
 def _check_batch_sizes(config, kind: str, num_devices: int, num_processes: int) -> None:
     fields = {"pretrain": ("batch_size", "eval_batch_size"), "linear_eval": ("eval_batch_size", "linear.batch_size"),
-              "finetune": ("eval_batch_size", "finetune.batch_size")}.get(kind, ("eval_batch_size",))
+              "finetune": ("eval_batch_size", "finetune.batch_size"),
+              "distill": ("eval_batch_size", "distill.batch_size")}.get(kind, ("eval_batch_size",))
     for field in fields:
         try:
             sharding.check_batch_size(_get(config, field), num_devices, num_processes, field)

@@ -46,10 +46,12 @@ def official_prefix(path: str) -> Optional[str]:
 
 
 def architecture(path: str) -> ml_collections.ConfigDict:
-    """{'model', 'image_size', 'head_layer'} that ``path`` was trained with: the
-    architecture fields alone (config_validation.MODEL_FIELDS), not how the
-    run computed, and the layer its supervised head reads (0 = h, but for a
-    network fine-tuned from a head layer, whose config.json says which)."""
+    """{'model', 'image_size', 'head_layer', 'protocol'} that ``path`` was
+    trained with: the architecture fields alone (config_validation.MODEL_FIELDS),
+    not how the run computed; the layer its supervised head reads (0 = h, but
+    for a network fine-tuned from a head layer, whose config.json says which);
+    the protocol that wrote it ('finetune', 'distill'; None for pretraining
+    workdirs and official checkpoints)."""
     with _reading(path, official=False):
         prefix = official_prefix(path)
     if prefix is None:
@@ -57,10 +59,24 @@ def architecture(path: str) -> ml_collections.ConfigDict:
             run_config = checkpoint.read_run_config(checkpoint.run_workdir(path))
         model = {name: run_config.model[name] for name in config_validation.MODEL_FIELDS}  # not how it computed
         return ml_collections.ConfigDict(dict(model=model, image_size=run_config.image_size,
-                                              head_layer=run_config.get("head_layer", 0)))
+                                              head_layer=run_config.get("head_layer", 0),
+                                              protocol=run_config.get("protocol")))
     with _reading(path, official=True):
         model_config, _, image_size = official_tf2.infer(official_tf2.read_variables(prefix, shapes_only=True))
-    return ml_collections.ConfigDict(dict(model=model_config.to_dict(), image_size=image_size, head_layer=0))
+    return ml_collections.ConfigDict(dict(model=model_config.to_dict(), image_size=image_size, head_layer=0,
+                                          protocol=None))
+
+
+def supervised_head_classes(path: str, step: Optional[int] = None) -> int:
+    """The class count of ``path``'s supervised head (0: none), from metadata
+    alone: nothing is restored. ``step``: our checkpoint (None: the latest)."""
+    with _reading(path, official=False):
+        prefix = official_prefix(path)
+    if prefix is not None:
+        with _reading(path, official=True):
+            return official_tf2.infer(official_tf2.read_variables(prefix, shapes_only=True))[1]
+    with _reading(path, official=False):
+        return checkpoint.saved_head_classes(checkpoint.run_workdir(path), PROBE, step)
 
 
 def abstract_variables(model: SimCLR, image_size: int, mesh) -> dict:

@@ -256,16 +256,17 @@ def labelled_examples(config, dataset, split, indices=None):
     return ds.map(decoded, num_parallel_calls=AUTOTUNE), len(indices), info
 
 
-def supervised_dataset(config, examples, *, per_process_batch_size, seed):
+def supervised_dataset(config, examples, *, per_process_batch_size, seed, skip_examples=0):
     """Endless {'image': f32 [b, S, S, 3], 'label': i32 [b]} training batches
-    of ``examples`` (from ``labelled_examples``).
+    of ``examples`` (from ``labelled_examples`` or ``partly_labelled_examples``).
 
     Random resized crop + horizontal flip only (the paper's linear-eval and
     fine-tuning augmentation), keyed by ``example_seeds`` as in
     ``pretrain_dataset``. Each epoch is reshuffled (a buffer beyond the data
     just holds all of it, so a small labelled subset is a full permutation),
     then the stream repeats before batching, so no example is dropped at
-    epoch ends.
+    epoch ends. ``skip_examples`` (this process's) resumes the same stream:
+    they are skipped before any augmentation is computed.
     """
     _check_batch_size("per_process_batch_size", per_process_batch_size)
     seeds_at, size = example_seeds(seed, 2), config.image_size
@@ -279,5 +280,31 @@ def supervised_dataset(config, examples, *, per_process_batch_size, seed):
         image = augment.random_flip(image, flip_seed)
         return {"image": tf.ensure_shape(image, [size, size, 3]), "label": example["label"]}
 
-    ds = ds.repeat().enumerate().map(view, num_parallel_calls=AUTOTUNE)
+    ds = ds.repeat().enumerate().skip(skip_examples).map(view, num_parallel_calls=AUTOTUNE)
     return _finish(ds, per_process_batch_size, drop_remainder=True)
+
+
+def partly_labelled_examples(config, dataset, split, labelled=None):
+    """(this process's decoded {'image', 'label'} of every example of the split,
+    global count, DatasetInfo), the label kept only at the positions
+    ``labelled`` (as ``balanced_subset`` gives them) and -1 elsewhere; all
+    -1 when ``labelled`` is None. Distillation learns from all the images and,
+    optionally, from the labels of the subset fine-tuning saw.
+    """
+    if labelled is None:
+        ds, num_examples, info = labelled_examples(config, dataset, split)
+        return ds.map(lambda example: dict(example, label=tf.constant(-1, tf.int32))), num_examples, info
+    # Every process reads the whole split to know each example's position, keeps its share, decodes it.
+    ds, total, info = sources.load_split(dataset, split, config.data_dir, download=config.download,
+                                         decoders=_SKIP_IMAGES, process_slice=False)
+    keep = np.zeros(total, bool)
+    keep[np.asarray(labelled)] = True
+    keep, decode = tf.constant(keep), info.features["image"].decode_example
+    count, index = jax.process_count(), jax.process_index()
+
+    def decoded(position, example):
+        label = tf.where(tf.gather(keep, position), tf.cast(example["label"], tf.int32), -1)
+        return {"image": decode(example["image"]), "label": label}
+
+    ds = ds.enumerate().filter(lambda position, _: position % count == index)
+    return ds.map(decoded, num_parallel_calls=AUTOTUNE), total, info

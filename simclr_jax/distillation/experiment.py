@@ -1,0 +1,263 @@
+"""SimCLR v2's distillation run: a fine-tuned teacher teaches a student on every train image.
+
+``distill(config, workdir)`` (configs/distill.py) checks the teacher from
+its metadata, resolves the student's architecture, restores both, and trains
+the student with ``make_distill_step`` on crop + flip views of the train
+split (fine-tuning's augmentation), with momentum SGD or LARS on a warm-up +
+cosine (or constant) schedule. It checkpoints ``workdir/checkpoints`` and
+resumes from them exactly (the view stream is skipped to the step), then
+scores student and teacher on the test split, writes the student to
+``workdir/student`` (readable by ``load_encoder`` and usable as the next
+teacher) and appends a 'distill' record to ``workdir/eval_results.json``.
+"""
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from simclr_jax import checkpoint, config_validation, preemption, pretrained, sharding, writers
+from simclr_jax.data import input_pipeline, sources
+from simclr_jax.distillation.step import StudentState, make_distill_step
+from simclr_jax.evaluation import encoder as encoder_lib
+from simclr_jax.evaluation.classifier import features_at, head_logits, linear_classifier, test_split_accuracy
+from simclr_jax.evaluation.run import append_result
+from simclr_jax.models import model_from_config
+from simclr_jax.pretraining import optim
+from simclr_jax.pretraining.step import PROBE
+
+STUDENT = "student"  # where the trained student goes, inside the workdir
+MOMENTUM = 0.9
+
+
+def check_teacher(config, num_classes: int) -> None:
+    """A teacher must carry a classifier trained for this dataset's classes;
+    read from config.json and metadata, before anything is restored."""
+    official = pretrained.official_prefix(config.teacher) is not None
+    if not official and pretrained.architecture(config.teacher).protocol not in ("finetune", "distill"):
+        raise config_validation.ConfigError(
+            f"config.teacher={config.teacher!r} is a pretraining workdir, not a fine-tuned network (an online "
+            "probe is a linear probe on h, not a teacher): fine-tune it first (configs/finetune.py) and pass "
+            "that run's WORKDIR/finetuned")
+    classes = pretrained.supervised_head_classes(config.teacher, config.teacher_step)
+    if not classes:
+        raise config_validation.ConfigError(
+            f"config.teacher={config.teacher!r} has no classifier to teach with: pass a fine-tuned SimCLR "
+            "checkpoint (official fine-tuned models carry one)")
+    if classes != num_classes:
+        raise config_validation.ConfigError(
+            f"the teacher {config.teacher!r} classifies {classes} classes but the student learns the "
+            f"{num_classes} of {config.dataset}: distil on the dataset the teacher was fine-tuned for")
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config with the student's architecture, image size and head layers
+    filled in (module docstring of configs/distill.py), checked."""
+    teacher = pretrained.architecture(config.teacher)
+    base = pretrained.architecture(config.init_from) if config.init_from else teacher
+    model = {name: base.model[name] if config.model[name] is None else config.model[name]
+             for name in config_validation.MODEL_FIELDS}
+    if config.init_from and (conflicts := [f"model.{name}: init_from {base.model[name]!r}, config {model[name]!r}"
+                                           for name in model if model[name] != base.model[name]]):
+        raise config_validation.ConfigError(
+            f"config.init_from={config.init_from!r} holds another architecture than the student's ("
+            + "; ".join(conflicts) + "): drop the overrides, or set init_from=None to start at random")
+    if config.image_size not in (None, teacher.image_size):
+        raise config_validation.ConfigError(
+            f"config.image_size={config.image_size} differs from the teacher's {teacher.image_size}: teacher and "
+            "student see the same views; leave image_size unset")
+    resolved = ml_collections.ConfigDict(config.to_dict())
+    resolved.model = ml_collections.ConfigDict(model)
+    resolved.image_size = int(teacher.image_size)
+    resolved.teacher_head_layer = teacher.head_layer if config.teacher_head_layer is None else config.teacher_head_layer
+    resolved.head_layer = resolved.teacher_head_layer if config.head_layer is None else config.head_layer
+    config_validation.check_image_size(resolved.image_size, resolved.model.cifar_stem)
+    for field, layers, whose in (("head_layer", model["head_layers"], "student"),
+                                 ("teacher_head_layer", teacher.model.head_layers, "teacher")):
+        if resolved[field] > layers:
+            raise config_validation.ConfigError(f"config.{field}={resolved[field]} is invalid: the {whose}'s head "
+                                                f"has {layers} layers (0 = h)")
+    return resolved
+
+
+def make_optimizer(settings, steps_per_epoch: int, total_steps: int):
+    """(optimizer, schedule): 'momentum' (Nesterov SGD, weight decay on kernels)
+    or 'lars' (pretraining's), peak learning_rate * B/256 after a linear
+    warm-up, then cosine to 0 or constant."""
+    warmup = min(int(round(settings.warmup_epochs * steps_per_epoch)), total_steps)
+    if settings.schedule == "cosine":
+        schedule = optim.learning_rate_schedule(settings.learning_rate, settings.batch_size, "linear", warmup,
+                                                total_steps)
+    else:
+        peak = settings.learning_rate * settings.batch_size / 256
+        schedule = lambda step: peak * jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / warmup) if warmup else peak
+    if settings.optimizer == "lars":
+        return optim.lars(schedule, settings.weight_decay, momentum=MOMENTUM), schedule
+    return optax.chain(optax.add_decayed_weights(settings.weight_decay, mask=optim.adapt_mask),
+                       optax.sgd(schedule, momentum=MOMENTUM, nesterov=True)), schedule
+
+
+class Distillation:
+    """One distillation run, built from a resolved config: ``run(workdir)``."""
+
+    def __init__(self, config, mesh):
+        self.config, self.mesh, self.settings = config, mesh, config.distill
+        self.num_classes = sources.num_classes(config.dataset, config.test_split, config.data_dir,
+                                               download=config.download)
+        labelled = None
+        if self.settings.alpha > 0:
+            labels = input_pipeline.split_labels(config, config.dataset, config.train_split)
+            labelled = input_pipeline.balanced_subset(labels, self.settings.label_fraction, self.settings.subset_seed)
+        self.num_labelled = 0 if labelled is None else len(labelled)
+        self.examples, self.num_train, _ = input_pipeline.partly_labelled_examples(
+            config, config.dataset, config.train_split, labelled)
+        if self.settings.batch_size > self.num_train:
+            raise config_validation.ConfigError(
+                f"config.distill.batch_size={self.settings.batch_size} exceeds the {self.num_train} images of "
+                f"{config.dataset}:{config.train_split}; lower it")
+        self.steps_per_epoch = max(1, self.num_train // self.settings.batch_size)
+        self.total_steps = max(1, int(round(self.settings.epochs * self.num_train / self.settings.batch_size)))
+        self.tx, self.schedule = make_optimizer(self.settings, self.steps_per_epoch, self.total_steps)
+        self.student = model_from_config(config.model)
+        self.teacher = encoder_lib.load_encoder(config.teacher, step=config.teacher_step, mesh=mesh,
+                                                head_layer=config.teacher_head_layer)
+        self._check_teacher_head()
+        self._step = make_distill_step(
+            self.student.clone(axis_name=sharding.DATA_AXIS), self.teacher.model, self.tx, mesh,
+            num_classes=self.num_classes, student_head_layer=config.head_layer,
+            teacher_head_layer=config.teacher_head_layer, temperature=self.settings.temperature,
+            alpha=self.settings.alpha)
+        classifier = linear_classifier(self.num_classes)
+        self._student_logits = jax.jit(lambda variables, head, images: classifier.apply(
+            {"params": head}, features_at(self.student, variables, images, config.head_layer, False)[0]))
+        self._teacher_logits = jax.jit(lambda variables, head, images: head_logits(
+            self.teacher.model, variables, head, images, config.teacher_head_layer))
+
+    def _check_teacher_head(self) -> None:
+        inputs = int(self.teacher.supervised_head["kernel"].shape[0])
+        if inputs != self.teacher.feature_dim:
+            raise config_validation.ConfigError(
+                f"the teacher's classifier takes {inputs} features but its head layer "
+                f"{self.config.teacher_head_layer} gives {self.teacher.feature_dim}: set "
+                "--config.teacher_head_layer to the layer it was fine-tuned from (1 for SimCLR v2's)")
+
+    def initial_state(self) -> StudentState:
+        """The student at init_from's weights (or random), a zero classifier, fresh optimiser."""
+        config, mesh = self.config, self.mesh
+        if config.init_from:
+            variables, _, _ = pretrained.restore(config.init_from, self.student, config.image_size, mesh)
+        else:
+            variables = pretrained.random_variables(self.student, config.image_size, config.seed, mesh)
+        dummy = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+        dim = jax.eval_shape(lambda v: features_at(self.student, v, dummy, config.head_layer, False)[0],
+                             variables).shape[-1]
+        init = lambda: linear_classifier(self.num_classes).init(jax.random.key(0), jnp.zeros((1, dim)))["params"]
+        params = {"model": variables["params"],
+                  "classifier": jax.jit(init, out_shardings=sharding.replicated(mesh))()}
+        opt_state = jax.jit(self.tx.init, out_shardings=sharding.replicated(mesh))(params)
+        return StudentState(step=sharding.put_replicated(np.zeros((), np.int32), mesh), params=params,
+                            batch_stats=variables["batch_stats"], opt_state=opt_state)
+
+    def _batches(self, start_step: int):
+        per_process = sharding.per_process_batch_size(self.settings.batch_size)
+        return input_pipeline.supervised_dataset(self.config, self.examples, per_process_batch_size=per_process,
+                                                 seed=self.config.seed,
+                                                 skip_examples=start_step * per_process).as_numpy_iterator()
+
+    def train(self, workdir: str) -> StudentState:
+        """Trains to ``total_steps``, resuming from ``workdir``'s latest checkpoint;
+        a stop request (SIGTERM, Ctrl-C) saves and returns early."""
+        config = self.config
+        manager = checkpoint.create_manager(workdir, save_every_steps=config.checkpoint_every_steps,
+                                            max_to_keep=config.keep_checkpoints)
+        state = self.initial_state()
+        if manager.latest_step() is not None:
+            state = checkpoint.restore(manager, state)
+            logging.info("distill: resumed from step %d in %s", int(state.step), manager.directory)
+        start_step, writer = int(state.step), writers.create_writer(workdir)
+        batches = self._batches(start_step)
+        logging.info("distill: %d steps of %d images over %d of %s:%s (%d labelled), from step %d", self.total_steps,
+                     self.settings.batch_size, self.num_train, config.dataset, config.train_split,
+                     self.num_labelled, start_step)
+        history, start = [], time.perf_counter()
+        with preemption.StopRequest() as stop_request:
+            for step in range(start_step + 1, self.total_steps + 1):
+                batch = sharding.put_batch(next(batches), self.mesh)
+                state, metrics = self._step(state, self.teacher.variables, self.teacher.supervised_head,
+                                            batch["image"], batch["label"])
+                history.append(metrics)
+                stopping = stop_request.stop_now(step)
+                save_due = step % config.checkpoint_every_steps == 0 or step == self.total_steps or stopping
+                if step % config.log_every_steps == 0 or save_due:
+                    self._log(writer, step, history, time.perf_counter() - start)
+                    history, start = [], time.perf_counter()
+                if save_due:
+                    checkpoint.save(manager, step, state, force=True)
+                if stopping:
+                    logging.warning("distill: stopped at step %d of %d on request; run the same command to "
+                                    "resume.", step, self.total_steps)
+                    break
+        manager.wait_until_finished()
+        manager.close()
+        writer.flush()
+        return state
+
+    def _log(self, writer, step: int, history: list, seconds: float) -> None:
+        means = {k: float(np.mean(v)) for k, v in jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *history)).items()}
+        means.update(learning_rate=float(self.schedule(step - 1)), epoch=step / self.steps_per_epoch,
+                     images_per_sec=len(history) * self.settings.batch_size / seconds)
+        writer.write_scalars(step, means)
+        logging.info("distill step %d/%d: objective %.4f, distillation loss %.4f, agreement with the teacher %.4f, "
+                     "%.1f images/s", step, self.total_steps, means["objective"], means["distillation_loss"],
+                     means["teacher_agreement"], means["images_per_sec"])
+
+    def score(self, state: StudentState) -> tuple[dict, dict]:
+        """(student's, teacher's) {'top1', 'top5', 'num_examples'} on eval views of the test split."""
+        variables = {"params": state.params["model"], "batch_stats": state.batch_stats}
+        student = test_split_accuracy(self.config, self.mesh, lambda images: self._student_logits(
+            variables, state.params["classifier"], images))
+        teacher = test_split_accuracy(self.config, self.mesh, lambda images: self._teacher_logits(
+            self.teacher.variables, self.teacher.supervised_head, images))
+        return student, teacher
+
+
+def _architecture(model: ml_collections.ConfigDict, head_layer: int) -> dict:
+    return dict({name: model[name] for name in config_validation.MODEL_FIELDS}, head_layer=head_layer)
+
+
+def distill(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Runs configs/distill.py's protocol into ``workdir`` and returns its record
+    (module docstring). Refuses to start if ``workdir/student`` exists."""
+    mesh = sharding.make_mesh()
+    config_validation.validate(config, mesh.devices.size)
+    student_dir = os.path.join(workdir, STUDENT)
+    if os.path.exists(student_dir):
+        raise config_validation.ConfigError(f"{student_dir} already holds a distilled student; remove it, or give "
+                                            "this run another --workdir")
+    num_classes = sources.num_classes(config.dataset, config.test_split, config.data_dir, download=config.download)
+    check_teacher(config, num_classes)
+    config = resolve(config)
+    start = time.perf_counter()
+    run = Distillation(config, mesh)
+    state = run.train(workdir)
+    if int(state.step) < run.total_steps:  # stopped on request: resume later
+        return {}
+    student, teacher = run.score(state)
+    variables = {"params": state.params["model"], "batch_stats": state.batch_stats}
+    checkpoint.save_network(student_dir, config, variables, state.params["classifier"], run.total_steps, PROBE)
+    record = dict(protocol="distill", teacher=config.teacher, teacher_top1=teacher["top1"],
+                  teacher_top5=teacher["top5"], teacher_architecture=_architecture(run.teacher.model_config,
+                                                                                  config.teacher_head_layer),
+                  init_from=config.init_from, student_architecture=_architecture(config.model, config.head_layer),
+                  dataset=config.dataset, split=config.test_split, temperature=config.distill.temperature,
+                  alpha=config.distill.alpha, num_labelled_examples=run.num_labelled,
+                  num_train_examples=run.num_train, train_steps=run.total_steps, student=student_dir,
+                  seconds=round(time.perf_counter() - start, 1), **student)
+    logging.info("Distillation result: %s", record)
+    if jax.process_index() == 0:
+        append_result(workdir, record)
+    return record

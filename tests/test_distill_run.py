@@ -1,0 +1,154 @@
+"""configs/distill.py end to end on a small labelled image folder: a teacher
+fine-tuned by configs/finetune.py, then distillation into the same and a
+smaller student; the record, the student written as a network of its own,
+exact resume, and the errors raised before anything is restored.
+
+The encoders are the tiny test architecture (tests/workdirs.py) at random
+init; the folder is test_classifier's (six colour classes).
+"""
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from configs import distill as distill_config
+from configs import finetune as finetune_config
+from simclr_jax import checkpoint, config_validation, pretrained
+from simclr_jax.data import sources
+from simclr_jax.distillation import experiment
+from simclr_jax.evaluation import encoder as encoder_lib
+from simclr_jax.evaluation.run import evaluate
+from tests.test_classifier import CLASSES, NUM_TEST, NUM_TRAIN, image_folder  # noqa: F401 (a fixture)
+from tests.workdirs import tiny_workdir
+
+BATCH = 16
+
+
+@pytest.fixture(scope="module")
+def teacher(image_folder, tmp_path_factory):  # noqa: F811
+    """WORKDIR/finetuned of 6 fine-tuning steps from head layer 1 (random-init encoder)."""
+    root, _ = image_folder
+    config = finetune_config.get_config()
+    config.update(pretrained=tiny_workdir(tmp_path_factory.mktemp("pretrain")), random_init=True,
+                  dataset=f"folder:{root}", eval_batch_size=BATCH, head_layer=1)
+    config.finetune.update(label_fraction=1.0, batch_size=BATCH, epochs=2, learning_rate=0.4)
+    record = evaluate(config, str(tmp_path_factory.mktemp("finetune")))
+    return record
+
+
+def _config(teacher_record, root, **distill):
+    config = distill_config.get_config()
+    config.update(teacher=teacher_record["finetuned"], dataset=f"folder:{root}", eval_batch_size=BATCH,
+                  log_every_steps=2, checkpoint_every_steps=3)
+    config.distill.update(dict(batch_size=BATCH, epochs=2, learning_rate=0.4), **distill)
+    return config
+
+
+@pytest.fixture(scope="module")
+def self_distilled(teacher, image_folder, tmp_path_factory):  # noqa: F811
+    workdir = str(tmp_path_factory.mktemp("distill"))
+    return workdir, experiment.distill(_config(teacher, image_folder[0]), workdir)
+
+
+def test_record_describes_teacher_and_student_and_scores_what_it_saved(self_distilled, teacher, image_folder):  # noqa: F811
+    workdir, record = self_distilled
+    assert record["protocol"] == "distill" and record["teacher"] == teacher["finetuned"]
+    assert record["num_train_examples"] == NUM_TRAIN and record["num_examples"] == NUM_TEST
+    assert record["train_steps"] == 2 * NUM_TRAIN // BATCH and record["num_labelled_examples"] == 0
+    # The teacher's test score is the one fine-tuning recorded: the same network on the same views.
+    assert record["teacher_top1"] == pytest.approx(teacher["top1"], abs=1e-9)
+    # Same architecture (self-distillation), the teacher's head layer, a fresh student.
+    assert record["student_architecture"] == record["teacher_architecture"]
+    assert record["student_architecture"]["head_layer"] == 1 and record["init_from"] is None
+    with open(os.path.join(workdir, "eval_results.json")) as f:
+        assert json.load(f) == [record]
+
+    # The student is a network of its own: reloaded, its logits give the recorded accuracy
+    # and it can teach the next round.
+    student = encoder_lib.load_encoder(record["student"])
+    assert student.head_layer == 1 and student.step == record["train_steps"]
+    ds, _, _ = sources.load_split(f"folder:{image_folder[0]}", "test", None)
+    examples = list(ds.as_numpy_iterator())
+    views = student.preprocess(np.stack([e["image"] for e in examples]))
+    labels = np.array([e["label"] for e in examples])
+    assert len(labels) == NUM_TEST
+    top1 = float(np.mean(np.argmax(student.logits(views), -1) == labels))
+    assert top1 == pytest.approx(record["top1"], abs=1.5 / NUM_TEST)
+    assert pretrained.architecture(record["student"]).protocol == "distill"
+
+
+def test_resume_from_a_checkpoint_ends_where_the_uninterrupted_run_ends(self_distilled, teacher, image_folder,  # noqa: F811
+                                                                      tmp_path):
+    workdir, record = self_distilled
+    halfway = record["train_steps"] // 2
+    assert halfway == 3  # checkpoint_every_steps=3 saved it
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(os.path.join(checkpoint.checkpoint_dir(workdir), str(halfway)),
+                    os.path.join(checkpoint.checkpoint_dir(resumed), str(halfway)))
+    again = experiment.distill(_config(teacher, image_folder[0]), resumed)
+    assert again["top1"] == record["top1"] and again["top5"] == record["top5"]
+    like = pretrained.abstract_variables(encoder_lib.load_encoder(record["student"]).model, 16,
+                                         encoder_lib.load_encoder(record["student"]).mesh)
+    first, _ = checkpoint.restore_variables(record["student"], like)
+    second, _ = checkpoint.restore_variables(again["student"], like)
+    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_half_width_student_from_init_from_with_the_supervised_term(teacher, image_folder, tmp_path):  # noqa: F811
+    pretrain = tiny_workdir(tmp_path / "narrow", width_multiplier=1 / 32)
+    init = encoder_lib.load_encoder(pretrain, random_init_seed=3)
+    manager = checkpoint.create_manager(pretrain, save_every_steps=1, max_to_keep=1)
+    checkpoint.save(manager, 1, init.variables, force=True)
+    manager.wait_until_finished()
+    manager.close()
+    config = _config(teacher, image_folder[0], alpha=0.5, label_fraction=0.5)
+    config.init_from = pretrain
+    record = experiment.distill(config, str(tmp_path / "distill"))
+    assert record["student_architecture"]["width_multiplier"] == 1 / 32
+    assert record["teacher_architecture"]["width_multiplier"] == 1 / 16
+    assert record["num_labelled_examples"] == NUM_TRAIN // 2 and record["alpha"] == 0.5
+
+
+# --------------------------------------------------------------------------- errors before loading
+
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    def loading(*args, **kwargs):
+        raise AssertionError("restored weights before the error")
+
+    monkeypatch.setattr(encoder_lib, "load_encoder", loading)
+    monkeypatch.setattr(pretrained, "restore", loading)
+
+
+def test_a_pretraining_workdir_is_no_teacher(teacher, image_folder, tmp_path, nothing_loads):  # noqa: F811
+    config = _config(teacher, image_folder[0])
+    config.teacher = tiny_workdir(tmp_path / "pretrain")
+    with pytest.raises(config_validation.ConfigError, match="is a pretraining workdir, not a fine-tuned network"):
+        experiment.distill(config, str(tmp_path / "distill"))
+
+
+def test_teacher_and_student_class_counts_must_agree(teacher, image_folder, tmp_path, nothing_loads):  # noqa: F811
+    root = tmp_path / "three"
+    for split in ("train", "test"):
+        for name in CLASSES[:3]:
+            shutil.copytree(os.path.join(image_folder[0], split, name), root / split / name)
+    config = _config(teacher, str(root))
+    with pytest.raises(config_validation.ConfigError, match="classifies 6 classes but the student learns the 3"):
+        experiment.distill(config, str(tmp_path / "distill"))
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0])
+def test_temperature_must_be_positive(temperature, teacher, image_folder, tmp_path, nothing_loads):  # noqa: F811
+    config = _config(teacher, image_folder[0], temperature=temperature)
+    with pytest.raises(config_validation.ConfigError, match="distillation temperature must be > 0"):
+        experiment.distill(config, str(tmp_path / "distill"))
+
+
+def test_an_existing_student_is_not_overwritten(self_distilled, teacher, image_folder, nothing_loads):  # noqa: F811
+    workdir, _ = self_distilled
+    with pytest.raises(config_validation.ConfigError, match="already holds a distilled student"):
+        experiment.distill(_config(teacher, image_folder[0]), workdir)
