@@ -17,7 +17,7 @@ import pytest
 from configs import distill as distill_config
 from configs import finetune as finetune_config
 from simclr_jax import checkpoint, config_validation, pretrained
-from simclr_jax.data import sources
+from simclr_jax.data import input_pipeline, sources
 from simclr_jax.distillation import experiment
 from simclr_jax.evaluation import encoder as encoder_lib
 from simclr_jax.evaluation.run import evaluate
@@ -111,6 +111,22 @@ def test_half_width_student_from_init_from_with_the_supervised_term(teacher, ima
     assert record["student_architecture"]["width_multiplier"] == 1 / 32
     assert record["teacher_architecture"]["width_multiplier"] == 1 / 16
     assert record["num_labelled_examples"] == NUM_TRAIN // 2 and record["alpha"] == 0.5
+
+
+def test_partly_labelled_examples_keep_the_subsets_labels_in_place(image_folder):  # noqa: F811
+    root, _ = image_folder
+    config = distill_config.get_config()
+    dataset = f"folder:{root}"
+    ds, total, _ = sources.load_split(dataset, "train", None)
+    everything = list(ds.as_numpy_iterator())
+    subset = np.array([0, 5, 17, 40])
+    ds, count, _ = input_pipeline.partly_labelled_examples(config, dataset, "train", subset)
+    got = list(ds.as_numpy_iterator())
+    assert count == total == len(got) == NUM_TRAIN
+    assert [e["label"] for e in got] == [int(e["label"]) if i in subset else -1 for i, e in enumerate(everything)]
+    assert all(np.array_equal(a["image"], b["image"]) for a, b in zip(got, everything))
+    ds, _, _ = input_pipeline.partly_labelled_examples(config, dataset, "train", None)
+    assert {int(e["label"]) for e in ds.as_numpy_iterator()} == {-1}
 
 
 # --------------------------------------------------------------------------- errors before loading
