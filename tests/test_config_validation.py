@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from configs import cached_linear, cifar10, finetune, imagenet, imagenet_v2, knn, linear_eval, smoke
+from configs import cached_linear, cifar10, distill, finetune, imagenet, imagenet_v2, knn, linear_eval, smoke
 from simclr_jax import config_validation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,12 +90,15 @@ def test_mistyped_override_names_the_closest_field(tmp_path):
     assert not os.listdir(tmp_path)  # nothing written
 
 
-EVALUATION_RECIPES = [knn, cached_linear, linear_eval, finetune]
+EVALUATION_RECIPES = [knn, cached_linear, linear_eval, finetune, distill]
 
 
 def _evaluation_config(recipe):
     config = recipe.get_config()
-    config.pretrained = "runs/x"
+    if recipe is distill:
+        config.teacher = "runs/x/eval/finetuned"
+    else:
+        config.pretrained = "runs/x"
     return config
 
 
@@ -129,6 +132,13 @@ BAD_EVALUATION_VALUES = [
     (finetune, "finetune.label_fraction", 0.0, "label_fraction=0.0"),
     (finetune, "finetune.schedule", "step", "finetune.schedule='step'"),
     (finetune, "model.depth", 19, "model.depth=19"),
+    (distill, "teacher", None, "set --config.teacher=PATH: a fine-tuned network"),
+    (distill, "distill.temperature", 0.0, "the distillation temperature must be > 0"),
+    (distill, "distill.alpha", -0.5, "distill.alpha=-0.5"),
+    (distill, "distill.optimizer", "adam", "distill.optimizer='adam' is invalid: choose one of"),
+    (distill, "distill.batch_size", 100, "distill.batch_size=100 must be a positive multiple of the 8"),
+    (distill, "head_layer", -1, "head_layer=-1"),
+    (distill, "model.width_multiplier", 0.0, "model.width_multiplier"),
 ]
 
 

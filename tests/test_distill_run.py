@@ -9,6 +9,8 @@ init; the folder is test_classifier's (six colour classes).
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -155,6 +157,17 @@ def test_teacher_and_student_class_counts_must_agree(teacher, image_folder, tmp_
     config = _config(teacher, str(root))
     with pytest.raises(config_validation.ConfigError, match="classifies 6 classes but the student learns the 3"):
         experiment.distill(config, str(tmp_path / "distill"))
+
+
+def test_main_prints_the_teacher_error_as_one_line(tmp_path):
+    pretrain = tiny_workdir(tmp_path / "pretrain")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "main.py", "--config=configs/distill.py", f"--config.teacher={pretrain}",
+                             f"--workdir={tmp_path / 'distill'}"], cwd=root, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "is a pretraining workdir, not a fine-tuned network" in result.stderr.strip().splitlines()[-1]
+    assert not os.path.exists(tmp_path / "distill")  # nothing written
 
 
 @pytest.mark.parametrize("temperature", [0.0, -1.0])

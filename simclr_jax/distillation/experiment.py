@@ -34,9 +34,9 @@ STUDENT = "student"  # where the trained student goes, inside the workdir
 MOMENTUM = 0.9
 
 
-def check_teacher(config, num_classes: int) -> None:
-    """A teacher must carry a classifier trained for this dataset's classes;
-    read from config.json and metadata, before anything is restored."""
+def check_teacher(config) -> int:
+    """The class count of the teacher's classifier; a teacher must be a fine-tuned
+    network (read from config.json and metadata, before anything is restored)."""
     official = pretrained.official_prefix(config.teacher) is not None
     if not official and pretrained.architecture(config.teacher).protocol not in ("finetune", "distill"):
         raise config_validation.ConfigError(
@@ -48,10 +48,7 @@ def check_teacher(config, num_classes: int) -> None:
         raise config_validation.ConfigError(
             f"config.teacher={config.teacher!r} has no classifier to teach with: pass a fine-tuned SimCLR "
             "checkpoint (official fine-tuned models carry one)")
-    if classes != num_classes:
-        raise config_validation.ConfigError(
-            f"the teacher {config.teacher!r} classifies {classes} classes but the student learns the "
-            f"{num_classes} of {config.dataset}: distil on the dataset the teacher was fine-tuned for")
+    return classes
 
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -238,8 +235,12 @@ def distill(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if os.path.exists(student_dir):
         raise config_validation.ConfigError(f"{student_dir} already holds a distilled student; remove it, or give "
                                             "this run another --workdir")
+    teacher_classes = check_teacher(config)
     num_classes = sources.num_classes(config.dataset, config.test_split, config.data_dir, download=config.download)
-    check_teacher(config, num_classes)
+    if teacher_classes != num_classes:
+        raise config_validation.ConfigError(
+            f"the teacher {config.teacher!r} classifies {teacher_classes} classes but the student learns the "
+            f"{num_classes} of {config.dataset}: distil on the dataset the teacher was fine-tuned for")
     config = resolve(config)
     start = time.perf_counter()
     run = Distillation(config, mesh)
