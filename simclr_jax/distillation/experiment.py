@@ -99,23 +99,14 @@ def make_optimizer(settings, steps_per_epoch: int, total_steps: int):
 
 
 class Distillation:
-    """One distillation run, built from a resolved config: ``run(workdir)``."""
+    """One distillation run, built once from a resolved config: ``train(workdir)``
+    then ``score(state)``."""
 
     def __init__(self, config, mesh):
         self.config, self.mesh, self.settings = config, mesh, config.distill
         self.num_classes = sources.num_classes(config.dataset, config.test_split, config.data_dir,
                                                download=config.download)
-        labelled = None
-        if self.settings.alpha > 0:
-            labels = input_pipeline.split_labels(config, config.dataset, config.train_split)
-            labelled = input_pipeline.balanced_subset(labels, self.settings.label_fraction, self.settings.subset_seed)
-        self.num_labelled = 0 if labelled is None else len(labelled)
-        self.examples, self.num_train, _ = input_pipeline.partly_labelled_examples(
-            config, config.dataset, config.train_split, labelled)
-        if self.settings.batch_size > self.num_train:
-            raise config_validation.ConfigError(
-                f"config.distill.batch_size={self.settings.batch_size} exceeds the {self.num_train} images of "
-                f"{config.dataset}:{config.train_split}; lower it")
+        self.examples, self.num_train, self.num_labelled = self._training_examples()
         self.steps_per_epoch = max(1, self.num_train // self.settings.batch_size)
         self.total_steps = max(1, int(round(self.settings.epochs * self.num_train / self.settings.batch_size)))
         self.tx, self.schedule = make_optimizer(self.settings, self.steps_per_epoch, self.total_steps)
@@ -133,6 +124,21 @@ class Distillation:
             {"params": head}, features_at(self.student, variables, images, config.head_layer, False)[0]))
         self._teacher_logits = jax.jit(lambda variables, head, images: head_logits(
             self.teacher.model, variables, head, images, config.teacher_head_layer))
+
+    def _training_examples(self):
+        """(every train image, labels -1 but on the labelled subset when alpha > 0;
+        their count; the labelled count)."""
+        config, labelled = self.config, None
+        if self.settings.alpha > 0:
+            labels = input_pipeline.split_labels(config, config.dataset, config.train_split)
+            labelled = input_pipeline.balanced_subset(labels, self.settings.label_fraction, self.settings.subset_seed)
+        examples, num_train, _ = input_pipeline.partly_labelled_examples(config, config.dataset, config.train_split,
+                                                                         labelled)
+        if self.settings.batch_size > num_train:
+            raise config_validation.ConfigError(
+                f"config.distill.batch_size={self.settings.batch_size} exceeds the {num_train} images of "
+                f"{config.dataset}:{config.train_split}; lower it")
+        return examples, num_train, 0 if labelled is None else len(labelled)
 
     def _check_teacher_head(self) -> None:
         inputs = int(self.teacher.supervised_head["kernel"].shape[0])

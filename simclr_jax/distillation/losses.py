@@ -9,9 +9,7 @@ with P(y | x; tau) = softmax(logits / tau) and tau = 1 in the paper; the
 teacher is fixed (its logits carry no gradient). Optionally a supervised
 cross-entropy on the labelled examples joins it with weight alpha.
 
-The loss of the distillation folder (step.py uses it); the protocol
-(configs/distill.py: teacher, student, data and optimiser) is to be built
-on them.
+step.py trains a student on these; experiment.py runs configs/distill.py.
 """
 import jax
 import jax.numpy as jnp
