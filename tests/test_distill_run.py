@@ -131,6 +131,29 @@ def test_partly_labelled_examples_keep_the_subsets_labels_in_place(image_folder)
     assert {int(e["label"]) for e in ds.as_numpy_iterator()} == {-1}
 
 
+@pytest.mark.slow
+def test_an_official_checkpoint_teaches_a_small_student(official_files, real_data_dir, tmp_path):
+    """The official ResNet-18's 10-class head as teacher on real CIFAR-10: its
+    recorded score is that head's own on the same eval views (computed here
+    through load_encoder), and a 1/16-width student trains under it."""
+    teacher = official_files["r18_cifar", "saved_model"]
+    config = distill_config.get_config()
+    config.update(teacher=teacher, data_dir=real_data_dir, download=False, train_split="train[:64]",
+                  test_split="test[:200]", eval_batch_size=40)
+    config.model.width_multiplier = 1 / 16
+    config.distill.update(batch_size=BATCH, epochs=0.5)
+    record = experiment.distill(config, str(tmp_path))
+    assert record["train_steps"] == 2 and record["num_train_examples"] == 64 and record["num_examples"] == 200
+    assert record["teacher_architecture"]["width_multiplier"] == 1 and record["teacher_architecture"]["head_layer"] == 0
+    assert record["student_architecture"] == dict(record["teacher_architecture"], width_multiplier=1 / 16)
+
+    examples = list(sources.load_split("cifar10", "test[:200]", real_data_dir)[0].as_numpy_iterator())
+    encoder = encoder_lib.load_encoder(teacher, batch_size=40)
+    logits = encoder.logits(encoder.preprocess(np.stack([e["image"] for e in examples])))
+    want = np.mean(logits.argmax(1) == np.array([e["label"] for e in examples]))
+    assert record["teacher_top1"] == pytest.approx(want, abs=1 / 200)
+
+
 # --------------------------------------------------------------------------- errors before loading
 
 @pytest.fixture
