@@ -18,13 +18,13 @@ import pytest
 
 from configs import distill as distill_config
 from configs import finetune as finetune_config
-from simclr_jax import checkpoint, config_validation, pretrained
+from simclr_jax import checkpoint, config_validation, pretrained, sharding
 from simclr_jax.data import input_pipeline, sources
 from simclr_jax.distillation import experiment
 from simclr_jax.evaluation import encoder as encoder_lib
 from simclr_jax.evaluation.run import evaluate
 from tests.test_classifier import CLASSES, NUM_TEST, NUM_TRAIN, image_folder  # noqa: F401 (a fixture)
-from tests.workdirs import tiny_workdir
+from tests.workdirs import tiny_pretrain_config, tiny_workdir
 
 BATCH = 16
 
@@ -100,21 +100,6 @@ def test_resume_from_a_checkpoint_ends_where_the_uninterrupted_run_ends(self_dis
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_half_width_student_from_init_from_with_the_supervised_term(teacher, image_folder, tmp_path):  # noqa: F811
-    pretrain = tiny_workdir(tmp_path / "narrow", width_multiplier=1 / 32)
-    init = encoder_lib.load_encoder(pretrain, random_init_seed=3)
-    manager = checkpoint.create_manager(pretrain, save_every_steps=1, max_to_keep=1)
-    checkpoint.save(manager, 1, init.variables, force=True)
-    manager.wait_until_finished()
-    manager.close()
-    config = _config(teacher, image_folder[0], alpha=0.5, label_fraction=0.5)
-    config.init_from = pretrain
-    record = experiment.distill(config, str(tmp_path / "distill"))
-    assert record["student_architecture"]["width_multiplier"] == 1 / 32
-    assert record["teacher_architecture"]["width_multiplier"] == 1 / 16
-    assert record["num_labelled_examples"] == NUM_TRAIN // 2 and record["alpha"] == 0.5
-
-
 def test_partly_labelled_examples_keep_the_subsets_labels_in_place(image_folder):  # noqa: F811
     root, _ = image_folder
     config = distill_config.get_config()
@@ -131,19 +116,47 @@ def test_partly_labelled_examples_keep_the_subsets_labels_in_place(image_folder)
     assert {int(e["label"]) for e in ds.as_numpy_iterator()} == {-1}
 
 
+def _saved_random_network(workdir, model_config, image_size, seed):
+    """A pretraining-like workdir holding ``model_config`` at random init: config.json and one checkpoint."""
+    config = tiny_pretrain_config()
+    config.image_size = image_size
+    config.model.update(model_config)
+    checkpoint.write_run_config(workdir, config)
+    variables = encoder_lib.load_encoder(workdir, random_init_seed=seed).variables
+    manager = checkpoint.create_manager(workdir, save_every_steps=1, max_to_keep=1)
+    checkpoint.save(manager, 1, variables, force=True)
+    manager.wait_until_finished()
+    manager.close()
+    return variables
+
+
 @pytest.mark.slow
-def test_an_official_checkpoint_teaches_a_small_student(official_files, real_data_dir, tmp_path):
-    """The official ResNet-18's 10-class head as teacher on real CIFAR-10: its
-    recorded score is that head's own on the same eval views (computed here
-    through load_encoder), and a 1/16-width student trains under it."""
+def test_an_official_teacher_teaches_a_small_student_from_init_from_with_labels(official_files, real_data_dir,
+                                                                                 tmp_path):
+    """The official ResNet-18's 10-class head teaches a 1/16-width student on real
+    CIFAR-10, started from another run's weights, with the supervised term on
+    half the labels. The teacher's recorded score is that head's own on the
+    same eval views (computed here through load_encoder)."""
     teacher = official_files["r18_cifar", "saved_model"]
+    student_model = dict(pretrained.architecture(teacher).model, width_multiplier=1 / 16)
+    init = _saved_random_network(str(tmp_path / "init"), student_model, 32, seed=5)
     config = distill_config.get_config()
-    config.update(teacher=teacher, data_dir=real_data_dir, download=False, train_split="train[:64]",
-                  test_split="test[:200]", eval_batch_size=40)
-    config.model.width_multiplier = 1 / 16
-    config.distill.update(batch_size=BATCH, epochs=0.5)
-    record = experiment.distill(config, str(tmp_path))
+    config.update(teacher=teacher, init_from=str(tmp_path / "init"), data_dir=real_data_dir, download=False,
+                  train_split="train[:64]", test_split="test[:200]", eval_batch_size=40)
+    config.distill.update(batch_size=BATCH, epochs=0.5, alpha=0.5, label_fraction=0.5)
+
+    # The student starts from init_from's weights (the architecture defaults to its).
+    run = experiment.Distillation(experiment.resolve(config), sharding.make_mesh())
+    start = run.initial_state()
+    started = {"params": start.params["model"], "batch_stats": start.batch_stats}
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), started, init)
+
+    record = experiment.distill(config, str(tmp_path / "distill"))
     assert record["train_steps"] == 2 and record["num_train_examples"] == 64 and record["num_examples"] == 200
+    labels = [e["label"] for e in sources.load_split("cifar10", "train[:64]", real_data_dir)[0].as_numpy_iterator()]
+    per_class = np.bincount(labels)
+    assert record["num_labelled_examples"] == sum(int(np.floor(c / 2 + 0.5)) for c in per_class if c)  # halves up
+    assert record["alpha"] == 0.5
     assert record["teacher_architecture"]["width_multiplier"] == 1 and record["teacher_architecture"]["head_layer"] == 0
     assert record["student_architecture"] == dict(record["teacher_architecture"], width_multiplier=1 / 16)
 
