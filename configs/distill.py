@@ -26,6 +26,8 @@ its commands and numbers, and how the ImageNet runs differ.
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from configs import evaluation
+
 
 def get_config():
     config = ml_collections.ConfigDict()
@@ -48,15 +50,7 @@ def get_config():
 
     # The student: None = from init_from, else the teacher (see the docstring).
     config.image_size = placeholder(int)  # must equal the teacher's: both see the same views
-    config.model = ml_collections.ConfigDict()
-    config.model.depth = placeholder(int)
-    config.model.width_multiplier = placeholder(float)
-    config.model.cifar_stem = placeholder(bool)
-    config.model.head_layers = placeholder(int)
-    config.model.proj_dim = placeholder(int)
-    config.model.variant = placeholder(str)
-    config.model.sk_ratio = placeholder(float)
-    config.model.se_ratio = placeholder(float)
+    config.model = evaluation.unset_model()
     config.head_layer = placeholder(int)  # the student's classifier reads this layer; None = the teacher's
 
     config.distill = ml_collections.ConfigDict()

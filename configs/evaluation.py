@@ -27,20 +27,26 @@ def base(protocol: str) -> ml_collections.ConfigDict:
 
     # Read from the checkpoint; set only to assert them.
     config.image_size = placeholder(int)
-    config.model = ml_collections.ConfigDict()
-    config.model.depth = placeholder(int)
-    config.model.width_multiplier = placeholder(float)
-    config.model.cifar_stem = placeholder(bool)
-    config.model.head_layers = placeholder(int)
-    config.model.proj_dim = placeholder(int)
-    config.model.variant = placeholder(str)
-    config.model.sk_ratio = placeholder(float)
-    config.model.se_ratio = placeholder(float)
+    config.model = unset_model()
 
     config.head_layer = 0  # 0 = h; i = output of projection-head layer i
     config.eval_batch_size = 512  # feature extraction and test scoring; a multiple of the device count
     config.seed = 0  # random_init, the classifiers' batches, the pictures
     return config
+
+
+def unset_model() -> ml_collections.ConfigDict:
+    """Every architecture field unset (None): filled in from a checkpoint."""
+    model = ml_collections.ConfigDict()
+    model.depth = placeholder(int)
+    model.width_multiplier = placeholder(float)
+    model.cifar_stem = placeholder(bool)
+    model.head_layers = placeholder(int)
+    model.proj_dim = placeholder(int)
+    model.variant = placeholder(str)
+    model.sk_ratio = placeholder(float)
+    model.se_ratio = placeholder(float)
+    return model
 
 
 def linear_section(epochs: int) -> ml_collections.ConfigDict:
