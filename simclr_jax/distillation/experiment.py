@@ -206,7 +206,7 @@ class Distillation:
                     break
         manager.wait_until_finished()
         manager.close()
-        writer.flush()
+        writer.close()
         return state
 
     def _log(self, writer, step: int, history: list, seconds: float) -> None:
