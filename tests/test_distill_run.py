@@ -100,6 +100,36 @@ def test_resume_from_a_checkpoint_ends_where_the_uninterrupted_run_ends(self_dis
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_learning_rate_warms_up_then_follows_the_schedule(schedule):
+    settings = distill_config.get_config().distill
+    settings.update(learning_rate=0.2, batch_size=512, warmup_epochs=2.0, schedule=schedule)
+    _, rate = experiment.make_optimizer(settings, steps_per_epoch=10, total_steps=100)
+    peak = 0.2 * 512 / 256
+    steps = np.array([0, 5, 20, 60, 100])
+    after = (steps - 20) / 80
+    want = np.where(steps < 20, peak * steps / 20,
+                    peak * (0.5 * (1 + np.cos(np.pi * after)) if schedule == "cosine" else 1.0))
+    np.testing.assert_allclose([float(rate(s)) for s in steps], want, rtol=1e-6, atol=1e-7)
+
+
+def test_lars_scales_kernel_steps_by_their_norm_and_momentum_does_not():
+    settings = distill_config.get_config().distill
+    settings.update(learning_rate=0.256, batch_size=256, schedule="constant", weight_decay=0.0)
+    params = {"kernel": np.full((4, 4), 10.0, np.float32), "bias": np.ones(4, np.float32)}
+    grads = {"kernel": np.full((4, 4), 1.0, np.float32), "bias": np.ones(4, np.float32)}
+    steps = {}
+    for name in ("momentum", "lars"):
+        settings.optimizer = name
+        tx, _ = experiment.make_optimizer(settings, steps_per_epoch=1, total_steps=1)
+        updates, _ = tx.update(grads, tx.init(params), params)
+        steps[name] = jax.tree.map(np.asarray, updates)
+    # Nesterov SGD's first step: -lr (g + 0.9 g); LARS (no Nesterov): -lr * 1e-3 * |w| / |g| * g on kernels.
+    np.testing.assert_allclose(steps["momentum"]["kernel"], -0.256 * 1.9, rtol=1e-6)
+    np.testing.assert_allclose(steps["lars"]["kernel"], -0.256 * 1e-3 * 10.0, rtol=1e-5)
+    np.testing.assert_allclose(steps["lars"]["bias"], -0.256, rtol=1e-6)
+
+
 def test_partly_labelled_examples_keep_the_subsets_labels_in_place(image_folder):  # noqa: F811
     root, _ = image_folder
     config = distill_config.get_config()
