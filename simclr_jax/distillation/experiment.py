@@ -119,11 +119,8 @@ class Distillation:
             num_classes=self.num_classes, student_head_layer=config.head_layer,
             teacher_head_layer=config.teacher_head_layer, temperature=self.settings.temperature,
             alpha=self.settings.alpha)
-        classifier = linear_classifier(self.num_classes)
-        self._student_logits = jax.jit(lambda variables, head, images: classifier.apply(
-            {"params": head}, features_at(self.student, variables, images, config.head_layer, False)[0]))
-        self._teacher_logits = jax.jit(lambda variables, head, images: head_logits(
-            self.teacher.model, variables, head, images, config.teacher_head_layer))
+        # Student and teacher are each a network with a linear head on one layer: scored by one function.
+        self._logits = jax.jit(head_logits, static_argnums=(0, 4))
 
     def _training_examples(self):
         """(every train image, labels -1 but on the labelled subset when alpha > 0;
@@ -221,10 +218,11 @@ class Distillation:
     def score(self, state: StudentState) -> tuple[dict, dict]:
         """(student's, teacher's) {'top1', 'top5', 'num_examples'} on eval views of the test split."""
         variables = {"params": state.params["model"], "batch_stats": state.batch_stats}
-        student = test_split_accuracy(self.config, self.mesh, lambda images: self._student_logits(
-            variables, state.params["classifier"], images))
-        teacher = test_split_accuracy(self.config, self.mesh, lambda images: self._teacher_logits(
-            self.teacher.variables, self.teacher.supervised_head, images))
+        student = test_split_accuracy(self.config, self.mesh, lambda images: self._logits(
+            self.student, variables, state.params["classifier"], images, self.config.head_layer))
+        teacher = test_split_accuracy(self.config, self.mesh, lambda images: self._logits(
+            self.teacher.model, self.teacher.variables, self.teacher.supervised_head, images,
+            self.config.teacher_head_layer))
         return student, teacher
 
 
