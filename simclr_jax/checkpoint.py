@@ -12,19 +12,20 @@ written by 8 devices evaluates on 1 and vice versa).
 """
 import contextlib
 import json
-import os
 from typing import Any, Optional
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from simclr_jax import storage
+
 CONFIG_FILE = "config.json"
 ARCHITECTURE_BEFORE_VARIANTS = {"variant": "torchvision", "sk_ratio": 0.0, "se_ratio": 0.0}
 
 
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+    return storage.join(storage.resolve(workdir), "checkpoints")
 
 
 def create_manager(workdir: str, *, save_every_steps: int, max_to_keep: int,
@@ -37,7 +38,7 @@ def create_manager(workdir: str, *, save_every_steps: int, max_to_keep: int,
 
 def latest_step(workdir: str) -> Optional[int]:
     """The newest checkpoint's step in ``workdir``, None if there is none; creates nothing."""
-    if not os.path.isdir(checkpoint_dir(workdir)):
+    if not storage.isdir(checkpoint_dir(workdir)):
         return None
     manager = create_manager(workdir, save_every_steps=1, max_to_keep=1, read_only=True)
     try:
@@ -68,35 +69,31 @@ def restore(manager: ocp.CheckpointManager, like: Any, step: Optional[int] = Non
 
 def run_workdir(path: str) -> str:
     """The pretraining workdir of ``path`` (the workdir itself or its checkpoints/ folder)."""
-    if not os.path.isdir(path):
+    if not storage.isdir(path):
         raise FileNotFoundError(
             f"no such directory: {path!r}; pass a pretraining workdir (the --workdir of main.py, holding "
             f"{CONFIG_FILE} and checkpoints/) or its checkpoints/ folder, or an official SimCLR TF2 "
             "SavedModel folder, checkpoint folder or ckpt-N prefix")
-    path = os.path.abspath(path)
-    if os.path.basename(os.path.normpath(path)) == "checkpoints" and not os.path.exists(
-            os.path.join(path, CONFIG_FILE)):
-        return os.path.dirname(os.path.normpath(path))
+    path = storage.resolve(path)
+    if storage.name(path) == "checkpoints" and not storage.exists(storage.join(path, CONFIG_FILE)):
+        return storage.parent(path)
     return path
 
 
 def write_run_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     """workdir/config.json: what evaluation reads the architecture from."""
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, CONFIG_FILE), "w", encoding="utf-8") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    storage.write_text(storage.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2))
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
     """The pretraining config saved in ``workdir`` (see ``write_run_config``)."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
+    path = storage.join(workdir, CONFIG_FILE)
+    if not storage.exists(path):
         raise FileNotFoundError(
             f"{workdir} has no {CONFIG_FILE}, which names the encoder's architecture and image size; pass "
             f"the pretraining workdir that main.py wrote (it holds {CONFIG_FILE} next to checkpoints/), or "
             "an official SimCLR TF2 SavedModel folder, checkpoint folder or ckpt-N prefix")
-    with open(path, encoding="utf-8") as f:
-        config = json.load(f)
+    config = json.loads(storage.read_text(path))
     if "model" not in config or "image_size" not in config:
         raise ValueError(f"{path} is not a pretraining config: it lacks 'model' or 'image_size'")
     # Runs from before these fields existed trained exactly this architecture.

@@ -34,7 +34,7 @@ from flax import traverse_util
 from jax.experimental import jax2tf
 
 import simclr_jax
-from simclr_jax import official_tf2
+from simclr_jax import official_tf2, storage
 from simclr_jax.models import resnet
 
 PLATFORMS = ("cpu", "cuda", "tpu")  # the serialized computation runs on any of them
@@ -44,14 +44,23 @@ OUTPUTS = ("initial_conv", "initial_max_pool", "block_group1", "block_group2", "
 
 def export_saved_model(encoder, directory: str) -> str:
     """Writes ``encoder`` (a ``simclr_jax.Encoder``) as an official-format
-    SavedModel at ``directory`` and returns it. Written into a temporary
-    sibling folder and renamed at the end, so a failure leaves nothing behind;
-    an existing non-empty ``directory`` is an error, never overwritten."""
-    directory = os.path.abspath(directory)
+    SavedModel at ``directory`` (a local path or a bucket URL) and returns it.
+    Locally it is written into a temporary sibling folder and renamed at the
+    end, so a failure leaves nothing behind; into a bucket it is uploaded from
+    a local temporary folder with ``saved_model.pb`` last, so a partial upload
+    is not a SavedModel. An existing non-empty ``directory`` is an error,
+    never overwritten."""
+    directory = storage.resolve(directory)
     _check_target(directory)
+    module = _module(encoder)
+    if storage.is_url(directory):
+        with tempfile.TemporaryDirectory() as local:
+            tf.saved_model.save(module, local)
+            _check_target(directory)  # nothing appeared meanwhile
+            storage.copy_tree(local, directory, last=("saved_model.pb",))
+        return directory
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
-    module = _module(encoder)
     partial = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.partial-", dir=parent)
     try:
         umask = os.umask(0)
@@ -69,10 +78,10 @@ def export_saved_model(encoder, directory: str) -> str:
 
 
 def _check_target(directory: str) -> None:
-    if os.path.isdir(directory) and os.listdir(directory):
+    if storage.isdir(directory) and storage.listdir(directory):
         raise FileExistsError(f"{directory} exists and is not empty: export writes a new SavedModel directory; "
                               "choose another --out, or delete that one first")
-    if os.path.exists(directory) and not os.path.isdir(directory):
+    if storage.exists(directory) and not storage.isdir(directory):
         raise FileExistsError(f"{directory} is a file: export writes a directory there; choose another --out")
 
 

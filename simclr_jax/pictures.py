@@ -6,10 +6,12 @@ TensorBoard); kNN and cached linear evaluations write
 drawn with matplotlib's Agg renderer (no display), and matplotlib and
 scikit-learn are imported only when a picture is made.
 """
-import os
+import io
 
 import numpy as np
 from absl import logging
+
+from simclr_jax import storage, writers
 
 TILE = 64  # images are upscaled (nearest neighbour) to about this many pixels
 BANK_LIMIT = 50_000  # the retrieval grid searches the first this-many train images
@@ -89,10 +91,7 @@ def _annotate(canvas, texts, title=None, fontsize=8) -> np.ndarray:
 
 def save_png(path: str, image: np.ndarray) -> str:
     """Writes a uint8 [H, W, 3] image as a PNG; returns ``path``."""
-    import matplotlib.image
-
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    matplotlib.image.imsave(path, np.ascontiguousarray(image), format="png")
+    storage.write_bytes(path, writers.encode_png(image))
     return path
 
 
@@ -188,8 +187,9 @@ def embedding_plot(features, labels, class_names, path, max_points=2000, seed=0,
     ax.set_yticks([])
     ax.set_title(title or f"t-SNE of {len(features)} test features, coloured by class")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    FigureCanvasAgg(fig).print_png(path)
+    encoded = io.BytesIO()
+    FigureCanvasAgg(fig).print_png(encoded)
+    storage.write_bytes(path, encoded.getvalue())
     return points
 
 
@@ -255,7 +255,7 @@ def write_augmentation_grid(config, workdir: str, writer, step: int = 0, num_ima
              f"{config.color_jitter_strength}, {'blur' if config.blur else 'no blur'}")
     grid = labelled_augmentation_grid(views, labels if has_labels else None,
                                       class_names(config) if has_labels else [], title)
-    return save_png(os.path.join(workdir, "augmentations.png"), grid)
+    return save_png(storage.join(workdir, "augmentations.png"), grid)
 
 
 def write_evaluation_pictures(config, workdir, train_x, train_y, test_x, test_y, *,
@@ -267,7 +267,7 @@ def write_evaluation_pictures(config, workdir, train_x, train_y, test_x, test_y,
     names = class_names(config)
     layer = config.head_layer
     what = "h" if layer == 0 else f"head layer {layer}"
-    paths = [os.path.join(workdir, "embedding_tsne.png")]
+    paths = [storage.join(workdir, "embedding_tsne.png")]
     embedding_plot(test_x, test_y, names, paths[0], max_points=max_points, seed=config.seed,
                    title=f"t-SNE of {min(len(test_x), max_points)} {config.test_split} features ({what}), "
                          "coloured by class")
@@ -287,5 +287,5 @@ def write_evaluation_pictures(config, workdir, train_x, train_y, test_x, test_y,
     grid = retrieval_grid(images_at(config, config.test_split, queries), test_y[queries],
                           images_at(config, config.train_split, used), train_y[used],
                           remap.reshape(neighbours.shape), names, title)
-    paths.append(save_png(os.path.join(workdir, "retrieval.png"), grid))
+    paths.append(save_png(storage.join(workdir, "retrieval.png"), grid))
     return paths

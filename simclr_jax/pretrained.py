@@ -9,14 +9,13 @@ trained on stop_gradient(h) beside pretraining). Evaluation (``load_encoder``)
 and pretraining's ``init_from`` both read weights through here.
 """
 import contextlib
-import os
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from simclr_jax import checkpoint, config_validation, official_tf2, sharding
+from simclr_jax import checkpoint, config_validation, official_tf2, sharding, storage
 from simclr_jax.models import SimCLR
 from simclr_jax.pretraining.step import PROBE  # the online probe's key in the checkpoint's params
 
@@ -40,7 +39,7 @@ def _reading(path: str, official: bool):
 
 def official_prefix(path: str) -> Optional[str]:
     """The TF checkpoint prefix of an official checkpoint; None for our workdirs."""
-    if os.path.isdir(path) and os.path.exists(os.path.join(checkpoint.run_workdir(path), checkpoint.CONFIG_FILE)):
+    if storage.isdir(path) and storage.exists(storage.join(checkpoint.run_workdir(path), checkpoint.CONFIG_FILE)):
         return None
     return official_tf2.variables_prefix(path)
 

@@ -1,10 +1,15 @@
-"""Metric writers: clu's TensorBoard + log lines, plus a JSON-lines file.
+"""Metric writers behind clu's interface: log lines, TensorBoard, a JSON-lines file.
 
 ``workdir/metrics.jsonl`` holds one JSON object per write, with ``step``, so a
-run can be read back without TensorBoard (tests and scripts do).
+run can be read back without TensorBoard (tests and scripts do). Both files
+go through ``storage``, so a workdir in a bucket gets them too: the
+TensorBoard events are written here (scalars, images, hparams) rather than by
+``tf.summary``, whose file system cannot be pointed at a test server.
 """
+import io
 import json
-import os
+import socket
+import time
 from typing import Any, Mapping
 
 import jax
@@ -12,20 +17,11 @@ import numpy as np
 from clu import metric_writers
 from clu.metric_writers import interface
 
+from simclr_jax import storage
 
-class JsonlWriter(interface.MetricWriter):
-    """Appends scalars as JSON lines; ignores every other kind of summary."""
 
-    def __init__(self, path: str):
-        self._path = path
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        self._file = open(path, "a", encoding="utf-8")
-
-    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
-        record = {"step": int(step)}
-        record.update({k: float(np.asarray(v)) for k, v in scalars.items()})
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+class _IgnoresOthers(interface.MetricWriter):
+    """The summary kinds a writer below does not record."""
 
     def write_summaries(self, step, values, metadata=None):
         pass
@@ -48,6 +44,20 @@ class JsonlWriter(interface.MetricWriter):
     def write_hparams(self, hparams):
         pass
 
+
+class JsonlWriter(_IgnoresOthers):
+    """Appends scalars as JSON lines; ignores every other kind of summary."""
+
+    def __init__(self, path: str):
+        self._path = path
+        self._file = storage.Appender(path)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+        record = {"step": int(step)}
+        record.update({k: float(np.asarray(v)) for k, v in scalars.items()})
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
     def flush(self):
         self._file.flush()
 
@@ -55,18 +65,80 @@ class JsonlWriter(interface.MetricWriter):
         self._file.close()
 
 
+class TensorBoardWriter(_IgnoresOthers):
+    """Scalars, images and hparams as a TensorBoard event file in ``logdir``,
+    one new file per writer (as tf.summary names them), flushed on every write."""
+
+    def __init__(self, logdir: str):
+        from tensorboard.compat.proto import event_pb2
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        self._event = event_pb2.Event
+        name = f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.simclr_jax.v2"
+        self._file = storage.Appender(storage.join(logdir, name), binary=True)
+        self._records = RecordWriter(self._file)
+        self._write(self._event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def _write(self, event) -> None:
+        self._records.write(event.SerializeToString())
+        self._file.flush()
+
+    def _summary(self, step: int, values: list) -> None:
+        from tensorboard.compat.proto import summary_pb2
+
+        self._write(self._event(wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)))
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+        from tensorboard.compat.proto import summary_pb2
+
+        self._summary(step, [summary_pb2.Summary.Value(tag=k, simple_value=float(np.asarray(v)))
+                             for k, v in scalars.items()])
+
+    def write_images(self, step: int, images: Mapping[str, Any]):
+        """``images``: {tag: uint8 [H, W, 3] or [N, H, W, 3]}; each written as PNG."""
+        from tensorboard.compat.proto import summary_pb2
+
+        values = []
+        for tag, batch in images.items():
+            batch = np.asarray(batch)
+            for i, image in enumerate(batch[None] if batch.ndim == 3 else batch):
+                encoded = summary_pb2.Summary.Image(height=image.shape[0], width=image.shape[1], colorspace=3,
+                                                    encoded_image_string=encode_png(image))
+                values.append(summary_pb2.Summary.Value(tag=tag if i == 0 else f"{tag}/{i}", image=encoded))
+        self._summary(step, values)
+
+    def write_hparams(self, hparams: Mapping[str, Any]):
+        from tensorboard.plugins.hparams import summary_v2
+
+        self._write(self._event(wall_time=time.time(), summary=summary_v2.hparams_pb(dict(hparams))))
+
+    def flush(self):
+        self._file.flush()
+
+    def close(self):
+        self._file.close()
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """A uint8 [H, W, 3] image as PNG bytes."""
+    import matplotlib.image
+
+    buffer = io.BytesIO()
+    matplotlib.image.imsave(buffer, np.ascontiguousarray(image), format="png")
+    return buffer.getvalue()
+
+
 def create_writer(workdir: str) -> metric_writers.MetricWriter:
     """TensorBoard + logging + metrics.jsonl on process 0; logging elsewhere."""
     if jax.process_index() != 0:
         return metric_writers.create_default_writer(just_logging=True)
-    default = metric_writers.create_default_writer(workdir, asynchronous=False)
-    return metric_writers.MultiWriter([default, JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
+    return metric_writers.MultiWriter([metric_writers.LoggingWriter(), TensorBoardWriter(workdir),
+                                       JsonlWriter(storage.join(workdir, "metrics.jsonl"))])
 
 
 def read_jsonl(path: str) -> list[dict[str, float]]:
     """The records a JsonlWriter wrote, in order."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
 
 def flat_hparams(config) -> dict:

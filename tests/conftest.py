@@ -8,9 +8,17 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Bucket URLs through fsspec (gcsfs), which can be pointed at the loopback GCS
+# server below; tf.io.gfile, epath's default with TensorFlow, cannot. epath
+# reads this once, so before anything touches a path. Local paths are unaffected.
+os.environ.setdefault("EPATH_USE_TF", "false")
 
 import pathlib
+import subprocess
+import sys
 import tarfile
+import time
+import urllib.request
 
 import pytest
 
@@ -35,6 +43,41 @@ def real_data_dir():
             pytest.fail(message)
         pytest.skip(message)
     return str(REAL_DATA_DIR)
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket():
+    """``gs://simclr-test``, served by a GCS API server on loopback (the
+    gcp-storage-emulator package, in memory) for this session; the server's
+    address is set for gcsfs (epath's bucket backend here) and tensorstore
+    (Orbax's array store), in this process and the processes it starts."""
+    from tests.launch import free_port
+
+    port, bucket = free_port(), "simclr-test"
+    server = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
+                               "--port", str(port), "--in-memory", "--default-bucket", bucket, "-q"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/storage/v1/b/{bucket}", timeout=1)
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail(f"the GCS emulator did not start on {url}")
+            time.sleep(0.1)
+    saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL",
+                                             "GOOGLE_CLOUD_PROJECT")}
+    os.environ.update(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url, GOOGLE_CLOUD_PROJECT="test")
+    yield f"gs://{bucket}"
+    server.kill()
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

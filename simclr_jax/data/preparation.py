@@ -16,6 +16,8 @@ import urllib.request
 
 from absl import logging
 
+from simclr_jax import storage
+
 CONNECT_TIMEOUT_S = 5.0  # per download host, all checked at once
 
 
@@ -34,7 +36,7 @@ def _prepare_elsewhere(dataset):
 
 def manual_dir(builder):
     """The folder TFDS reads manually downloaded files from by default."""
-    return os.path.join(os.fspath(builder.data_dir_root), "downloads", "manual")
+    return storage.join(os.fspath(builder.data_dir_root), "downloads", "manual")
 
 
 def _endpoint(url):
@@ -87,7 +89,7 @@ def prepare(builder, dataset, data_dir, *, download):
             f"{advice} Or set config.download=True to let TFDS download and prepare it here.")
     if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
         folder = manual_dir(builder)
-        if not (os.path.isdir(folder) and os.listdir(folder)):
+        if not (storage.isdir(folder) and storage.listdir(folder)):
             raise ValueError(
                 f"{not_prepared}, and TFDS cannot download it: its files must be downloaded by "
                 f"hand, and its manual folder is missing or empty. {_manual_hint(builder)} "

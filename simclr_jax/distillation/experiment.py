@@ -10,7 +10,6 @@ scores student and teacher on the test split, writes the student to
 ``workdir/student`` (readable by ``load_encoder`` and usable as the next
 teacher) and appends a 'distill' record to ``workdir/eval_results.json``.
 """
-import os
 import time
 
 import jax
@@ -20,7 +19,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from simclr_jax import checkpoint, config_validation, preemption, pretrained, sharding, writers
+from simclr_jax import checkpoint, config_validation, preemption, pretrained, sharding, storage, writers
 from simclr_jax.data import input_pipeline, sources
 from simclr_jax.distillation.step import StudentState, make_distill_step
 from simclr_jax.evaluation import encoder as encoder_lib
@@ -235,8 +234,8 @@ def distill(config: ml_collections.ConfigDict, workdir: str) -> dict:
     (module docstring). Refuses to start if ``workdir/student`` exists."""
     mesh = sharding.make_mesh()
     config_validation.validate(config, mesh.devices.size)
-    student_dir = os.path.join(workdir, STUDENT)
-    if os.path.exists(student_dir):
+    student_dir = storage.join(workdir, STUDENT)
+    if storage.exists(student_dir):
         raise config_validation.ConfigError(f"{student_dir} already holds a distilled student; remove it, or give "
                                             "this run another --workdir")
     teacher_classes = check_teacher(config)

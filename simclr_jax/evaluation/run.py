@@ -10,7 +10,6 @@ builds the same kNN evaluator for pretraining's monitor, so the number a
 run reports is the number the kNN recipe gives.
 """
 import json
-import os
 import time
 from typing import Any
 
@@ -18,7 +17,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from simclr_jax import checkpoint, config_validation, pictures, sharding, writers
+from simclr_jax import checkpoint, config_validation, pictures, sharding, storage, writers
 from simclr_jax.data import sources
 from simclr_jax.evaluation import encoder as encoder_lib
 from simclr_jax.evaluation.cached_linear import CachedLinearEvaluator
@@ -51,16 +50,10 @@ def pretraining_evaluators(config: ml_collections.ConfigDict, model, mesh) -> li
 
 def append_result(workdir: str, record: dict[str, Any]) -> None:
     """Adds one record to workdir/eval_results.json (a JSON list), atomically."""
-    path = os.path.join(workdir, "eval_results.json")
-    records = []
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            records = json.load(f)
+    path = storage.join(workdir, "eval_results.json")
+    records = json.loads(storage.read_text(path)) if storage.exists(path) else []
     records.append(record)
-    os.makedirs(workdir, exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(records, f, indent=2)
-    os.replace(path + ".tmp", path)
+    storage.write_text(path, json.dumps(records, indent=2))
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -73,8 +66,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """
     mesh = sharding.make_mesh()
     config_validation.validate(config, mesh.devices.size)
-    finetuned = os.path.join(workdir, FINETUNED)
-    if config.protocol == "finetune" and os.path.exists(finetuned):
+    finetuned = storage.join(workdir, FINETUNED)
+    if config.protocol == "finetune" and storage.exists(finetuned):
         raise config_validation.ConfigError(
             f"{finetuned} already holds a fine-tuned network; remove it, or give this run another --workdir")
     config = encoder_lib.resolve_architecture(config)

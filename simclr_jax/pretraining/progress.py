@@ -1,12 +1,12 @@
 """What a pretraining run tells its user: the progress line, the CPU warning
 and the end-of-run summary."""
-import os
 import time
 
 import jax
 import numpy as np
 from absl import logging
 
+from simclr_jax import storage
 from simclr_jax.data import sources
 
 CPU_WARNING_HOURS = 1.0  # a CPU run estimated longer than this is told about configs/smoke.py
@@ -74,15 +74,15 @@ def evaluate_command(config, workdir: str) -> str:
 
 def summary(config, workdir, manager, step, total_steps, seconds, evaluations: dict) -> str:
     """The one-screen account of where everything went."""
-    workdir = os.path.abspath(workdir)
+    workdir = storage.resolve(workdir)
     lines = [
         f"Pretraining {'finished' if step >= total_steps else 'stopped'} at step {step}/{total_steps} "
         f"after {duration(seconds)}.",
         f"  checkpoints   {manager.directory} (steps {list(manager.all_steps())})",
-        f"  metrics       {os.path.join(workdir, 'metrics.jsonl')}",
+        f"  metrics       {storage.join(workdir, 'metrics.jsonl')}",
         f"  TensorBoard   tensorboard --logdir={workdir}",
     ]
-    pngs = [os.path.join(workdir, name) for name in sorted(os.listdir(workdir)) if name.endswith(".png")]
+    pngs = [storage.join(workdir, name) for name in storage.listdir(workdir) if name.endswith(".png")]
     if pngs:
         lines.append(f"  pictures      {', '.join(pngs)}")
     for name, result in evaluations.items():
