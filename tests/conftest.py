@@ -47,15 +47,14 @@ def real_data_dir():
 
 @pytest.fixture(scope="session")
 def gcs_bucket():
-    """``gs://simclr-test``, served by a GCS API server on loopback (the
-    gcp-storage-emulator package, in memory) for this session; the server's
+    """``gs://simclr-test``, served by a GCS API server on loopback
+    (tests/gcs_server.py, in memory) for this session; the server's
     address is set for gcsfs (epath's bucket backend here) and tensorstore
     (Orbax's array store), in this process and the processes it starts."""
     from tests.launch import free_port
 
     port, bucket = free_port(), "simclr-test"
-    server = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
-                               "--port", str(port), "--in-memory", "--default-bucket", bucket, "-q"],
+    server = subprocess.Popen([sys.executable, str(pathlib.Path(__file__).parent / "gcs_server.py"), str(port), bucket],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30

@@ -26,14 +26,14 @@ def process_env(devices: int, process_id=None, num_processes=None, port=None) ->
     return env
 
 
-def start(args, log_dir, num_processes=2, devices_per_process=2) -> list[subprocess.Popen]:
-    """Starts ``python args...`` once per process, logs in log_dir/process_<i>.log."""
+def start(args, log_dir, num_processes=2, devices_per_process=2, cwd=ROOT) -> list[subprocess.Popen]:
+    """Starts ``python args...`` once per process in ``cwd``, logs in log_dir/process_<i>.log."""
     port = free_port()
     processes = []
     for index in range(num_processes):
         log = open(os.path.join(log_dir, f"process_{index}.log"), "w")
         env = process_env(devices_per_process, index, num_processes if num_processes > 1 else None, port)
-        processes.append(subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=log,
+        processes.append(subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=log,
                                           stderr=subprocess.STDOUT))
     return processes
 
@@ -47,12 +47,20 @@ def wait(processes, log_dir, timeout=600) -> None:
             pytest.fail(f"process {index} exited with {rc}:\n{tail}")
 
 
+MAIN = os.path.join(ROOT, "main.py")
+
+
+def recipe(name: str) -> str:
+    """The --config flag of configs/NAME.py, by absolute path (any working directory)."""
+    return f"--config={os.path.join(ROOT, 'configs', name + '.py')}"
+
+
 def main_args(workdir, data_dir, steps, *extra) -> list[str]:
     """main.py on the smoke recipe shrunk to seconds (as tests/test_pretrain.py).
 
     ``extra`` flags come last, so they override these (the last value wins).
     """
-    return ["main.py", "--config=configs/smoke.py", f"--workdir={workdir}", f"--config.data_dir={data_dir}",
+    return [MAIN, recipe("smoke"), f"--workdir={workdir}", f"--config.data_dir={data_dir}",
             "--config.image_size=16", "--config.model.width_multiplier=0.0625", "--config.batch_size=16",
             f"--config.num_train_steps={steps}", "--config.shuffle_buffer_size=256",
             "--config.log_every_steps=1", "--config.checkpoint_every_steps=2",

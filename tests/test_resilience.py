@@ -1,5 +1,6 @@
 """Long runs survive: SIGTERM saves and resumes exactly, SIGKILL never leaves a
 checkpoint that resume would trip on, non-finite steps stop or are skipped."""
+import json
 import os
 import random
 import signal
@@ -10,56 +11,73 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from simclr_jax import checkpoint, writers
+from simclr_jax import checkpoint, storage, writers
 from simclr_jax.pretraining import train
-from tests.launch import main_args, start, wait
+from tests.launch import MAIN, main_args, recipe, start, wait
 from tests.test_pretrain import _tiny_config, pretrain
 
 pytestmark = pytest.mark.slow
 
 
 def _losses(workdir):
-    if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
-        return []
-    return [(r["step"], r["loss"]) for r in writers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-            if "loss" in r]
+    path = storage.join(workdir, "metrics.jsonl")
+    return [(r["step"], r["loss"]) for r in writers.read_jsonl(path) if "loss" in r] if storage.exists(path) else []
 
 
 def _wait_for_records(workdir, process, count, timeout=300):
-    path, deadline = os.path.join(workdir, "metrics.jsonl"), time.monotonic() + timeout
-    while not (os.path.exists(path) and len(_losses(workdir)) >= count):
+    deadline = time.monotonic() + timeout
+    while len(_losses(workdir)) < count:
         assert process.poll() is None and time.monotonic() < deadline, "training did not get going"
-        time.sleep(0.05)
+        time.sleep(0.2)
 
 
 def _saved_state(workdir, step):
     """A checkpoint's arrays as numpy, read without a target tree."""
-    path = os.path.join(checkpoint.checkpoint_dir(workdir), str(step), "default")
+    if storage.is_url(workdir):  # gcsfs keeps folder listings: other processes wrote since
+        from etils.epath import backend
+
+        backend.fsspec_backend.fs(workdir).invalidate_cache()
+    path = storage.join(checkpoint.checkpoint_dir(workdir), str(step), "default")
     return jax.tree.map(np.asarray, ocp.StandardCheckpointer().restore(path))
 
 
-def test_sigterm_saves_and_resume_is_exact(real_data_dir, tmp_path):
+def _objects(url):
+    """The objects under ``url`` as the GCS server lists them, relative to it."""
+    import gcsfs
+
+    return sorted(name[len(url) - len("gs://") + 1:] for name in gcsfs.GCSFileSystem(skip_instance_cache=True).find(url))
+
+
+def test_a_run_in_a_bucket_survives_sigterm_resumes_exactly_and_evaluates(real_data_dir, gcs_bucket, tmp_path):
+    """The pod workflow, end to end in gs:// (a GCS server on loopback): pretrain,
+    SIGTERM, resume, kNN and fine-tune from the bucket, with nothing written to
+    the local disk; the resumed run equals an uninterrupted local one bit for bit."""
     steps = 30
     # No periodic checkpoints: the only one mid-run is the one SIGTERM asks for. A
     # memory queue of 4 steps of keys (batch 16): it wraps around before the cut.
     flags = ("--config.checkpoint_every_steps=1000", "--config.knn_monitor=False", "--config.memory.size=128")
-    full, cut = str(tmp_path / "uninterrupted"), str(tmp_path / "interrupted")
-    wait(start(main_args(full, real_data_dir, steps, *flags), str(tmp_path), num_processes=1,
-               devices_per_process=2), str(tmp_path))
+    full, cut = str(tmp_path / "uninterrupted"), f"{gcs_bucket}/run"
+    logs, cwd = tmp_path / "logs", tmp_path / "cwd"
+    logs.mkdir()
+    cwd.mkdir()
+    launch = dict(num_processes=1, devices_per_process=2, cwd=str(cwd))
+    wait(start(main_args(full, real_data_dir, steps, *flags), str(tmp_path), **launch), str(tmp_path))
 
-    logs = str(tmp_path / "logs")
-    os.makedirs(logs)
-    (process,) = start(main_args(cut, real_data_dir, steps, *flags), logs, num_processes=1, devices_per_process=2)
+    (process,) = start(main_args(cut, real_data_dir, steps, *flags), str(logs), **launch)
     _wait_for_records(cut, process, 5)
     process.send_signal(signal.SIGTERM)
     sent = time.monotonic()
-    assert process.wait(timeout=120) == 0, open(os.path.join(logs, "process_0.log")).read()[-3000:]
+    assert process.wait(timeout=120) == 0, (logs / "process_0.log").read_text()[-3000:]
     seconds_to_exit = time.monotonic() - sent
-    stopped_at = checkpoint.create_manager(cut, save_every_steps=1, max_to_keep=3, read_only=True).latest_step()
+    stopped_at = checkpoint.latest_step(cut)
     assert stopped_at is not None and 5 <= stopped_at < steps
     assert seconds_to_exit < 30
+    after_stop = _objects(cut)
+    assert {"config.json", "metrics.jsonl", "augmentations.png", f"checkpoints/{stopped_at}/commit_success.txt"
+            } <= set(after_stop), after_stop
+    assert any("tfevents" in name for name in after_stop), after_stop
 
-    wait(start(main_args(cut, real_data_dir, steps, *flags), logs, num_processes=1, devices_per_process=2), logs)
+    wait(start(main_args(cut, real_data_dir, steps, *flags), str(logs), **launch), str(logs))
     full_losses, cut_losses = _losses(full), _losses(cut)
     assert [s for s, _ in cut_losses] == list(range(1, steps + 1))  # each step logged once
     np.testing.assert_array_equal([l for _, l in cut_losses], [l for _, l in full_losses])
@@ -70,6 +88,21 @@ def test_sigterm_saves_and_resume_is_exact(real_data_dir, tmp_path):
            "max_abs_param_diff": max(differences)})
     assert max(differences) == 0.0  # bit-identical on CPU, the memory's average network and queue included
     assert int(final_cut["memory"]["count"]) == steps and np.all(final_cut["memory"]["queue"].any(axis=-1))
+
+    data = (f"--config.pretrained={cut}", f"--config.data_dir={real_data_dir}", "--config.train_split=train[:512]",
+            "--config.test_split=test[:256]", "--config.eval_batch_size=128")
+    wait(start([MAIN, recipe("knn"), f"--workdir={cut}/knn", *data], str(logs), **launch), str(logs))
+    wait(start([MAIN, recipe("finetune"), f"--workdir={cut}/finetune", *data, "--config.finetune.epochs=1",
+                "--config.finetune.batch_size=32", "--config.finetune.label_fraction=0.25"], str(logs), **launch),
+         str(logs))
+    (knn,) = json.loads(storage.read_text(f"{cut}/knn/eval_results.json"))
+    (finetune,) = json.loads(storage.read_text(f"{cut}/finetune/eval_results.json"))
+    assert knn["checkpoint_step"] == finetune["checkpoint_step"] == steps
+    assert 0.0 < knn["top1"] <= 1.0 and finetune["train_steps"] == 4  # 128 labelled images / 32
+    evaluations = _objects(cut)
+    assert {"knn/embedding_tsne.png", "knn/retrieval.png", "finetune/finetuned/config.json",
+            "finetune/finetuned/checkpoints/4/commit_success.txt"} <= set(evaluations), evaluations
+    assert list(cwd.iterdir()) == []  # nothing written to the local disk (the working directory)
 
 
 def test_sigkill_while_saving_never_breaks_resume(real_data_dir, tmp_path):
