@@ -68,7 +68,5 @@ def get_config():
 
     config.eval_batch_size = 512  # test scoring; a multiple of the device count
     config.seed = 0  # the student's random initialisation and the stream of views
-    config.log_every_steps = 50
-    config.checkpoint_every_steps = 500
-    config.keep_checkpoints = 2
+    evaluation.add_loop_fields(config, log_every_steps=50, checkpoint_every_steps=500)
     return config

@@ -58,3 +58,15 @@ def linear_section(epochs: int) -> ml_collections.ConfigDict:
     linear.learning_rate = 0.1  # peak = learning_rate * batch_size / 256
     linear.weight_decay = 0.0
     return linear
+
+
+def add_loop_fields(config: ml_collections.ConfigDict, *, log_every_steps: int, checkpoint_every_steps: int,
+                    keep_checkpoints: int = 2) -> None:
+    """The fields of a protocol that trains in the one loop (simclr_jax/loop.py):
+    it checkpoints, resumes after preemption and guards non-finite steps."""
+    config.log_every_steps = log_every_steps
+    config.checkpoint_every_steps = checkpoint_every_steps
+    config.keep_checkpoints = keep_checkpoints
+    # A non-finite loss or gradient: 'stop' (with the step and the last good
+    # checkpoint), or 'skip' the update and go on.
+    config.nonfinite_policy = "stop"

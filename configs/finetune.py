@@ -35,4 +35,5 @@ def get_config():
     config.finetune.learning_rate = 0.05  # peak = learning_rate * batch_size / 256
     config.finetune.weight_decay = 0.0
     config.finetune.schedule = "cosine"  # or 'constant'
+    evaluation.add_loop_fields(config, log_every_steps=50, checkpoint_every_steps=500)
     return config

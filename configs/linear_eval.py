@@ -26,4 +26,5 @@ def get_config():
     config.linear = evaluation.linear_section(epochs=100)
     config.linear.standardize = True  # False: raw h, as the paper
     config.shuffle_buffer_size = 50_000  # training views
+    evaluation.add_loop_fields(config, log_every_steps=100, checkpoint_every_steps=1000)
     return config

@@ -85,6 +85,24 @@ def write_run_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     storage.write_text(storage.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2))
 
 
+def saved_config(workdir: str) -> Optional[dict]:
+    """``workdir``'s config.json as written, None if it has none."""
+    path = storage.join(workdir, CONFIG_FILE)
+    return json.loads(storage.read_text(path)) if storage.exists(path) else None
+
+
+def refuse_run_workdir(workdir: str) -> None:
+    """An evaluation or distillation writes results, logs and checkpoints into a
+    workdir of its own: never into a run's (one with a config.json), whose
+    metrics and checkpoints it would mix with its own."""
+    if storage.exists(storage.join(workdir, CONFIG_FILE)):
+        from simclr_jax.config_validation import ConfigError
+
+        raise ConfigError(f"--workdir={workdir} holds a training run ({CONFIG_FILE}, checkpoints/): an evaluation "
+                          "writes its results, logs and checkpoints into a workdir of its own; pass e.g. "
+                          f"--workdir={storage.join(workdir, 'eval')}")
+
+
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
     """The pretraining config saved in ``workdir`` (see ``write_run_config``)."""
     path = storage.join(workdir, CONFIG_FILE)

@@ -9,6 +9,7 @@ silent default and none is set without effect), and each field has one rule.
 A failure is one ConfigError (a ValueError) naming the field, the bad value
 and what to set.
 """
+import json
 from typing import Callable, Optional
 
 import jax
@@ -27,6 +28,7 @@ MODEL_FIELDS = ("depth", "width_multiplier", "cifar_stem", "head_layers", "proj_
 
 _DATA = ("dataset", "data_dir", "download", "train_split", "cache_dataset", "seed")
 _KNN = ("knn.k", "knn.temperature")
+_LOOP = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "nonfinite_policy")  # loop.Cadence
 _LINEAR = ("linear.epochs", "linear.batch_size", "linear.learning_rate", "linear.weight_decay")
 _EVALUATION = (*_DATA, "protocol", "pretrained", "checkpoint_step", "random_init", "test_split",
                "image_size", *(f"model.{name}" for name in MODEL_FIELDS), "head_layer", "eval_batch_size")
@@ -38,22 +40,27 @@ FIELDS = {
         "optimizer.base_learning_rate",
         "optimizer.lr_scaling", "optimizer.warmup_epochs", "optimizer.weight_decay", "optimizer.momentum",
         "optimizer.trust_coefficient", "online_probe", "probe_learning_rate", "knn_monitor",
-        "eval_every_epochs", "test_split", "eval_batch_size", *_KNN, "log_every_steps",
-        "checkpoint_every_steps", "keep_checkpoints", "nonfinite_policy", "write_pictures"),
+        "eval_every_epochs", "test_split", "eval_batch_size", *_KNN, *_LOOP, "write_pictures"),
     "knn": (*_EVALUATION, *_KNN, "write_pictures"),
     "cached_linear": (*_EVALUATION, *_LINEAR, "write_pictures"),
     "supervised_head": _EVALUATION,
-    "linear_eval": (*_EVALUATION, *_LINEAR, "linear.standardize", "shuffle_buffer_size"),
+    "linear_eval": (*_EVALUATION, *_LINEAR, "linear.standardize", "shuffle_buffer_size", *_LOOP),
     "finetune": (*_EVALUATION, "shuffle_buffer_size", "finetune.label_fraction", "finetune.subset_seed",
                  "finetune.subset_split", "finetune.epochs", "finetune.batch_size", "finetune.learning_rate",
-                 "finetune.weight_decay", "finetune.schedule"),
+                 "finetune.weight_decay", "finetune.schedule", *_LOOP),
     "distill": (*_DATA, "protocol", "teacher", "teacher_step", "teacher_head_layer", "init_from", "test_split",
                 "shuffle_buffer_size", "image_size", *(f"model.{name}" for name in MODEL_FIELDS), "head_layer",
                 "distill.temperature", "distill.alpha", "distill.label_fraction", "distill.subset_seed",
                 "distill.epochs", "distill.batch_size", "distill.optimizer", "distill.learning_rate",
-                "distill.warmup_epochs", "distill.weight_decay", "distill.schedule", "eval_batch_size",
-                "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"),
+                "distill.warmup_epochs", "distill.weight_decay", "distill.schedule", "eval_batch_size", *_LOOP),
 }
+
+# What a resumed pretraining run may change: how it reports, checkpoints and
+# monitors, where the data lies, and num_train_steps (to extend a run). Any
+# other field would continue a different run than the checkpoint holds.
+RESUMABLE = ("data_dir", "download", "cache_dataset", "init_from", "num_train_steps", "knn_monitor",
+             "eval_every_epochs", "test_split", "eval_batch_size", *_KNN, "log_every_steps",
+             "checkpoint_every_steps", "keep_checkpoints", "nonfinite_policy", "write_pictures")
 
 
 class ConfigError(ValueError):
@@ -74,14 +81,8 @@ def _fail(field: str, value, expected: str):
     raise ConfigError(f"config.{field}={value!r} is invalid: {expected}.")
 
 
-def _leaves(config, prefix: str = "") -> set:
-    fields = set()
-    for key, value in config.items():
-        if isinstance(value, ml_collections.ConfigDict):
-            fields |= _leaves(value, f"{prefix}{key}.")
-        else:
-            fields.add(prefix + key)
-    return fields
+def _leaves(config) -> set:
+    return set(_flat(config.to_dict()))
 
 
 def _check_field_set(config, kind: str) -> None:
@@ -220,6 +221,32 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
         _check_microbatches(config.batch_size, num_devices, config.microbatches)
         _check_memory_size(config.memory.size, config.batch_size)
     return kind
+
+
+def resume_changes(saved: dict, config: ml_collections.ConfigDict) -> dict[str, tuple]:
+    """{field: (saved value, new value)} of the fields ``RESUMABLE`` allows to
+    differ between ``saved`` (the run's config.json, as a dict) and ``config``;
+    a ConfigError naming every other difference with both values. Fields only
+    one side has (a run from an older version) are not compared."""
+    old, new = _flat(saved), _flat(json.loads(config.to_json_best_effort()))
+    changed = {f: (old[f], new[f]) for f in sorted(old.keys() & new.keys()) if old[f] != new[f]}
+    refused = [f"{f}={a!r} (now {b!r})" for f, (a, b) in changed.items() if f not in RESUMABLE]
+    if refused:
+        raise ConfigError(
+            "this workdir holds a run trained with other settings: " + ", ".join(refused) + "; resume with "
+            "the run's values (its config.json), or give the new run another --workdir. A resume may change "
+            "only " + ", ".join(RESUMABLE) + ".")
+    return changed
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
 
 
 def _check_pretrain(config) -> None:

@@ -433,14 +433,14 @@ def test_knn_and_cached_linear_on_an_image_folder_match_an_independent_computati
 
 
 def test_frozen_encoder_stays_bit_identical_while_finetuning_changes_it(linear_experiment, image_folder,
-                                                                        workdir, encoder, mesh):
+                                                                        workdir, encoder, mesh, tmp_path):
     """run() on the folder: 6 steps of 16 frozen (linear, 8 devices), 3 of 16
     fine-tuning on half the labels from h (head_layer=0, 1 device)."""
     root, _ = image_folder
     variables = encoder.variables
     before = jax.device_get(variables)
 
-    result = linear_experiment.run(variables)
+    result = linear_experiment.run(variables, str(tmp_path / "linear"))
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(linear_experiment.trained_variables), before)
     assert result["train_steps"] == 6 and result["num_examples"] == NUM_TEST
     assert result["num_train_examples"] == NUM_TRAIN
@@ -450,7 +450,7 @@ def test_frozen_encoder_stays_bit_identical_while_finetuning_changes_it(linear_e
     one = sharding.make_mesh(jax.devices()[:1])
     variables = sharding.put_replicated(before, one)
     experiment = classifier.ClassifierExperiment(encoder.model, config, one, freeze_encoder=False)
-    result = experiment.run(variables)
+    result = experiment.run(variables, str(tmp_path / "finetune"))
     assert result["train_steps"] == 3 and result["label_fraction"] == 0.5
     assert result["num_train_examples"] == NUM_TRAIN // 2  # half of each class
     tuned = jax.device_get(experiment.trained_variables)

@@ -1,5 +1,6 @@
 """Bad config values fail before anything loads or compiles, naming the field; every recipe
 kind has exactly the fields it reads."""
+import json
 import os
 import subprocess
 import sys
@@ -149,3 +150,19 @@ def test_bad_evaluation_value_names_field(recipe, field, value, message):
     _set(config, field, value)
     with pytest.raises(ValueError, match=message):
         config_validation.validate(config, 8, 1)
+
+
+def test_resume_refuses_what_changes_the_run_and_allows_the_rest():
+    saved = json.loads(smoke.get_config().to_json_best_effort())
+    config = smoke.get_config()
+    config.num_train_steps, config.log_every_steps = 900, 7  # extend the run, log more often
+    assert config_validation.resume_changes(saved, config) == {"num_train_steps": (500, 900),
+                                                               "log_every_steps": (25, 7)}
+    config.batch_size, config.optimizer.base_learning_rate = 64, 2.0
+    with pytest.raises(config_validation.ConfigError) as error:
+        config_validation.resume_changes(saved, config)
+    assert "batch_size=128 (now 64), optimizer.base_learning_rate=8.0 (now 2.0);" in str(error.value)
+    assert "num_train_steps" not in str(error.value).split(";")[0]  # allowed changes are not named as refused
+    del saved["optimizer"]["base_learning_rate"]  # a run from a version without the field
+    config.batch_size = 128
+    assert set(config_validation.resume_changes(saved, config)) == {"num_train_steps", "log_every_steps"}

@@ -332,10 +332,10 @@ def test_pretraining_starts_from_official_weights(official_files, real_data_dir,
     config = cifar10.get_config()
     config.update(init_from=official_files["r18_cifar", "saved_model"], data_dir=real_data_dir, batch_size=16)
     config.model.variant = "official"
-    state = train._setup(config, str(tmp_path), sharding.make_mesh())[0]
+    state = train.Pretraining(config, str(tmp_path), sharding.make_mesh(), None).initial_state()
     official = simclr_jax.load_encoder(official_files["r18_cifar", "saved_model"]).variables
     got = {"params": {k: state.params[k] for k in ("encoder", "head")}, "batch_stats": state.batch_stats}
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), jax.device_get(official))
     config.model.variant = "torchvision"
     with pytest.raises(ValueError, match=r"set --config.model.variant='official' \(the config has 'torchvision'\)"):
-        train._setup(config, str(tmp_path / "other"), sharding.make_mesh())
+        train.Pretraining(config, str(tmp_path / "other"), sharding.make_mesh(), None)

@@ -7,7 +7,7 @@ import pytest
 
 from configs import knn as knn_config
 from configs import smoke
-from simclr_jax import checkpoint, models, sharding, writers
+from simclr_jax import checkpoint, config_validation, models, sharding, writers
 from simclr_jax.evaluation import run as evaluation
 from simclr_jax.pretraining import optim, step, train
 from tests.workdirs import tiny_pretrain_config
@@ -59,6 +59,15 @@ def test_resume_continues_from_saved_step_with_identical_state(real_data_dir, tm
     # The label-using monitors ran: the online probe every step, kNN at each run's end.
     assert all("probe_acc" in r for r in _scalars(workdir, "loss"))
     assert [r["step"] for r in _scalars(workdir, "knn_top1")] == [4, 6]
+    # The resume changed num_train_steps, which it may: recorded. A changed batch size is refused
+    # before anything is written.
+    assert writers.read_jsonl(os.path.join(workdir, "resumes.jsonl")) == [
+        {"step": 4, "changed": {"num_train_steps": [4, 6]}}]
+    metrics = open(os.path.join(workdir, "metrics.jsonl")).read()
+    with pytest.raises(config_validation.ConfigError, match=r"batch_size=16 \(now 32\)"):
+        pretrain(_tiny_config(real_data_dir, num_train_steps=8, batch_size=32), workdir)
+    assert open(os.path.join(workdir, "metrics.jsonl")).read() == metrics
+    assert checkpoint.saved_config(workdir)["batch_size"] == 16
 
 
 @pytest.mark.slow
@@ -151,7 +160,7 @@ def test_init_from_starts_from_another_runs_weights_with_a_fresh_optimiser(real_
     manager.close()
 
     config.init_from = source
-    state = jax.device_get(train._setup(config, str(tmp_path / "run"), mesh)[0])
+    state = jax.device_get(train.Pretraining(config, str(tmp_path / "run"), mesh, None).initial_state())
     saved = jax.device_get(saved)
     assert int(state.step) == 0
     for part in ("encoder", "head"):
@@ -162,7 +171,7 @@ def test_init_from_starts_from_another_runs_weights_with_a_fresh_optimiser(real_
     assert momentum and not any(np.any(x) for x in momentum)
     # Without init_from the same config starts elsewhere (seed 1, not the source's 7).
     config.init_from = None
-    fresh = jax.device_get(train._setup(config, str(tmp_path / "fresh"), mesh)[0])
+    fresh = jax.device_get(train.Pretraining(config, str(tmp_path / "fresh"), mesh, None).initial_state())
     assert not np.array_equal(fresh.params["head"]["dense1"]["kernel"], saved.params["head"]["dense1"]["kernel"])
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from simclr_jax import checkpoint, config_validation, preemption, pretrained, sharding, storage, writers
+from simclr_jax import checkpoint, config_validation, loop, pretrained, sharding, storage, writers
 from simclr_jax.data import input_pipeline, sources
 from simclr_jax.distillation.step import StudentState, make_distill_step
 from simclr_jax.evaluation import encoder as encoder_lib
@@ -106,6 +106,7 @@ class Distillation:
         self.num_classes = sources.num_classes(config.dataset, config.test_split, config.data_dir,
                                                download=config.download)
         self.examples, self.num_train, self.num_labelled = self._training_examples()
+        self.name, self.batch_size = "distill", self.settings.batch_size
         self.steps_per_epoch = max(1, self.num_train // self.settings.batch_size)
         self.total_steps = max(1, int(round(self.settings.epochs * self.num_train / self.settings.batch_size)))
         self.tx, self.schedule = make_optimizer(self.settings, self.steps_per_epoch, self.total_steps)
@@ -161,58 +162,39 @@ class Distillation:
         return StudentState(step=sharding.put_replicated(np.zeros((), np.int32), mesh), params=params,
                             batch_stats=variables["batch_stats"], opt_state=opt_state)
 
-    def _batches(self, start_step: int):
+    # ------------------------------------------------------------ loop.Experiment
+
+    def batches(self, start_step: int):
+        """Device batches from ``start_step`` on (the stream skips what was consumed, before augmenting)."""
         per_process = sharding.per_process_batch_size(self.settings.batch_size)
-        return input_pipeline.supervised_dataset(self.config, self.examples, per_process_batch_size=per_process,
-                                                 seed=self.config.seed,
-                                                 skip_examples=start_step * per_process).as_numpy_iterator()
+        logging.info("distill: %d steps of %d images over %d of %s:%s (%d labelled), from step %d", self.total_steps,
+                     self.batch_size, self.num_train, self.config.dataset, self.config.train_split,
+                     self.num_labelled, start_step)
+        dataset = input_pipeline.supervised_dataset(self.config, self.examples, per_process_batch_size=per_process,
+                                                    seed=self.config.seed, skip_examples=start_step * per_process)
+        return (sharding.put_batch(batch, self.mesh) for batch in dataset.as_numpy_iterator())
+
+    def step(self, state: StudentState, batch: dict):
+        return self._step(state, self.teacher.variables, self.teacher.supervised_head, batch["image"], batch["label"])
+
+    def scalars(self, step: int) -> dict:
+        return {"learning_rate": float(self.schedule(step - 1)), "epoch": step / self.steps_per_epoch}
+
+    def describe(self, step: int, scalars: dict) -> str:
+        return (f"distill step {step}/{self.total_steps}: objective {scalars['objective']:.4f}, distillation loss "
+                f"{scalars['distillation_loss']:.4f}, agreement with the teacher {scalars['teacher_agreement']:.4f}, "
+                f"{scalars['images_per_sec']:.1f} images/s")
+
+    def monitor(self, state, step: int, manager, writer) -> bool:
+        return False
 
     def train(self, workdir: str) -> StudentState:
-        """Trains to ``total_steps``, resuming from ``workdir``'s latest checkpoint;
-        a stop request (SIGTERM, Ctrl-C) saves and returns early."""
-        config = self.config
-        manager = checkpoint.create_manager(workdir, save_every_steps=config.checkpoint_every_steps,
-                                            max_to_keep=config.keep_checkpoints)
-        state = self.initial_state()
-        if manager.latest_step() is not None:
-            state = checkpoint.restore(manager, state)
-            logging.info("distill: resumed from step %d in %s", int(state.step), manager.directory)
-        start_step, writer = int(state.step), writers.create_writer(workdir)
-        batches = self._batches(start_step)
-        logging.info("distill: %d steps of %d images over %d of %s:%s (%d labelled), from step %d", self.total_steps,
-                     self.settings.batch_size, self.num_train, config.dataset, config.train_split,
-                     self.num_labelled, start_step)
-        history, start = [], time.perf_counter()
-        with preemption.StopRequest() as stop_request:
-            for step in range(start_step + 1, self.total_steps + 1):
-                batch = sharding.put_batch(next(batches), self.mesh)
-                state, metrics = self._step(state, self.teacher.variables, self.teacher.supervised_head,
-                                            batch["image"], batch["label"])
-                history.append(metrics)
-                stopping = stop_request.stop_now(step)
-                save_due = step % config.checkpoint_every_steps == 0 or step == self.total_steps or stopping
-                if step % config.log_every_steps == 0 or save_due:
-                    self._log(writer, step, history, time.perf_counter() - start)
-                    history, start = [], time.perf_counter()
-                if save_due:
-                    checkpoint.save(manager, step, state, force=True)
-                if stopping:
-                    logging.warning("distill: stopped at step %d of %d on request; run the same command to "
-                                    "resume.", step, self.total_steps)
-                    break
-        manager.wait_until_finished()
-        manager.close()
+        """Trains to ``total_steps`` in the one loop (loop.run), resuming from
+        ``workdir``'s latest checkpoint; a stop request saves and returns early."""
+        writer = writers.create_writer(workdir)
+        state = loop.run(self, workdir, loop.Cadence.from_config(self.config), writer)
         writer.close()
         return state
-
-    def _log(self, writer, step: int, history: list, seconds: float) -> None:
-        means = {k: float(np.mean(v)) for k, v in jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *history)).items()}
-        means.update(learning_rate=float(self.schedule(step - 1)), epoch=step / self.steps_per_epoch,
-                     images_per_sec=len(history) * self.settings.batch_size / seconds)
-        writer.write_scalars(step, means)
-        logging.info("distill step %d/%d: objective %.4f, distillation loss %.4f, agreement with the teacher %.4f, "
-                     "%.1f images/s", step, self.total_steps, means["objective"], means["distillation_loss"],
-                     means["teacher_agreement"], means["images_per_sec"])
 
     def score(self, state: StudentState) -> tuple[dict, dict]:
         """(student's, teacher's) {'top1', 'top5', 'num_examples'} on eval views of the test split."""
@@ -234,6 +216,7 @@ def distill(config: ml_collections.ConfigDict, workdir: str) -> dict:
     (module docstring). Refuses to start if ``workdir/student`` exists."""
     mesh = sharding.make_mesh()
     config_validation.validate(config, mesh.devices.size)
+    checkpoint.refuse_run_workdir(workdir)
     student_dir = storage.join(workdir, STUDENT)
     if storage.exists(student_dir):
         raise config_validation.ConfigError(f"{student_dir} already holds a distilled student; remove it, or give "

@@ -16,7 +16,7 @@ import optax
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from simclr_jax import sharding
+from simclr_jax import sharding, updates
 from simclr_jax.distillation.losses import distillation_loss, supervised_sum
 from simclr_jax.evaluation.classifier import features_at, head_logits, keep_unused_head_stats, linear_classifier
 
@@ -58,10 +58,9 @@ def make_distill_step(student, teacher, tx: optax.GradientTransformation, mesh, 
             return objective, (loss, agreement, stats)
 
         (objective, (loss, agreement, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                                  batch_stats=stats, opt_state=opt_state)
-        return new_state, {"objective": objective, "distillation_loss": loss, "teacher_agreement": agreement}
+        new_state, nonfinite = updates.apply_if_finite(state, tx, grads, objective, stats)
+        return new_state, {"objective": objective, "distillation_loss": loss, "teacher_agreement": agreement,
+                           "nonfinite": nonfinite}
 
     sharded = jax.shard_map(on_device, mesh=mesh, in_specs=(P(), P(), P(), P(DATA), P(DATA)),
                             out_specs=(P(), P()))

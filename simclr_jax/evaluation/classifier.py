@@ -19,8 +19,7 @@ the test split:
 
 The step is jit(shard_map) over the 'data' mesh, built once per experiment.
 """
-import time
-from typing import Any
+from typing import Any, Optional
 
 import flax
 import flax.linen as nn
@@ -32,7 +31,7 @@ from absl import logging
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from simclr_jax import sharding
+from simclr_jax import loop, sharding, updates, writers
 from simclr_jax.data import input_pipeline, sources
 from simclr_jax.evaluation.metrics import topk_accuracy
 from simclr_jax.models import SimCLR
@@ -118,10 +117,8 @@ def make_train_step(model, tx, num_classes: int, head_layer: int, mesh, *, train
             return lax.pmean(loss, DATA), (lax.pmean(accuracy, DATA), stats)
 
         (loss, (accuracy, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                                  batch_stats=stats, opt_state=opt_state)
-        return new_state, {"loss": loss, "accuracy": accuracy}
+        new_state, nonfinite = updates.apply_if_finite(state, tx, grads, loss, stats)
+        return new_state, {"loss": loss, "accuracy": accuracy, "nonfinite": nonfinite}
 
     sharded = jax.shard_map(on_device, mesh=mesh, in_specs=(P(), P(), P(DATA), P(DATA)), out_specs=(P(), P()))
     return jax.jit(sharded, donate_argnums=0)
@@ -197,16 +194,18 @@ class SupervisedHeadEvaluator:
 
 
 class ClassifierExperiment:
-    """``run(variables)`` trains as the module docstring says and returns
-    {'top1', 'top5', 'num_examples', 'num_train_examples', 'train_steps'};
-    ``trained_variables`` then holds the encoder's variables after training."""
+    """``run(variables, workdir)`` trains as the module docstring says, in the
+    one loop (loop.run: checkpoints, resume, stop requests, the non-finite
+    guard), and returns {'top1', 'top5', 'num_examples', 'num_train_examples',
+    'train_steps'}; ``trained_variables`` then holds the encoder's variables
+    after training."""
 
     def __init__(self, model: SimCLR, config, mesh, *, freeze_encoder: bool):
         self.name = "linear_eval" if freeze_encoder else "finetune"
         self.section = "linear" if freeze_encoder else "finetune"  # the config section it trains with
         self.config, self.mesh, self.model, self.freeze_encoder = config, mesh, model, freeze_encoder
         self.settings = config[self.section]
-        self.head_layer = config.head_layer
+        self.batch_size, self.head_layer = self.settings.batch_size, config.head_layer
         self.num_classes = sources.num_classes(config.dataset, config.test_split, config.data_dir,
                                                download=config.download)
         self.dataset, self.split, indices = self._training_examples()
@@ -245,10 +244,10 @@ class ClassifierExperiment:
         return config.dataset, config.train_split, input_pipeline.balanced_subset(
             labels, self.settings.label_fraction, self.settings.subset_seed)
 
-    def _batches(self, seed: int):
+    def _batches(self, seed: int, skip_examples: int = 0):
         return input_pipeline.supervised_dataset(
             self.config, self.examples, per_process_batch_size=sharding.per_process_batch_size(
-                self.settings.batch_size), seed=seed)
+                self.settings.batch_size), seed=seed, skip_examples=skip_examples)
 
     def _initial_state(self, variables) -> ClassifierState:
         dummy = jnp.zeros((1, self.config.image_size, self.config.image_size, 3), jnp.float32)
@@ -271,34 +270,49 @@ class ClassifierExperiment:
                                batch_stats=batch_stats, opt_state=opt_state,
                                feature_norm=sharding.put_replicated(feature_norm, self.mesh))
 
-    def train(self, variables) -> ClassifierState:
-        """Trains for ``total_steps`` from ``variables``; logs about ten times."""
-        state, frozen = self._initial_state(variables), {} if not self.freeze_encoder else variables
-        batches = self._batches(self.config.seed).as_numpy_iterator()
-        logging.info("%s: %s the encoder on %d examples of %s:%s, %d steps of %d (head_layer %d)", self.name,
-                     "freezing" if self.freeze_encoder else "training", self.num_train, self.dataset, self.split,
-                     self.total_steps, self.settings.batch_size, self.head_layer)
-        log_every, history, start = max(1, self.total_steps // 10), [], time.perf_counter()
-        for step in range(1, self.total_steps + 1):
-            batch = sharding.put_batch(next(batches), self.mesh)
-            state, metrics = self._step(state, frozen, batch["image"], batch["label"])
-            history.append(metrics)
-            if step % log_every == 0 or step == self.total_steps:
-                means = {k: float(np.mean(v)) for k, v in jax.device_get(
-                    jax.tree.map(lambda *x: jnp.stack(x), *history)).items()}
-                logging.info("%s step %d/%d: loss %.4f, train accuracy %.4f, %.1f images/s", self.name, step,
-                             self.total_steps, means["loss"], means["accuracy"],
-                             len(history) * self.settings.batch_size / (time.perf_counter() - start))
-                history, start = [], time.perf_counter()
-        return state
+    # ------------------------------------------------------------ loop.Experiment
+
+    def initial_state(self) -> ClassifierState:
+        return self._initial_state(self._variables)
+
+    def batches(self, start_step: int):
+        logging.info("%s: %s the encoder on %d examples of %s:%s, %d steps of %d (head_layer %d), from step %d",
+                     self.name, "freezing" if self.freeze_encoder else "training", self.num_train, self.dataset,
+                     self.split, self.total_steps, self.settings.batch_size, self.head_layer, start_step)
+        skip = start_step * sharding.per_process_batch_size(self.settings.batch_size)
+        return (sharding.put_batch(batch, self.mesh) for batch in
+                self._batches(self.config.seed, skip_examples=skip).as_numpy_iterator())
+
+    def step(self, state: ClassifierState, batch: dict):
+        return self._step(state, self._frozen, batch["image"], batch["label"])
+
+    def scalars(self, step: int) -> dict:
+        return {"epoch": step * self.settings.batch_size / self.num_train}
+
+    def describe(self, step: int, scalars: dict) -> str:
+        return (f"{self.name} step {step}/{self.total_steps}: loss {scalars['loss']:.4f}, train accuracy "
+                f"{scalars['accuracy']:.4f}, {scalars['images_per_sec']:.1f} images/s")
+
+    def monitor(self, state, step: int, manager, writer) -> bool:
+        return False
+
+    # ------------------------------------------------------------------------
 
     def score(self, variables, classifier_params, feature_norm) -> dict:
         """{'top1', 'top5', 'num_examples'} on eval views of the test split."""
         return test_split_accuracy(self.config, self.mesh,
                                    lambda images: self._logits(variables, classifier_params, feature_norm, images))
 
-    def run(self, variables) -> dict:
-        state = self.train(variables)
+    def run(self, variables, workdir: str) -> Optional[dict]:
+        """Trains from ``variables`` in the loop (checkpoints in ``workdir``,
+        resumed from there), then scores; None when a stop request ended the
+        training early (run it again to resume)."""
+        self._variables, self._frozen = variables, variables if self.freeze_encoder else {}
+        writer = writers.create_writer(workdir)
+        state = loop.run(self, workdir, loop.Cadence.from_config(self.config), writer)
+        writer.close()
+        if int(state.step) < self.total_steps:
+            return None
         self.trained_variables = (variables if self.freeze_encoder else
                                   {"params": state.params["model"], "batch_stats": state.batch_stats})
         self.trained_classifier = state.params["classifier"]

@@ -66,6 +66,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """
     mesh = sharding.make_mesh()
     config_validation.validate(config, mesh.devices.size)
+    checkpoint.refuse_run_workdir(workdir)
     finetuned = storage.join(workdir, FINETUNED)
     if config.protocol == "finetune" and storage.exists(finetuned):
         raise config_validation.ConfigError(
@@ -82,7 +83,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     elif config.protocol == "supervised_head":
         result = evaluator.run(encoder.variables, encoder.supervised_head)
     else:
-        result = evaluator.run(encoder.variables)
+        result = evaluator.run(encoder.variables, workdir)
+        if result is None:  # stopped on request; the same command resumes from the checkpoint
+            return {}
     if config.protocol == "finetune":
         checkpoint.save_network(finetuned, config, evaluator.trained_variables, evaluator.trained_classifier,
                                 result["train_steps"], PROBE)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from simclr_jax import sharding
+from simclr_jax import sharding, updates
 from simclr_jax.pretraining import chunked, memory as memory_lib
 from simclr_jax.pretraining.losses import nt_xent
 
@@ -98,19 +98,6 @@ def create_train_state(
     return jax.jit(init, out_shardings=sharding.replicated(mesh))()
 
 
-def _counts_follow_step(opt_state: Any, step: jax.Array) -> Any:
-    """``opt_state`` with every optax ``count`` set to ``step``.
-
-    The schedules inside the optimiser (LARS's learning rate, Adam's bias
-    correction) read their own counts, which a skipped non-finite step would
-    leave behind ``state.step``: the logged ``learning_rate(step)`` would no
-    longer be the applied one, and the schedule would never reach its end.
-    """
-    if not optax.tree_utils.tree_get_all_with_path(opt_state, "count"):
-        return opt_state  # no schedule, e.g. LARS with a constant learning rate
-    return optax.tree_utils.tree_set(opt_state, count=step)
-
-
 def make_train_step(
     model: flax.linen.Module,
     tx: optax.GradientTransformation,
@@ -147,7 +134,7 @@ def make_train_step(
     separable h is as training goes, and cannot change the encoder's gradient.
 
     A step whose loss or gradient is not finite changes nothing but the step
-    counter (which the optimiser's counts follow, see ``_counts_follow_step``)
+    counter (which the optimiser's counts follow, see ``updates.apply_if_finite``)
     and reports ``metrics['nonfinite'] = 1``.
     """
     if unroll_chunks is None:
@@ -155,13 +142,13 @@ def make_train_step(
 
     def forward(params, batch_stats, images):
         """(h, z) of ``images`` in train mode, and the updated BN statistics."""
-        (h, z), updates = model.apply(
+        (h, z), mutated = model.apply(
             {"params": model_params(params), "batch_stats": batch_stats},
             images,
             train=True,
             mutable=["batch_stats"],
         )
-        return (h, z), updates["batch_stats"]
+        return (h, z), mutated["batch_stats"]
 
     def objective(params, h, z, labels, negatives):
         """(OBJECTIVE_SCALE * L + probe loss, (L, metrics)) of [2n] rows, view 1 then view 2;
@@ -228,7 +215,7 @@ def make_train_step(
         if memory is not None:
             keys = key_projections(memory.ema_params, state.batch_stats, views)
             moved = memory_lib.update(memory, model_params(new_state.params), keys, memory_momentum)
-            new_state = new_state.replace(memory=_where(metrics["nonfinite"] == 0, moved, memory))
+            new_state = new_state.replace(memory=updates.where(metrics["nonfinite"] == 0, moved, memory))
         return new_state, metrics
 
     def train_step(state, batch):
@@ -242,29 +229,9 @@ def make_train_step(
 
 
 def _apply_gradients(state: TrainState, tx, learning_rate, grads, loss, metrics, batch_stats):
-    """The optimiser step, unless the loss or gradient is not finite; and the metrics.
-
-    A non-finite loss or gradient leaves parameters, optimiser state (but its
-    counts) and BN statistics as they were; the train loop decides to stop or
-    go on.
-    """
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
-    new_step = state.step + 1
-    new_state = state.replace(
-        step=new_step,
-        params=_where(finite, optax.apply_updates(state.params, updates), state.params),
-        batch_stats=_where(finite, batch_stats, state.batch_stats),
-        opt_state=_counts_follow_step(_where(finite, opt_state, state.opt_state), new_step),
-    )
-    metrics = dict(metrics, loss=loss, learning_rate=learning_rate(state.step),
-                   nonfinite=1.0 - finite.astype(jnp.float32))
-    return new_state, metrics
-
-
-def _where(condition: jax.Array, new: Any, old: Any) -> Any:
-    """``new`` where ``condition`` holds, else ``old``, leaf by leaf."""
-    return jax.tree.map(lambda a, b: jnp.where(condition, a, b), new, old)
+    """The guarded optimiser step (``updates.apply_if_finite``) and the step's metrics."""
+    new_state, nonfinite = updates.apply_if_finite(state, tx, grads, loss, batch_stats)
+    return new_state, dict(metrics, loss=loss, learning_rate=learning_rate(state.step), nonfinite=nonfinite)
 
 
 def _both_views(views: jax.Array) -> jax.Array:

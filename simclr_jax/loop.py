@@ -1,0 +1,164 @@
+"""The training loop of every long-running protocol.
+
+An experiment supplies what differs between protocols (the shape of DeepMind
+BYOL's ``main_loop``): its fresh state, its device batches from any step, the
+step, the scalars and the log line of an interval. The loop owns what every
+long run needs:
+
+- resume from the workdir's latest checkpoint, at the exact position of the
+  input stream (the experiment's ``batches(start_step)``);
+- SIGTERM or Ctrl-C: save after the current step and stop (``preemption``);
+- the non-finite guard: a step whose loss or gradient is not finite applies
+  no update (``updates.apply_if_finite`` in the step), and the loop stops or skips as
+  ``nonfinite_policy`` says, before a checkpoint could follow it;
+- metrics every ``log_every_steps`` (the only host sync), progress with ETA,
+  checkpoints every ``checkpoint_every_steps`` and at the end.
+"""
+import dataclasses
+import time
+from typing import Any, Iterator, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from clu import periodic_actions
+
+from simclr_jax import checkpoint, preemption
+
+
+class Experiment(Protocol):
+    name: str  # for log lines
+    total_steps: int
+    batch_size: int  # global images per step
+
+    def initial_state(self) -> Any:
+        """The state at step 0 (also the shape and placement a resume restores into)."""
+
+    def batches(self, start_step: int) -> Iterator[Any]:
+        """Device batches from step ``start_step + 1`` on, as an uninterrupted run sees them."""
+
+    def step(self, state: Any, batch: Any) -> tuple[Any, dict]:
+        """One update; metrics stay on device and include 'nonfinite' (0 or 1)."""
+
+    def scalars(self, step: int) -> dict[str, float]:
+        """Scalars known on the host at ``step`` (learning rate, epoch), logged with the metrics."""
+
+    def describe(self, step: int, scalars: dict[str, float]) -> str:
+        """The log line of an interval ending at ``step``."""
+
+    def monitor(self, state: Any, step: int, manager, writer) -> bool:
+        """Periodic evaluation after ``step`` (its checkpoint, if any, is being
+        saved by ``manager``: wait for it first, so that a failing evaluation
+        never costs training). True if it ran (kept out of images/s)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Cadence:
+    """How often a run logs and saves, how many checkpoints it keeps, what a
+    non-finite step does: the same four config fields in every long protocol."""
+    log_every_steps: int
+    checkpoint_every_steps: int
+    keep_checkpoints: int
+    nonfinite_policy: str  # 'stop' | 'skip'
+
+    @classmethod
+    def from_config(cls, config) -> "Cadence":
+        return cls(config.log_every_steps, config.checkpoint_every_steps, config.keep_checkpoints,
+                   config.nonfinite_policy)
+
+
+def run(experiment: Experiment, workdir: str, cadence: Cadence, writer) -> Any:
+    """Trains ``experiment`` to its ``total_steps`` in ``workdir``, resuming
+    from its latest checkpoint, writing metrics to ``writer`` (the caller's,
+    which it leaves open); returns the state, whose ``step`` is below
+    ``total_steps`` when a stop request ended the run early."""
+    manager = checkpoint.create_manager(workdir, save_every_steps=cadence.checkpoint_every_steps,
+                                        max_to_keep=cadence.keep_checkpoints)
+    state = experiment.initial_state()
+    if manager.latest_step() is not None:
+        state = checkpoint.restore(manager, state)
+        logging.info("%s: resumed from step %d in %s", experiment.name, int(state.step), manager.directory)
+    start_step, total = int(state.step), experiment.total_steps
+    guard = NonfiniteGuard(cadence.nonfinite_policy, manager)
+    report_progress = periodic_actions.ReportProgress(num_train_steps=total, writer=writer)
+    batches = experiment.batches(start_step)
+    history, interval_start = [], time.perf_counter()
+    with preemption.StopRequest() as stop_request:
+        for step in range(start_step + 1, total + 1):
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                state, metrics = experiment.step(state, next(batches))
+            history.append(metrics)
+            report_progress(step)
+            stopping = stop_request.stop_now(step)
+            save_due = step % cadence.checkpoint_every_steps == 0 or step == total or stopping
+            # Metrics reach the host every log_every_steps, and before every save, so
+            # a non-finite step is caught before a checkpoint could follow it.
+            if step % cadence.log_every_steps == 0 or save_due:
+                scalars = guard.check(fetch(history), step)
+                scalars.update(experiment.scalars(step), images_per_sec=len(history) * experiment.batch_size / (
+                    time.perf_counter() - interval_start))
+                writer.write_scalars(step, scalars)
+                logging.info(experiment.describe(step, scalars))
+                history, interval_start = [], time.perf_counter()
+            if save_due:
+                checkpoint.save(manager, step, state, force=True)
+            if not stopping and experiment.monitor(state, step, manager, writer):
+                interval_start = time.perf_counter()
+            if stopping:
+                logging.warning("%s: stopped at step %d of %d on request; checkpoint saved in %s. Run the same "
+                                "command to resume.", experiment.name, step, total, manager.directory)
+                break
+    manager.wait_until_finished()
+    manager.close()
+    writer.flush()
+    if guard.skipped:
+        logging.warning("%s: %d non-finite updates were skipped in all.", experiment.name, guard.skipped)
+    return state
+
+
+def fetch(history: list[dict]) -> dict[str, np.ndarray]:
+    """Per-step metrics accumulated on device, as numpy [steps]: one host sync."""
+    return jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *history))
+
+
+class NonfiniteGuard:
+    """Acts on steps whose loss or gradient was not finite (the step applied no
+    update): 'stop' raises, naming the step and the last good checkpoint;
+    'skip' counts them and goes on, unless a whole logging interval, and at
+    least two steps in a row, applied no update: then the run is stuck and stops."""
+
+    def __init__(self, policy: str, manager):
+        self.policy, self.manager, self.skipped, self.in_a_row = policy, manager, 0, 0
+
+    def check(self, stacked: dict, step: int) -> dict[str, float]:
+        """The interval's mean metrics over its finite steps."""
+        flags = stacked.pop("nonfinite")
+        bad, good_steps = np.flatnonzero(flags), np.flatnonzero(flags == 0)
+        self.in_a_row = self.in_a_row + len(flags) if not good_steps.size else len(flags) - 1 - int(good_steps[-1])
+        if bad.size:
+            first = step - len(flags) + 1 + int(bad[0])
+            if self.policy == "stop" or self.in_a_row >= max(2, len(flags)):
+                self._stop(first, bad.size, len(flags))
+            self.skipped += bad.size
+            logging.warning("Skipped %d non-finite updates, the first at step %d (%d in all).",
+                            bad.size, first, self.skipped)
+        good = np.ones(len(flags), bool)
+        good[bad] = False
+        scalars = {k: float(np.mean(v[good])) if good.any() else float("nan") for k, v in stacked.items()}
+        if self.skipped:
+            scalars["skipped_updates"] = float(self.skipped)
+        return scalars
+
+    def _stop(self, first: int, count: int, steps: int):
+        self.manager.wait_until_finished()
+        last_good = self.manager.latest_step()
+        where = (f"the last good checkpoint is step {last_good} in {self.manager.directory}"
+                 if last_good is not None else "no checkpoint was saved yet")
+        what = ("training stopped" if self.policy == "stop" else
+                f"the last {self.in_a_row} steps in a row applied no update (nonfinite_policy=skip), so "
+                "training stopped")
+        raise FloatingPointError(
+            f"non-finite loss or gradient at step {first} ({count} of the last {steps} steps); the update was "
+            f"not applied and {what}; {where}. Lower the learning rate, raise a very small temperature, or set "
+            "--config.nonfinite_policy=skip to skip isolated such steps.")
