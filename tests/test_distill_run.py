@@ -24,6 +24,7 @@ from simclr_jax.distillation import experiment
 from simclr_jax.evaluation import encoder as encoder_lib
 from simclr_jax.evaluation.run import evaluate
 from tests.test_classifier import CLASSES, NUM_TEST, NUM_TRAIN, image_folder  # noqa: F401 (a fixture)
+from tests.test_loop import _saved, assert_same_end, interrupted_and_resumed
 from tests.workdirs import tiny_pretrain_config, tiny_workdir
 
 BATCH = 16
@@ -82,22 +83,16 @@ def test_record_describes_teacher_and_student_and_scores_what_it_saved(self_dist
     assert pretrained.architecture(record["student"]).protocol == "distill"
 
 
-def test_resume_from_a_checkpoint_ends_where_the_uninterrupted_run_ends(self_distilled, teacher, image_folder,  # noqa: F811
-                                                                      tmp_path):
-    workdir, record = self_distilled
-    halfway = record["train_steps"] // 2
-    assert halfway == 3  # checkpoint_every_steps=3 saved it
-    resumed = str(tmp_path / "resumed")
-    shutil.copytree(os.path.join(checkpoint.checkpoint_dir(workdir), str(halfway)),
-                    os.path.join(checkpoint.checkpoint_dir(resumed), str(halfway)))
-    again = experiment.distill(_config(teacher, image_folder[0]), resumed)
-    assert again["top1"] == record["top1"] and again["top5"] == record["top5"]
-    like = pretrained.abstract_variables(encoder_lib.load_encoder(record["student"]).model, 16,
-                                         encoder_lib.load_encoder(record["student"]).mesh)
-    first, _ = checkpoint.restore_variables(record["student"], like)
-    second, _ = checkpoint.restore_variables(again["student"], like)
-    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+def test_sigterm_then_resume_ends_as_the_uninterrupted_run(self_distilled, teacher, image_folder,  # noqa: F811
+                                                           tmp_path, monkeypatch):
+    full, record = self_distilled
+    cut = str(tmp_path / "cut")
+    run = lambda workdir: experiment.distill(_config(teacher, image_folder[0]), workdir)
+    resumed = interrupted_and_resumed(monkeypatch, run, experiment.Distillation, cut, stop_step=2)
+    assert_same_end(full, record, cut, resumed, total=record["train_steps"])
+    for a, b in zip(jax.tree.leaves(_saved(record["student"], 6)), jax.tree.leaves(_saved(resumed["student"], 6)),
+                    strict=True):  # the student it writes is the same too
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "constant"])
