@@ -21,6 +21,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from simclr_jax.errors import UserError
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -58,7 +60,8 @@ def _split_cpu_into_devices(count: int) -> None:
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+        sys.exit(f"main.py: unexpected arguments {argv[1:]}: every setting is a flag, e.g. --workdir=DIR or "
+                 "--config.batch_size=256")
     logging.get_absl_handler().addFilter(_QuietOrbax())
     _split_cpu_into_devices(FLAGS.cpu_devices)
     from simclr_jax import distributed
@@ -70,6 +73,7 @@ def main(argv):
     tf.config.set_visible_devices([], "GPU")  # tf.data only: leave accelerators to JAX
     import jax
 
+    from simclr_jax import config_validation, lock
     from simclr_jax.distillation import experiment as distillation
     from simclr_jax.evaluation import run as evaluation
     from simclr_jax.pretraining import train
@@ -80,12 +84,14 @@ def main(argv):
         workdir = os.path.join("workdir", recipe)
     logging.info("Config:\n%s", FLAGS.config)
     try:
-        if FLAGS.config.get("protocol") == "distill":
-            distillation.distill(FLAGS.config, workdir)
-        elif "protocol" in FLAGS.config:  # an evaluation recipe
-            evaluation.evaluate(FLAGS.config, workdir)
-        else:
-            train.train_and_evaluate(FLAGS.config, workdir, make_evaluators=evaluation.pretraining_evaluators)
+        kind = config_validation.recipe_kind(FLAGS.config)
+        with lock.hold(workdir):  # one run per workdir
+            if kind == "pretrain":
+                train.train_and_evaluate(FLAGS.config, workdir, make_evaluators=evaluation.pretraining_evaluators)
+            elif kind == "distill":
+                distillation.distill(FLAGS.config, workdir)
+            else:
+                evaluation.evaluate(FLAGS.config, workdir)
     except Exception:
         if jax.process_count() > 1:
             logging.error("Process %d of %d stopped on the error below. In a multi-process run a "
@@ -101,17 +107,27 @@ def _unknown_field_message(error: AttributeError) -> str:
     return f"unknown config field {text}"
 
 
+def _missing_recipe(argv: list[str]):
+    """The --config file named on the command line, if it does not exist."""
+    for i, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--config=") else (
+            argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None)
+        if value is not None and not os.path.isfile(value.split(":")[0]):
+            return value
+    return None
+
+
 if __name__ == "__main__":
+    if (missing := _missing_recipe(sys.argv[1:])) is not None:
+        recipes = sorted(name for name in os.listdir(os.path.join(HERE, "configs")) if name.endswith(".py")
+                         and name not in ("__init__.py", "evaluation.py"))
+        sys.exit(f"main.py: no recipe file {missing!r}; pass one of {os.path.join(HERE, 'configs')}/"
+                 f"{{{', '.join(recipes)}}}")
     try:
         app.run(main)
     except AttributeError as e:
         if FLAGS.is_parsed():  # not a command-line mistake
             raise
         sys.exit(f"main.py: {_unknown_field_message(e)} (see configs/ for the fields of each recipe)")
-    except ValueError as e:
-        from simclr_jax.config_validation import ConfigError
-        from simclr_jax.pretrained import CheckpointError
-
-        if not isinstance(e, (ConfigError, CheckpointError)):
-            raise
+    except (UserError, FloatingPointError) as e:  # a user's mistake, or training that diverged: the fix is said
         sys.exit(f"main.py: {e}")

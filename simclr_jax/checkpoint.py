@@ -17,8 +17,10 @@ from typing import Any, Optional
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 
 from simclr_jax import storage
+from simclr_jax.errors import CheckpointError
 
 CONFIG_FILE = "config.json"
 ARCHITECTURE_BEFORE_VARIANTS = {"variant": "torchvision", "sk_ratio": 0.0, "se_ratio": 0.0}
@@ -57,12 +59,31 @@ def restore(manager: ocp.CheckpointManager, like: Any, step: Optional[int] = Non
 
     ``like`` is a pytree of arrays (or ShapeDtypeStructs) carrying the target
     shardings, so a checkpoint written on any device layout lands on this one.
+    A checkpoint that cannot be read (a damaged or truncated file) is a
+    CheckpointError naming it and the newest earlier step that reads; nothing
+    is deleted for the user.
     """
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {manager.directory}")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    try:
+        return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    except Exception as e:  # noqa: BLE001 (TensorStore, JSON and OS errors share no type)
+        damaged = f"checkpoint step {step} in {manager.directory} cannot be read ({_first_line(e)})"
+    for earlier in sorted((s for s in manager.all_steps() if s < step), reverse=True):
+        try:
+            manager.restore(earlier, args=ocp.args.StandardRestore(abstract))
+        except Exception:  # noqa: BLE001
+            continue
+        raise CheckpointError(f"{damaged}; step {earlier} reads: delete {storage.join(str(manager.directory), str(step))} "
+                              f"(and any later step) to resume from step {earlier}")
+    raise CheckpointError(f"{damaged}, nor does any earlier step: start again in a new --workdir")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200] if text else ''}"
 
 
 # --------------------------------------------------------------------------- a finished run
@@ -163,19 +184,35 @@ def restore_variables(workdir: str, abstract_variables: Any, step: Optional[int]
     with the target shardings; only those are read (the optimiser state is
     left on disk), plus each entry of ``params`` named in ``optional_params``
     that the checkpoint has (e.g. the online probe), placed like the others.
-    ``step`` None or < 0 means the latest.
+    ``step`` None or < 0 means the latest that reads: a damaged latest step is
+    skipped with a warning naming it.
     """
+    latest = step is None or step < 0
     with _reader(workdir, step) as (manager, step):
-        root = manager.directory
-        abstract = _with_optional_params(abstract_variables, manager.item_metadata(step), optional_params)
-        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
-        try:
-            restored = manager.restore(step, args=ocp.args.PyTreeRestore(
-                item=abstract, restore_args=restore_args, partial_restore=True))
-        except (ValueError, KeyError) as e:
-            raise ValueError(f"the checkpoint in {root} (step {step}) does not fit the architecture in "
-                             f"{CONFIG_FILE} ({e.__class__.__name__}: {str(e)[:300]})") from None
-    return restored, step
+        candidates = sorted((s for s in manager.all_steps() if s <= step), reverse=True) if latest else [step]
+        errors = []
+        for candidate in candidates:
+            try:
+                restored = _read_variables(manager, candidate, abstract_variables, optional_params)
+            except Exception as e:  # noqa: BLE001 (TensorStore, JSON and OS errors share no type)
+                errors.append(e)
+                continue
+            if errors:
+                logging.warning("Checkpoint step %d in %s cannot be read (%s): using step %d, the newest that "
+                                "reads.", step, manager.directory, _first_line(errors[0]), candidate)
+            return restored, candidate
+    if isinstance(errors[0], (ValueError, KeyError)) and not isinstance(errors[0], json.JSONDecodeError):
+        raise CheckpointError(f"the checkpoint in {manager.directory} (step {step}) does not fit the architecture "
+                              f"in {CONFIG_FILE} ({_first_line(errors[0])})")
+    raise CheckpointError(f"checkpoint step {step} in {manager.directory} cannot be read ({_first_line(errors[0])})"
+                          + (", nor can any earlier step" if len(errors) > 1 else ""))
+
+
+def _read_variables(manager, step: int, abstract_variables: Any, optional_params: tuple[str, ...]) -> Any:
+    abstract = _with_optional_params(abstract_variables, manager.item_metadata(step), optional_params)
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+    return manager.restore(step, args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args,
+                                                             partial_restore=True))
 
 
 def saved_head_classes(workdir: str, head_key: str, step: Optional[int] = None) -> int:

@@ -16,6 +16,7 @@ import jax
 import ml_collections
 
 from simclr_jax import sharding
+from simclr_jax.errors import UserError
 from simclr_jax.models import VALID_DEPTHS, VARIANTS
 
 DTYPES = ("float32", "bfloat16")
@@ -63,7 +64,7 @@ RESUMABLE = ("data_dir", "download", "cache_dataset", "init_from", "num_train_st
              "checkpoint_every_steps", "keep_checkpoints", "nonfinite_policy", "write_pictures")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config that cannot run, with what to set instead. main.py prints its
     message alone, without a traceback: the fix is in the message."""
 

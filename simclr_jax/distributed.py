@@ -24,6 +24,8 @@ import os
 import jax
 from absl import logging
 
+from simclr_jax.errors import UserError
+
 COORDINATOR_ADDRESS = "JAX_COORDINATOR_ADDRESS"
 NUM_PROCESSES = "JAX_NUM_PROCESSES"
 PROCESS_ID = "JAX_PROCESS_ID"
@@ -34,7 +36,7 @@ def _int_env(name: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} must be an integer") from None
+        raise UserError(f"environment variable {name}={value!r} must be an integer") from None
 
 
 def explicit_settings() -> tuple[str, int, int] | None:
@@ -48,15 +50,15 @@ def explicit_settings() -> tuple[str, int, int] | None:
         return None
     missing = [name for name in (COORDINATOR_ADDRESS, NUM_PROCESSES, PROCESS_ID) if not os.environ.get(name)]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"multi-process run: set all of {COORDINATOR_ADDRESS} (host:port of process 0), "
             f"{NUM_PROCESSES} and {PROCESS_ID}; missing {', '.join(missing)}."
         )
     address, count, index = os.environ[COORDINATOR_ADDRESS], _int_env(NUM_PROCESSES), _int_env(PROCESS_ID)
     if ":" not in address:
-        raise ValueError(f"{COORDINATOR_ADDRESS}={address!r} must be host:port, e.g. 10.0.0.1:1234")
+        raise UserError(f"{COORDINATOR_ADDRESS}={address!r} must be host:port, e.g. 10.0.0.1:1234")
     if count < 1 or not 0 <= index < count:
-        raise ValueError(f"need {NUM_PROCESSES} >= 1 and 0 <= {PROCESS_ID} < {NUM_PROCESSES}; got {count} and {index}")
+        raise UserError(f"need {NUM_PROCESSES} >= 1 and 0 <= {PROCESS_ID} < {NUM_PROCESSES}; got {count} and {index}")
     return address, count, index
 
 

@@ -16,14 +16,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from simclr_jax import checkpoint, config_validation, official_tf2, sharding, storage
+from simclr_jax.errors import CheckpointError
 from simclr_jax.models import SimCLR
 from simclr_jax.pretraining.step import PROBE  # the online probe's key in the checkpoint's params
-
-
-class CheckpointError(ValueError):
-    """A path that cannot serve as pretrained weights (missing, not SimCLR's,
-    another architecture, truncated), with what to pass instead. main.py
-    prints its message alone, like a ConfigError: the fix is in the message."""
 
 
 @contextlib.contextmanager

@@ -16,9 +16,12 @@ goes through a temporary file on local disks.
 """
 import os
 import re
+import tempfile
 from typing import Union
 
 from etils import epath
+
+from simclr_jax.errors import StorageError
 
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
@@ -35,6 +38,28 @@ def resolve(path: str) -> str:
 
 def join(path: str, *names: str) -> str:
     return "/".join([os.fspath(path).rstrip("/"), *names]) if is_url(path) else os.path.join(path, *names)
+
+
+def check_writable_dir(path: str) -> None:
+    """Raises StorageError unless ``path`` is, or can become, a folder this
+    process can write; creates nothing. Buckets show their permissions at the
+    first write."""
+    if is_url(path):
+        return
+    path = resolve(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise StorageError(f"{path} is a file, not a folder: choose another --workdir")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise StorageError(f"cannot create {path}: {existing} is a file; choose another --workdir")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise StorageError(f"cannot write to {path}: {e.strerror or e} in {existing}; choose a --workdir you can "
+                           "write to") from None
 
 
 def parent(path: str) -> str:
@@ -60,6 +85,11 @@ def listdir(path: str) -> list[str]:
 
 def makedirs(path: str) -> None:
     epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def remove(path: str) -> None:
+    """Deletes file ``path`` if it exists."""
+    epath.Path(path).unlink(missing_ok=True)
 
 
 def rmtree(path: str) -> None:

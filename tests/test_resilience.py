@@ -4,6 +4,9 @@ import json
 import os
 import random
 import signal
+import socket
+import subprocess
+import sys
 import time
 
 import jax
@@ -13,7 +16,7 @@ import pytest
 
 from simclr_jax import checkpoint, storage, writers
 from simclr_jax.pretraining import train
-from tests.launch import MAIN, main_args, recipe, start, wait
+from tests.launch import MAIN, main_args, process_env, recipe, start, wait
 from tests.test_pretrain import _tiny_config, pretrain
 
 pytestmark = pytest.mark.slow
@@ -113,6 +116,14 @@ def test_sigkill_while_saving_never_breaks_resume(real_data_dir, tmp_path):
     (process,) = start(main_args(workdir, real_data_dir, 10_000, *flags), logs, num_processes=1,
                        devices_per_process=2)
     _wait_for_records(workdir, process, 2)
+    # A second run on the live run's workdir stops at once, naming it, and writes nothing.
+    before = sorted(os.listdir(workdir)), _losses(workdir)
+    second = subprocess.run([sys.executable, *main_args(workdir, real_data_dir, 10_000, *flags)], cwd=str(tmp_path),
+                            env=process_env(2), capture_output=True, text=True, timeout=120)
+    assert second.returncode != 0 and process.poll() is None
+    assert f"is in use by a run on {socket.gethostname()} (pid {process.pid}" in second.stderr.splitlines()[-1]
+    assert "Traceback" not in second.stderr
+    assert sorted(os.listdir(workdir)) == before[0] and _losses(workdir)[:len(before[1])] == before[1]
     time.sleep(rng.uniform(0.0, 1.0))
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
@@ -122,7 +133,7 @@ def test_sigkill_while_saving_never_breaks_resume(real_data_dir, tmp_path):
     assert latest is not None
     state = _saved_state(workdir, latest)
     assert int(state["step"]) == latest
-    # And a real resume from whatever the kill left.
+    # And a real resume from whatever the kill left (the dead run's lock does not block it).
     wait(start(main_args(workdir, real_data_dir, latest + 2, *flags), logs, num_processes=1,
                devices_per_process=2), logs)
     assert _losses(workdir)[-1][0] == latest + 2

@@ -17,6 +17,7 @@ import urllib.request
 from absl import logging
 
 from simclr_jax import storage
+from simclr_jax.errors import DataError
 
 CONNECT_TIMEOUT_S = 5.0  # per download host, all checked at once
 
@@ -84,13 +85,13 @@ def prepare(builder, dataset, data_dir, *, download):
     files, unreachable download hosts, or a failed download."""
     not_prepared, advice = _not_prepared(dataset, builder, data_dir), _prepare_elsewhere(dataset)
     if not download:
-        raise ValueError(
+        raise DataError(
             f"{not_prepared} and config.download is False, so TFDS cannot download it here. "
             f"{advice} Or set config.download=True to let TFDS download and prepare it here.")
     if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
         folder = manual_dir(builder)
         if not (storage.isdir(folder) and storage.listdir(folder)):
-            raise ValueError(
+            raise DataError(
                 f"{not_prepared}, and TFDS cannot download it: its files must be downloaded by "
                 f"hand, and its manual folder is missing or empty. {_manual_hint(builder)} "
                 f"Or prepare it elsewhere: {advice}")
@@ -98,12 +99,12 @@ def prepare(builder, dataset, data_dir, *, download):
     else:  # (a manual dataset's listed URLs are the ones it does not fetch)
         failed = unreachable(builder.url_infos or {}, CONNECT_TIMEOUT_S)
         if failed:
-            raise ValueError(f"{not_prepared}; downloading it failed: cannot connect to "
+            raise DataError(f"{not_prepared}; downloading it failed: cannot connect to "
                              f"{', '.join(failed)}, so TFDS cannot download here. {advice}")
     logging.info("Downloading and preparing %s into %s (config.download=True)", dataset,
                  builder.data_dir_root)
     try:
         builder.download_and_prepare()
     except Exception as e:  # noqa: BLE001 - any failure gets the same advice
-        raise ValueError(f"{not_prepared}; downloading and preparing it with TFDS failed "
+        raise DataError(f"{not_prepared}; downloading and preparing it with TFDS failed "
                          f"({type(e).__name__}: {str(e)[:500]}). {advice}") from e

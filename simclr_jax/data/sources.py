@@ -16,6 +16,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from simclr_jax.data import preparation
+from simclr_jax.errors import DataError
 
 AUTOTUNE = tf.data.AUTOTUNE
 FOLDER_PREFIX = "folder:"  # config.dataset = 'folder:ROOT' reads a labelled image folder
@@ -48,16 +49,16 @@ def load_split(dataset, split, data_dir, *, download=False, shuffle_files=False,
     try:
         builder = tfds.builder(dataset, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
-        raise ValueError(f"unknown TFDS dataset {dataset!r}") from None
+        raise DataError(f"unknown TFDS dataset {dataset!r}") from None
     except (AssertionError, ValueError) as e:  # e.g. a bad version or config
-        raise ValueError(f"cannot open TFDS dataset {dataset!r}: {e}") from None
+        raise DataError(f"cannot open TFDS dataset {dataset!r}: {e}") from None
     if not builder.is_prepared():
         preparation.prepare(builder, dataset, data_dir, download=download)
     splits = builder.info.splits
     try:
         splits[split]
     except (KeyError, ValueError):
-        raise ValueError(
+        raise DataError(
             f"unknown or malformed split {split!r} for TFDS dataset {dataset!r}; available "
             f"splits: {sorted(splits.keys())} (slices like 'train[:10%]' work)"
         ) from None
@@ -89,7 +90,7 @@ def num_classes(dataset, split, data_dir, *, download=False) -> int:
     _, _, info = load_split(dataset, split, data_dir, download=download)
     classes = label_classes(info)
     if not classes:
-        raise ValueError(
+        raise DataError(
             f"dataset {dataset!r} has no 'label' class feature, which evaluation and supervised "
             "training need; choose a labelled dataset (a TFDS dataset or folder:ROOT with "
             "ROOT/<split>/<class_name>/ images).")
@@ -118,21 +119,43 @@ def load_folder_split(root, split, *, decoders=None, process_slice=True):
     """
     root = os.path.expanduser(root)
     if not tf.io.gfile.isdir(root):  # gfile: gs:// roots work too
-        raise ValueError(
+        raise DataError(
             f"image folder {root!r} (config.dataset='folder:{root}') does not exist; expected "
             "ROOT/<split>/<class_name>/*.jpg|png, e.g. ROOT/train/cat/001.jpg")
     builder = tfds.ImageFolder(root)
     splits = sorted(builder.info.splits.keys())
     if split not in splits:
-        raise ValueError(
+        raise DataError(
             f"unknown split {split!r} for image folder {root!r}: its splits (sub-folders holding "
             f"class folders of .jpg/.png files) are {splits}; slices like 'train[:10%]' are not "
             "supported for folders")
+    _check_classes(root, builder.info.features["label"].names, splits)
     ds = builder.as_dataset(split=split, decoders=decoders)
     num_examples = builder.info.splits[split].num_examples
     if process_slice and jax.process_count() > 1:
         ds = ds.shard(jax.process_count(), jax.process_index())
     return ds, num_examples, builder.info
+
+
+def _check_classes(root, names, splits) -> None:
+    """A labelled folder needs two classes or more, each with training images:
+    with one class every prediction is right, and a class the train split
+    lacks can never be predicted."""
+    if len(names) < 2:
+        raise DataError(
+            f"image folder {root!r} has {len(names)} class ({', '.join(names)}): a labelled folder needs two or "
+            f"more class folders; to pretrain on its images without labels use config.dataset='{IMAGES_PREFIX}{root}'")
+    if "train" in splits:
+        train = os.path.join(root, "train")
+        holding = set()
+        for name in (entry.rstrip("/") for entry in tf.io.gfile.listdir(train)):
+            folder = os.path.join(train, name)
+            if tf.io.gfile.isdir(folder) and any(f.lower().endswith(IMAGE_EXTENSIONS)
+                                                 for f in tf.io.gfile.listdir(folder)):
+                holding.add(name)
+        if missing := sorted(set(names) - holding):
+            raise DataError(f"image folder {root!r}: class(es) {missing} have no images under {train}; every class "
+                            "needs training images (add some, or remove the class folder from every split)")
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # any case
@@ -173,7 +196,7 @@ def list_image_files(root):
     """
     root = os.path.expanduser(root)
     if not tf.io.gfile.isdir(root):  # gfile: gs:// roots work too
-        raise ValueError(f"image folder {root!r} (config.dataset='{IMAGES_PREFIX}{root}') does not exist")
+        raise DataError(f"image folder {root!r} (config.dataset='{IMAGES_PREFIX}{root}') does not exist")
     candidates = sorted(
         os.path.join(folder, name)
         for folder, _, names in tf.io.gfile.walk(root)
@@ -192,7 +215,7 @@ def list_image_files(root):
         _CHECKED[key] = (paths, skipped)
     paths, skipped = _CHECKED[key]
     if not paths:
-        raise ValueError(
+        raise DataError(
             f"no images in {root!r} (config.dataset='{IMAGES_PREFIX}{root}'): looked for "
             f"{'/'.join(IMAGE_EXTENSIONS)} files (any case) at any depth and found "
             f"{len(candidates)} with those extensions, {len(skipped)} of them not JPEG or PNG")

@@ -216,6 +216,7 @@ def distill(config: ml_collections.ConfigDict, workdir: str) -> dict:
     (module docstring). Refuses to start if ``workdir/student`` exists."""
     mesh = sharding.make_mesh()
     config_validation.validate(config, mesh.devices.size)
+    storage.check_writable_dir(workdir)
     checkpoint.refuse_run_workdir(workdir)
     student_dir = storage.join(workdir, STUDENT)
     if storage.exists(student_dir):

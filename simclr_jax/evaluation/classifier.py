@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from simclr_jax import loop, sharding, updates, writers
 from simclr_jax.data import input_pipeline, sources
+from simclr_jax.errors import UserError
 from simclr_jax.evaluation.metrics import topk_accuracy
 from simclr_jax.models import SimCLR
 
@@ -183,12 +184,12 @@ class SupervisedHeadEvaluator:
 
     def run(self, variables, head) -> dict:
         if head is None:
-            raise ValueError(f"{self.config.pretrained} has no supervised head to score: official checkpoints "
+            raise UserError(f"{self.config.pretrained} has no supervised head to score: official checkpoints "
                              "saved with one (lineareval_while_pretraining, or fine-tuned) and our runs with "
                              "config.online_probe=True carry it; use configs/linear_eval.py to train one")
         classes = int(head["bias"].shape[0])
         if classes != self.num_classes:
-            raise ValueError(f"the supervised head has {classes} classes but {self.config.dataset} has "
+            raise UserError(f"the supervised head has {classes} classes but {self.config.dataset} has "
                              f"{self.num_classes}: score it on the dataset it was trained for")
         return test_split_accuracy(self.config, self.mesh, lambda images: self._logits(variables, head, images))
 
@@ -212,10 +213,10 @@ class ClassifierExperiment:
         self.examples, self.num_train, info = input_pipeline.labelled_examples(config, self.dataset, self.split,
                                                                                indices)
         if sources.label_classes(info) != self.num_classes:
-            raise ValueError(f"{self.dataset} has {sources.label_classes(info)} classes but {config.dataset} has "
+            raise UserError(f"{self.dataset} has {sources.label_classes(info)} classes but {config.dataset} has "
                              f"{self.num_classes}; they must share one label set")
         if self.settings.batch_size > self.num_train:
-            raise ValueError(f"config.{self.section}.batch_size={self.settings.batch_size} exceeds the "
+            raise UserError(f"config.{self.section}.batch_size={self.settings.batch_size} exceeds the "
                              f"{self.num_train} labelled training examples of {self.dataset}:{self.split}; lower it")
         self.total_steps = max(1, int(round(self.settings.epochs * self.num_train / self.settings.batch_size)))
         schedule = "cosine" if freeze_encoder else self.settings.schedule

@@ -126,6 +126,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     """Pretrains SimCLR as ``config`` says, resuming from ``workdir`` if possible."""
     mesh = sharding.make_mesh()
     config_validation.validate(config, mesh.devices.size)
+    storage.check_writable_dir(workdir)
     experiment = Pretraining(config, workdir, mesh, make_evaluators)
     start_step = experiment.resumed_from or 0
     writer = writers.create_writer(workdir)
