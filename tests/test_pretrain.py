@@ -8,6 +8,8 @@ import pytest
 from configs import knn as knn_config
 from configs import smoke
 from simclr_jax import checkpoint, config_validation, models, sharding, writers
+from simclr_jax.errors import CheckpointError
+from simclr_jax.evaluation import encoder as encoder_lib
 from simclr_jax.evaluation import run as evaluation
 from simclr_jax.pretraining import optim, step, train
 from tests.workdirs import tiny_pretrain_config
@@ -39,7 +41,7 @@ def _scalars(workdir, key):
 
 
 @pytest.mark.slow
-def test_resume_continues_from_saved_step_with_identical_state(real_data_dir, tmp_path):
+def test_resume_continues_from_saved_step_with_identical_state(real_data_dir, tmp_path, caplog):
     workdir = str(tmp_path)
     first = jax.device_get(pretrain(_tiny_config(real_data_dir), workdir))
     assert int(first.step) == 4
@@ -68,6 +70,20 @@ def test_resume_continues_from_saved_step_with_identical_state(real_data_dir, tm
         pretrain(_tiny_config(real_data_dir, num_train_steps=8, batch_size=32), workdir)
     assert open(os.path.join(workdir, "metrics.jsonl")).read() == metrics
     assert checkpoint.saved_config(workdir)["batch_size"] == 16
+
+    # A damaged latest checkpoint (its array files cut in half): resume names it and the step that
+    # reads; evaluation falls back to that step with a warning.
+    for folder, _, names in os.walk(os.path.join(checkpoint.checkpoint_dir(workdir), "6")):
+        for name in names:
+            if os.path.basename(folder) == "d":
+                with open(os.path.join(folder, name), "r+b") as f:
+                    f.truncate(os.path.getsize(os.path.join(folder, name)) // 2)
+    with pytest.raises(CheckpointError, match=r"checkpoint step 6 in .* cannot be read .*; step 4 reads: delete "
+                                              r".*/checkpoints/6 \(and any later step\) to resume from step 4"):
+        pretrain(_tiny_config(real_data_dir, num_train_steps=8), workdir)
+    with caplog.at_level("WARNING"):
+        encoder = encoder_lib.load_encoder(workdir)
+    assert encoder.step == 4 and "step 6" in caplog.text and "using step 4" in caplog.text
 
 
 @pytest.mark.slow
