@@ -103,7 +103,7 @@ def test_knn_query_batching_does_not_change_scores():
     for batch in (1, 7, 23, 100):
         np.testing.assert_allclose(
             knn.knn_scores(bank, bank_labels, queries, 4, k=10, query_batch_size=batch),
-            whole, rtol=1e-6)
+            whole, rtol=1e-5)  # float32 sums of exp(sim / 0.1) in another order: 1.4e-6 seen in CI
 
 
 def test_knn_rejects_out_of_range_labels():
