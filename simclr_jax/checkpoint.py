@@ -112,16 +112,17 @@ def saved_config(workdir: str) -> Optional[dict]:
     return json.loads(storage.read_text(path)) if storage.exists(path) else None
 
 
-def refuse_run_workdir(workdir: str) -> None:
-    """An evaluation or distillation writes results, logs and checkpoints into a
-    workdir of its own: never into a run's (one with a config.json), whose
-    metrics and checkpoints it would mix with its own."""
-    if storage.exists(storage.join(workdir, CONFIG_FILE)):
+def refuse_run_workdir(workdir: str, protocol: str) -> None:
+    """``protocol`` writes results, logs and checkpoints into a workdir of its
+    own: never into another run's (one whose config.json another protocol,
+    or pretraining, wrote), whose metrics and checkpoints it would mix with its own."""
+    saved = saved_config(workdir)
+    if saved is not None and saved.get("protocol") != protocol:
         from simclr_jax.config_validation import ConfigError
 
-        raise ConfigError(f"--workdir={workdir} holds a training run ({CONFIG_FILE}, checkpoints/): an evaluation "
-                          "writes its results, logs and checkpoints into a workdir of its own; pass e.g. "
-                          f"--workdir={storage.join(workdir, 'eval')}")
+        raise ConfigError(f"--workdir={workdir} holds a {saved.get('protocol') or 'pretraining'} run ({CONFIG_FILE}, "
+                          f"checkpoints/): {protocol} writes its results, logs and checkpoints into a workdir of "
+                          f"its own; pass e.g. --workdir={storage.join(workdir, protocol)}")
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:

@@ -15,6 +15,7 @@ long run needs:
   checkpoints every ``checkpoint_every_steps`` and at the end.
 """
 import dataclasses
+import json
 import time
 from typing import Any, Iterator, Protocol
 
@@ -24,7 +25,7 @@ import numpy as np
 from absl import logging
 from clu import periodic_actions
 
-from simclr_jax import checkpoint, preemption
+from simclr_jax import checkpoint, config_validation, preemption, storage
 
 
 class Experiment(Protocol):
@@ -66,6 +67,37 @@ class Cadence:
     def from_config(cls, config) -> "Cadence":
         return cls(config.log_every_steps, config.checkpoint_every_steps, config.keep_checkpoints,
                    config.nonfinite_policy)
+
+
+@dataclasses.dataclass(frozen=True)
+class Resume:
+    """Where a run starts: ``step`` (None: afresh) and the settings changed
+    since its last start, {field: (then, now)}."""
+    step: Any
+    changes: dict
+
+
+def check_resume(run_dir: str, config) -> Resume:
+    """Before anything is written: the run in ``run_dir`` this config would
+    resume, refusing (ConfigError) a config that changes what it trains."""
+    step = checkpoint.latest_step(run_dir)
+    saved = checkpoint.saved_config(run_dir) if step is not None else None
+    return Resume(step, config_validation.resume_changes(saved, config) if saved else {})
+
+
+def record_start(run_dir: str, config, resume: Resume) -> None:
+    """``run_dir``/config.json (what evaluation and the next resume read), and
+    the settings a resume changed, logged and appended to resumes.jsonl."""
+    if jax.process_index() != 0:
+        return
+    if resume.changes:
+        logging.warning("Resuming at step %d with changed settings: %s", resume.step,
+                        ", ".join(f"{f} {a!r} -> {b!r}" for f, (a, b) in resume.changes.items()))
+        record = storage.Appender(storage.join(run_dir, "resumes.jsonl"))
+        record.write(json.dumps({"step": resume.step, "changed": {f: list(v) for f, v in resume.changes.items()}})
+                     + "\n")
+        record.close()
+    checkpoint.write_run_config(run_dir, config)
 
 
 def run(experiment: Experiment, workdir: str, cadence: Cadence, writer) -> Any:

@@ -39,14 +39,15 @@ def _sigterm_at(monkeypatch, experiment_class, stop_step):
     monkeypatch.setattr(experiment_class, "step", stepping)
 
 
-def interrupted_and_resumed(monkeypatch, run, experiment_class, run_dir, stop_step) -> dict:
-    """``run(run_dir)`` stopped by SIGTERM during step ``stop_step``, then run
-    again (the resume); returns the second run's record."""
+def interrupted_and_resumed(monkeypatch, run, experiment_class, workdir, stop_step, run_dir=None) -> dict:
+    """``run(workdir)`` stopped by SIGTERM during step ``stop_step``, then run
+    again (the resume); returns the second run's record. ``run_dir``: where
+    the loop keeps its checkpoints (default: the workdir)."""
     with monkeypatch.context() as patch:
         _sigterm_at(patch, experiment_class, stop_step)
-        assert not run(run_dir)  # stopped: no result yet
-    assert checkpoint.latest_step(run_dir) == stop_step
-    return run(run_dir)
+        assert not run(workdir)  # stopped: no result yet
+    assert checkpoint.latest_step(run_dir or workdir) == stop_step
+    return run(workdir)
 
 
 def assert_same_end(full, record, cut, resumed, total) -> None:
@@ -75,8 +76,9 @@ def test_sigterm_then_resume_ends_as_the_uninterrupted_run(protocol, workdir, im
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     record = run(full)
     trained = jax.device_get(experiment.trained_variables)
-    resumed = interrupted_and_resumed(monkeypatch, run, ClassifierExperiment, cut, 4)
-    assert_same_end(full, record, cut, resumed, total=6)
+    resumed = interrupted_and_resumed(monkeypatch, run, ClassifierExperiment, cut, 4,
+                                      run_dir=os.path.join(cut, protocol))
+    assert_same_end(os.path.join(full, protocol), record, os.path.join(cut, protocol), resumed, total=6)
     assert record["train_steps"] == 6 and 0 < record["top1"] <= 1
     for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(jax.device_get(experiment.trained_variables)),
                     strict=True):
@@ -93,8 +95,9 @@ def test_a_diverging_finetune_stops_at_the_step_naming_the_last_good_checkpoint(
     bad, good = map(int, re.search(r"non-finite loss or gradient at step (\d+) .*the last good checkpoint is step "
                                    r"(\d+) in", str(error.value)).groups())
     assert good == bad - 1  # a checkpoint every step: the one before the bad step, which saved nothing
-    assert checkpoint.latest_step(str(tmp_path)) == good
-    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(_saved(str(tmp_path), good)))
+    run_dir = str(tmp_path / "finetune")
+    assert checkpoint.latest_step(run_dir) == good
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(_saved(run_dir, good)))
 
 
 def test_skip_goes_on_past_an_isolated_step_and_stops_when_stuck():
@@ -117,3 +120,27 @@ def test_skip_goes_on_past_an_isolated_step_and_stops_when_stuck():
         guard.check({"nonfinite": np.array([1.0, 1.0, 1.0]), "loss": np.full(3, np.nan)}, step=9)
     with pytest.raises(FloatingPointError, match="step 2 .*training stopped"):
         loop.NonfiniteGuard("stop", Manager()).check({"nonfinite": np.array([0.0, 1.0]), "loss": np.ones(2)}, 2)
+
+
+def test_a_resume_that_would_train_something_else_is_refused(tmp_path):
+    """Every loop protocol resumes only its own run: here a fine-tuning run_dir
+    holding a checkpoint and the config.json record_start wrote."""
+    from configs import finetune as finetune_config
+    from simclr_jax.config_validation import ConfigError
+
+    run_dir, config = str(tmp_path / "finetune"), finetune_config.get_config()
+    assert loop.check_resume(run_dir, config) == loop.Resume(None, {})  # nothing to resume: a fresh start
+    loop.record_start(run_dir, config, loop.Resume(None, {}))
+    manager = checkpoint.create_manager(run_dir, save_every_steps=1, max_to_keep=1)
+    checkpoint.save(manager, 3, {"w": np.zeros(2)}, force=True)
+    manager.wait_until_finished()
+    manager.close()
+    config.checkpoint_every_steps, config.data_dir = 7, "/elsewhere"  # how it saves, where the data lies: allowed
+    resume = loop.check_resume(run_dir, config)
+    assert resume.step == 3 and resume.changes == {"checkpoint_every_steps": (500, 7), "data_dir": (None, "/elsewhere")}
+    loop.record_start(run_dir, config, resume)
+    assert writers.read_jsonl(os.path.join(run_dir, "resumes.jsonl")) == [
+        {"step": 3, "changed": {"checkpoint_every_steps": [500, 7], "data_dir": [None, "/elsewhere"]}}]
+    config.finetune.label_fraction = 0.5  # another subset: another run
+    with pytest.raises(ConfigError, match=r"finetune.label_fraction=0.1 \(now 0.5\)"):
+        loop.check_resume(run_dir, config)

@@ -191,6 +191,8 @@ class Distillation:
     def train(self, workdir: str) -> StudentState:
         """Trains to ``total_steps`` in the one loop (loop.run), resuming from
         ``workdir``'s latest checkpoint; a stop request saves and returns early."""
+        resume = loop.check_resume(workdir, self.config)
+        loop.record_start(workdir, self.config, resume)
         writer = writers.create_writer(workdir)
         state = loop.run(self, workdir, loop.Cadence.from_config(self.config), writer)
         writer.close()
@@ -217,7 +219,7 @@ def distill(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = sharding.make_mesh()
     config_validation.validate(config, mesh.devices.size)
     storage.check_writable_dir(workdir)
-    checkpoint.refuse_run_workdir(workdir)
+    checkpoint.refuse_run_workdir(workdir, "distill")
     student_dir = storage.join(workdir, STUDENT)
     if storage.exists(student_dir):
         raise config_validation.ConfigError(f"{student_dir} already holds a distilled student; remove it, or give "

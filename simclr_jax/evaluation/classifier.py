@@ -31,7 +31,7 @@ from absl import logging
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from simclr_jax import loop, sharding, updates, writers
+from simclr_jax import loop, sharding, storage, updates, writers
 from simclr_jax.data import input_pipeline, sources
 from simclr_jax.errors import UserError
 from simclr_jax.evaluation.metrics import topk_accuracy
@@ -305,12 +305,16 @@ class ClassifierExperiment:
                                    lambda images: self._logits(variables, classifier_params, feature_norm, images))
 
     def run(self, variables, workdir: str) -> Optional[dict]:
-        """Trains from ``variables`` in the loop (checkpoints in ``workdir``,
-        resumed from there), then scores; None when a stop request ended the
-        training early (run it again to resume)."""
+        """Trains from ``variables`` in the loop, then scores; None when a stop
+        request ended the training early (run it again to resume). Its
+        checkpoints, config.json and training metrics go to ``workdir/<name>``
+        (linear_eval or finetune), resumed from there."""
         self._variables, self._frozen = variables, variables if self.freeze_encoder else {}
-        writer = writers.create_writer(workdir)
-        state = loop.run(self, workdir, loop.Cadence.from_config(self.config), writer)
+        run_dir = storage.join(workdir, self.name)  # its own: an evaluation workdir may hold several protocols
+        resume = loop.check_resume(run_dir, self.config)
+        loop.record_start(run_dir, self.config, resume)
+        writer = writers.create_writer(run_dir)
+        state = loop.run(self, run_dir, loop.Cadence.from_config(self.config), writer)
         writer.close()
         if int(state.step) < self.total_steps:
             return None

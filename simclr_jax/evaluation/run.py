@@ -67,7 +67,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     mesh = sharding.make_mesh()
     config_validation.validate(config, mesh.devices.size)
     storage.check_writable_dir(workdir)
-    checkpoint.refuse_run_workdir(workdir)
+    checkpoint.refuse_run_workdir(workdir, config.protocol)
     finetuned = storage.join(workdir, FINETUNED)
     if config.protocol == "finetune" and storage.exists(finetuned):
         raise config_validation.ConfigError(

@@ -10,7 +10,6 @@ passes the kNN monitor, simclr_jax.evaluation.run.pretraining_evaluators).
 They run every ``config.eval_every_epochs`` and at the end, always after the
 step's checkpoint is on disk: an evaluation that fails never costs training.
 """
-import json
 import time
 from typing import Callable, Iterator, Optional
 
@@ -48,9 +47,7 @@ class Pretraining:
 
     def __init__(self, config, workdir: str, mesh: Mesh, make_evaluators: Optional[EvaluatorFactory]):
         self.config, self.mesh, self.batch_size = config, mesh, config.batch_size
-        self.resumed_from = checkpoint.latest_step(workdir)
-        saved = checkpoint.saved_config(workdir) if self.resumed_from is not None else None
-        self.changes = config_validation.resume_changes(saved, config) if saved else {}
+        self.resume = loop.check_resume(workdir, config)
         if config.init_from:
             _check_init_architecture(config)
         _, num_examples, info = sources.load_split(config.dataset, config.train_split, config.data_dir,
@@ -78,7 +75,7 @@ class Pretraining:
     def _fresh_state(self, model, tx, probe_classes: int) -> TrainState:
         config, mesh = self.config, self.mesh
         state = create_train_state(model, tx, config.image_size, config.seed, mesh, probe_classes)
-        if config.init_from and self.resumed_from is None:  # read before anything is written
+        if config.init_from and self.resume.step is None:  # read before anything is written
             state = _start_from(state, config, mesh)
         if config.memory.size:  # after init_from: the moving average starts at the weights trained from
             state = state.replace(memory=memory.create(model_params(state.params), config.memory.size,
@@ -128,12 +125,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     config_validation.validate(config, mesh.devices.size)
     storage.check_writable_dir(workdir)
     experiment = Pretraining(config, workdir, mesh, make_evaluators)
-    start_step = experiment.resumed_from or 0
+    start_step = experiment.resume.step or 0
+    loop.record_start(workdir, config, experiment.resume)
     writer = writers.create_writer(workdir)
     if jax.process_index() == 0:
-        if experiment.changes:
-            _record_changes(workdir, start_step, experiment.changes)
-        checkpoint.write_run_config(workdir, config)
         writer.write_hparams(writers.flat_hparams(config))
         if config.write_pictures:  # its own small pipeline: the training stream is untouched
             pictures.write_augmentation_grid(config, workdir, writer, step=start_step)
@@ -146,16 +141,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         saved.close()
     writer.flush()
     return state
-
-
-def _record_changes(workdir: str, step: int, changes: dict) -> None:
-    """Logs the settings a resume changed and appends them to workdir/resumes.jsonl
-    (config.json then holds the new values)."""
-    logging.warning("Resuming at step %d with changed settings: %s", step,
-                    ", ".join(f"{f} {a!r} -> {b!r}" for f, (a, b) in changes.items()))
-    record = storage.Appender(storage.join(workdir, "resumes.jsonl"))
-    record.write(json.dumps({"step": step, "changed": {f: list(v) for f, v in changes.items()}}) + "\n")
-    record.close()
 
 
 def _check_init_architecture(config) -> None:
