@@ -42,9 +42,16 @@ def join(path: str, *names: str) -> str:
 
 def check_writable_dir(path: str) -> None:
     """Raises StorageError unless ``path`` is, or can become, a folder this
-    process can write; creates nothing. Buckets show their permissions at the
-    first write."""
+    process can write; creates nothing. A bucket is only asked whether the
+    path exists (its write permission shows at the first write)."""
     if is_url(path):
+        try:
+            epath.Path(path).exists()
+        except Exception as e:  # noqa: BLE001 (TensorFlow's and fsspec's errors share no type)
+            reason = " ".join(str(e).split())[:240]
+            raise StorageError(f"cannot reach {path} ({type(e).__name__}: {reason}); "
+                               "check the bucket name, the credentials (gcloud auth application-default login) "
+                               "and the network") from None
         return
     path = resolve(path)
     if os.path.exists(path) and not os.path.isdir(path):
