@@ -23,7 +23,7 @@ GOOD = {
     "x/upper.JPEG": (41, 19, 3),
     "x/png_named.jpg": (18, 22, 3),  # a PNG with a .jpg name: its bytes decide
 }
-TRUNCATED = "x/truncated.jpg"  # a JPEG cut in half: passes the signature check, fails to decode
+TRUNCATED = "x/truncated.jpg"  # a JPEG cut in half: the right signature, no end marker
 CORRUPT = "corrupt.jpg"  # random bytes
 
 
@@ -66,11 +66,11 @@ def test_loader_yields_exactly_the_good_images_in_three_channels(photo_folder, c
     root, originals = photo_folder
     with caplog.at_level(logging.WARNING):
         ds, num_examples, info = sources.load_split(f"images:{root}", "ignored", None)
-    warnings = [r.getMessage() for r in caplog.records if "not readable JPEG or PNG" in r.getMessage()]
-    assert len(warnings) == 1 and "Skipping 1 of 8 image files" in warnings[0], warnings
-    assert CORRUPT in warnings[0]
-    assert info.skipped == (os.path.join(root, CORRUPT),)
-    assert num_examples == len(GOOD) + 1  # the truncated file is only found out when decoded
+    warnings = [r.getMessage() for r in caplog.records if "not whole JPEG or PNG" in r.getMessage()]
+    assert len(warnings) == 1 and "Skipping 2 of 8 image files" in warnings[0], warnings
+    assert CORRUPT in warnings[0] and TRUNCATED in warnings[0]
+    assert info.skipped == (os.path.join(root, CORRUPT), os.path.join(root, TRUNCATED))
+    assert num_examples == len(GOOD)
     assert sources.label_classes(info) == 0  # no probe, no kNN monitor
 
     examples = list(ds.as_numpy_iterator())
@@ -89,7 +89,7 @@ def test_loader_yields_exactly_the_good_images_in_three_channels(photo_folder, c
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         again, _, _ = sources.load_split(f"images:{root}", "train", None)
-    assert not [r for r in caplog.records if "not readable" in r.getMessage()]
+    assert not [r for r in caplog.records if "not whole" in r.getMessage()]
     assert [i.shape for i in _images(again)] == [e["image"].shape for e in examples]
 
 
@@ -100,7 +100,7 @@ def test_each_process_reads_every_process_count_th_file(photo_folder, monkeypatc
     for index in range(2):
         monkeypatch.setattr(jax, "process_index", lambda index=index: index)
         ds, num_examples, _ = sources.load_split(f"images:{root}", "train", None)
-        assert num_examples == len(GOOD) + 1  # the whole folder
+        assert num_examples == len(GOOD)  # the whole folder
         shapes.append({image.shape[:2] for image in _images(ds)})
     assert not shapes[0] & shapes[1] and shapes[0] | shapes[1] == set(originals)
 
@@ -129,6 +129,42 @@ def test_pretrain_and_eval_pipelines_skip_the_truncated_file(photo_folder, cache
     views = np.concatenate([b["image"] for b in input_pipeline.eval_dataset(config, "test", batch_size=4)
                             .as_numpy_iterator()])
     assert views.shape == (len(GOOD), 16, 16, 3)
+
+
+def test_a_labelled_folder_skips_unreadable_files_as_an_unlabelled_one_does(tmp_path, caplog):
+    rng = np.random.default_rng(1)
+    jpeg = tf.io.encode_jpeg(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).numpy()
+    for split in ("train", "test"):
+        for label in ("a", "b"):
+            for i in range(3):
+                _write(str(tmp_path), f"{split}/{label}/{i}.jpg", jpeg)
+    _write(str(tmp_path), "train/a/truncated.jpg", jpeg[:len(jpeg) // 2])
+    _write(str(tmp_path), "train/b/empty.png", b"")
+    with caplog.at_level(logging.WARNING):
+        for decoded in (True, False):  # decoded here, or left encoded for the pipeline
+            decoders = None if decoded else {"image": tfds.decode.SkipDecoding()}
+            ds, num_examples, _ = sources.load_split(f"folder:{tmp_path}", "train", None, decoders=decoders)
+            examples = list(ds.as_numpy_iterator())
+            assert num_examples == len(examples) == 6 and sorted(e["label"] for e in examples) == [0, 0, 0, 1, 1, 1]
+            if decoded:
+                assert all(e["image"].shape == (12, 12, 3) for e in examples)
+    warnings = [r.getMessage() for r in caplog.records if "not whole JPEG or PNG" in r.getMessage()]
+    assert len(warnings) == 1 and "Skipping 2 of 8 image files" in warnings[0]
+    assert "train/a/truncated.jpg" in warnings[0] and "train/b/empty.png" in warnings[0]
+
+
+def test_a_labelled_folder_needs_two_classes_each_with_training_images(tmp_path):
+    from simclr_jax.errors import DataError
+
+    png = tf.io.encode_png(np.zeros((8, 8, 3), np.uint8)).numpy()
+    for split in ("train", "test"):
+        _write(str(tmp_path / "one"), f"{split}/only/0.png", png)
+        _write(str(tmp_path / "gap"), f"{split}/a/0.png", png)
+    _write(str(tmp_path / "gap"), "test/b/0.png", png)  # b: test images only
+    with pytest.raises(DataError, match=r"has 1 class \(only\): a labelled folder needs two or more"):
+        sources.load_split(f"folder:{tmp_path / 'one'}", "test", None)
+    with pytest.raises(DataError, match=r"class\(es\) \['b'\] have no images under .*gap/train"):
+        sources.load_split(f"folder:{tmp_path / 'gap'}", "test", None)
 
 
 def test_empty_or_imageless_or_missing_folder_is_a_clear_error(tmp_path):

@@ -130,8 +130,20 @@ def load_folder_split(root, split, *, decoders=None, process_slice=True):
             f"class folders of .jpg/.png files) are {splits}; slices like 'train[:10%]' are not "
             "supported for folders")
     _check_classes(root, builder.info.features["label"].names, splits)
-    ds = builder.as_dataset(split=split, decoders=decoders)
     num_examples = builder.info.splits[split].num_examples
+    candidates = sorted(path for path in tf.io.gfile.glob(os.path.join(root, split, "*", "*"))
+                        if path.lower().endswith(IMAGE_EXTENSIONS))
+    skipped = _unreadable(os.path.join(root, split), candidates)
+    if not skipped:
+        ds = builder.as_dataset(split=split, decoders=decoders)
+    else:  # read them encoded, drop the unreadable files by name, then decode as asked
+        ds = builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+        skipped_names = tf.constant(skipped)
+        ds = ds.filter(lambda example: tf.reduce_all(example["image/filename"] != skipped_names))
+        if not isinstance((decoders or {}).get("image"), tfds.decode.SkipDecoding):
+            decode = builder.info.features["image"].decode_example
+            ds = ds.map(lambda example: {**example, "image": decode(example["image"])}, num_parallel_calls=AUTOTUNE)
+        num_examples -= len(skipped)
     if process_slice and jax.process_count() > 1:
         ds = ds.shard(jax.process_count(), jax.process_index())
     return ds, num_examples, builder.info
@@ -160,7 +172,7 @@ def _check_classes(root, names, splits) -> None:
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # any case
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG")  # JPEG, PNG
-_CHECKED = {}  # (root, listing) -> (paths, skipped) of the last few folders checked
+_CHECKED = {}  # (root, listing) -> unreadable paths, for the last few listings checked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,21 +189,48 @@ class UnlabelledInfo:
     features: dict = dataclasses.field(default_factory=dict)
 
 
-def _file_head(path):
+def _readable(path) -> bool:
+    """Whether ``path`` looks like a whole JPEG or PNG: its signature first,
+    and its end marker (JPEG's EOI, PNG's IEND) in its last KB, so an empty,
+    truncated or mis-named file is caught before a pipeline trips on it."""
     try:
         with tf.io.gfile.GFile(path, "rb") as f:
-            return f.read(len(_SIGNATURES[0]) + 1)
+            head = f.read(len(_SIGNATURES[0]) + 1)
+            f.seek(max(0, f.size() - 1024))
+            tail = f.read()
     except (OSError, tf.errors.OpError):
-        return b""  # unreadable: skipped like a corrupt file
+        return False
+    if head.startswith(_SIGNATURES[0]):
+        return b"\xff\xd9" in tail
+    return head.startswith(_SIGNATURES[1]) and b"IEND" in tail
+
+
+def _unreadable(root, candidates) -> list:
+    """The paths of ``candidates`` that are not whole JPEG/PNG files, warned
+    about once per unchanged listing (training lists a folder more than once)."""
+    key = (root, len(candidates), hash(tuple(candidates)))
+    if key not in _CHECKED:
+        with futures.ThreadPoolExecutor(32) as pool:  # many small reads: threads help on remote storage
+            readable = list(pool.map(_readable, candidates))
+        bad = [p for p, ok in zip(candidates, readable) if not ok]
+        if bad:
+            logging.warning("Skipping %d of %d image files under %s that are not whole JPEG or PNG files (empty, "
+                            "truncated or mis-named): %s%s", len(bad), len(candidates), root, ", ".join(bad[:20]),
+                            f" and {len(bad) - 20} more" if len(bad) > 20 else "")
+        if len(_CHECKED) >= 8:
+            _CHECKED.clear()
+        _CHECKED[key] = bad
+    return _CHECKED[key]
 
 
 def list_image_files(root):
     """(sorted image paths under ``root`` at any depth, sorted skipped paths).
 
-    A path is kept when its extension is in IMAGE_EXTENSIONS and its first
-    bytes are a JPEG or PNG signature; those that are not (corrupt,
-    unreadable, mis-named) are skipped with one warning; the check is
-    remembered for an unchanged listing. Raises ValueError for a missing
+    A path is kept when its extension is in IMAGE_EXTENSIONS and it is a
+    whole JPEG or PNG (``_readable``); those that are not (empty, truncated,
+    unreadable, mis-named) are skipped with one warning naming them, as
+    ``folder:`` datasets skip theirs; the check is remembered for an
+    unchanged listing. Raises ValueError for a missing
     folder or one holding no images.
     """
     root = os.path.expanduser(root)
@@ -201,19 +240,8 @@ def list_image_files(root):
         os.path.join(folder, name)
         for folder, _, names in tf.io.gfile.walk(root)
         for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
-    key = (root, len(candidates), hash(tuple(candidates)))
-    if key not in _CHECKED:  # training lists the folder twice: check and warn once
-        with futures.ThreadPoolExecutor(32) as pool:  # many small reads: threads help on remote storage
-            heads = list(pool.map(_file_head, candidates))
-        paths = [p for p, head in zip(candidates, heads) if head.startswith(_SIGNATURES)]
-        skipped = [p for p, head in zip(candidates, heads) if not head.startswith(_SIGNATURES)]
-        if skipped:
-            logging.warning("Skipping %d of %d image files under %s that are not readable JPEG or PNG "
-                            "files, e.g. %s", len(skipped), len(candidates), root, skipped[:3])
-        if len(_CHECKED) >= 4:
-            _CHECKED.clear()
-        _CHECKED[key] = (paths, skipped)
-    paths, skipped = _CHECKED[key]
+    skipped = _unreadable(root, candidates)
+    paths = sorted(set(candidates) - set(skipped))
     if not paths:
         raise DataError(
             f"no images in {root!r} (config.dataset='{IMAGES_PREFIX}{root}'): looked for "
