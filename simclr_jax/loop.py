@@ -14,7 +14,9 @@ long run needs:
 - metrics every ``log_every_steps`` (the only host sync), progress with ETA,
   checkpoints every ``checkpoint_every_steps`` and at the end.
 """
+import contextlib
 import dataclasses
+import errno
 import json
 import time
 from typing import Any, Iterator, Protocol
@@ -26,6 +28,7 @@ from absl import logging
 from clu import periodic_actions
 
 from simclr_jax import checkpoint, config_validation, preemption, storage
+from simclr_jax.errors import StorageError
 
 
 class Experiment(Protocol):
@@ -116,7 +119,7 @@ def run(experiment: Experiment, workdir: str, cadence: Cadence, writer) -> Any:
     report_progress = periodic_actions.ReportProgress(num_train_steps=total, writer=writer)
     batches = experiment.batches(start_step)
     history, interval_start = [], time.perf_counter()
-    with preemption.StopRequest() as stop_request:
+    with _disk_full_named(workdir), preemption.StopRequest() as stop_request:
         for step in range(start_step + 1, total + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 state, metrics = experiment.step(state, next(batches))
@@ -141,12 +144,27 @@ def run(experiment: Experiment, workdir: str, cadence: Cadence, writer) -> Any:
                 logging.warning("%s: stopped at step %d of %d on request; checkpoint saved in %s. Run the same "
                                 "command to resume.", experiment.name, step, total, manager.directory)
                 break
-    manager.wait_until_finished()
+        manager.wait_until_finished()
     manager.close()
     writer.flush()
     if guard.skipped:
         logging.warning("%s: %d non-finite updates were skipped in all.", experiment.name, guard.skipped)
     return state
+
+
+@contextlib.contextmanager
+def _disk_full_named(workdir: str):
+    """A full disk while saving or logging ends in one message: the folder, and
+    that the newest complete checkpoint (Orbax commits a step only whole) is intact."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise StorageError(
+            f"no space left on the device of {storage.resolve(workdir)} ({e.strerror}); the newest complete "
+            f"checkpoint, step {checkpoint.latest_step(workdir)}, is intact: free some space (or move the "
+            "workdir) and run the same command to resume from it") from None
 
 
 def fetch(history: list[dict]) -> dict[str, np.ndarray]:

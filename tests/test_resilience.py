@@ -3,6 +3,7 @@ checkpoint that resume would trip on, non-finite steps stop or are skipped."""
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -230,3 +231,31 @@ def test_periodic_checkpoints_hold_exactly_the_state_of_their_step(real_data_dir
             np.testing.assert_array_equal(got, expected)
     assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after_step[2].params),
                                                          jax.tree.leaves(after_step[4].params)))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB tmpfs (mounting needs root, as on this project's machines); its size can be raised later."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_names_the_folder_and_the_intact_checkpoint_then_resumes(real_data_dir, small_disk):
+    from simclr_jax.errors import StorageError
+
+    workdir = str(small_disk / "run")
+    config = _tiny_config(real_data_dir, num_train_steps=40, checkpoint_every_steps=2, keep_checkpoints=50,
+                          knn_monitor=False, write_pictures=False)
+    with pytest.raises(StorageError, match=rf"no space left on the device of {workdir} .*the newest complete "
+                                           r"checkpoint, step (\d+), is intact") as error:
+        pretrain(config, workdir)
+    intact = int(re.search(r"step (\d+), is intact", str(error.value)).group(1))
+    assert 2 <= intact < 40 and checkpoint.latest_step(workdir) == intact
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    state = pretrain(config, workdir)  # the same call resumes from the intact step
+    assert int(state.step) == 40
+    assert [r["step"] for r in writers.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r][-1] == 40
