@@ -40,10 +40,16 @@ flags.DEFINE_integer("heartbeat_timeout_s", 100,
 
 
 class _QuietOrbax(logging.logging.Filter):
-    """Orbax logs every save step by step at INFO; keep its warnings only."""
+    """Orbax logs every save step by step at INFO: keep its warnings and
+    errors only, each as one line. A failed background save also logs its
+    traceback from every thread it touched; the exception that reaches the
+    loop carries the same error, and says it once."""
 
     def filter(self, record):
-        return record.levelno >= logging.logging.WARNING or "orbax" not in record.pathname
+        if "orbax" not in record.pathname:
+            return True
+        record.exc_info, record.exc_text = None, None
+        return record.levelno >= logging.logging.WARNING
 
 
 def _split_cpu_into_devices(count: int) -> None:

@@ -158,11 +158,11 @@ def _disk_full_named(workdir: str):
     that the newest complete checkpoint (Orbax commits a step only whole) is intact."""
     try:
         yield
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
+    except (OSError, ValueError) as e:  # TensorStore reports it as a ValueError (RESOURCE_EXHAUSTED ... [os_error_code='28'])
+        if getattr(e, "errno", None) != errno.ENOSPC and "No space left on device" not in str(e):
             raise
         raise StorageError(
-            f"no space left on the device of {storage.resolve(workdir)} ({e.strerror}); the newest complete "
+            f"no space left on the device of {storage.resolve(workdir)}; the newest complete "
             f"checkpoint, step {checkpoint.latest_step(workdir)}, is intact: free some space (or move the "
             "workdir) and run the same command to resume from it") from None
 
