@@ -82,8 +82,12 @@ def restore(manager: ocp.CheckpointManager, like: Any, step: Optional[int] = Non
 
 
 def _first_line(error: BaseException) -> str:
+    """The innermost cause's type and first line: Orbax wraps TensorStore's
+    precise error ("Unexpected end of data") in a generic one."""
+    while error.__cause__ is not None:
+        error = error.__cause__
     text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:200] if text else ''}"
+    return f"{type(error).__name__}: {text[0][:400] if text else ''}"
 
 
 # --------------------------------------------------------------------------- a finished run
