@@ -19,7 +19,7 @@ from flax import traverse_util
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 import simclr_jax
-from simclr_jax import models, official_export, official_tf2, sharding
+from simclr_jax import models, official_export, official_tf2, sharding, storage
 from simclr_jax.evaluation import encoder as encoder_lib
 from tests.conftest import OFFICIAL_FIXTURES
 from tests.workdirs import tiny_workdir
@@ -268,6 +268,26 @@ def test_export_never_overwrites(tiny, tmp_path):
     with pytest.raises(FileExistsError, match="is a file"):
         official_export.export_saved_model(encoder, str(tmp_path / "file"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "taken"]  # nothing half-written
+
+
+def test_export_into_a_bucket_uploads_the_same_files(tiny, gcs_bucket, tmp_path):
+    """--out=gs://...: the SavedModel is uploaded, the files a local export
+    has; read back, it holds the encoder's variables; a second export there
+    is refused."""
+    encoder, exported = tiny
+    out = f"{gcs_bucket}/exports/tiny"
+    assert official_export.export_saved_model(encoder, out) == out
+    names = sorted(os.path.relpath(os.path.join(d, n), exported) for d, _, files in os.walk(exported) for n in files)
+    copy = tmp_path / "copy"  # TensorFlow cannot read from the test server: copy it back through storage
+    for name in names:
+        (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        (copy / name).write_bytes(storage.read_bytes(storage.join(out, *name.split(os.sep))))
+    back = simclr_jax.load_encoder(str(copy))
+    flat, flat_back = (traverse_util.flatten_dict(jax.device_get({**e.variables, "head": e.supervised_head}), sep="/")
+                       for e in (encoder, back))
+    assert set(flat) == set(flat_back) and all(np.array_equal(flat[k], flat_back[k]) for k in flat)
+    with pytest.raises(FileExistsError, match="exists and is not empty"):
+        official_export.export_saved_model(encoder, out)
 
 
 def test_a_failed_export_leaves_nothing(tiny, tmp_path, monkeypatch):
