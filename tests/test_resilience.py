@@ -250,7 +250,7 @@ def test_a_full_disk_names_the_folder_and_the_intact_checkpoint_then_resumes(rea
     workdir = str(small_disk / "run")
     config = _tiny_config(real_data_dir, num_train_steps=40, checkpoint_every_steps=2, keep_checkpoints=50,
                           knn_monitor=False, write_pictures=False)
-    with pytest.raises(StorageError, match=rf"no space left on the device of {workdir} .*the newest complete "
+    with pytest.raises(StorageError, match=rf"no space left on the device of {workdir}; the newest complete "
                                            r"checkpoint, step (\d+), is intact") as error:
         pretrain(config, workdir)
     intact = int(re.search(r"step (\d+), is intact", str(error.value)).group(1))

@@ -134,11 +134,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             pictures.write_augmentation_grid(config, workdir, writer, step=start_step)
     run_start = time.perf_counter()
     state = loop.run(experiment, workdir, loop.Cadence.from_config(config), writer)
+    # Every process opens the manager (Orbax syncs them in its constructor); process 0 reports.
+    saved = checkpoint.create_manager(workdir, save_every_steps=1, max_to_keep=1, read_only=True)
     if jax.process_index() == 0:
-        saved = checkpoint.create_manager(workdir, save_every_steps=1, max_to_keep=1, read_only=True)
         logging.info(progress.summary(config, workdir, saved, int(state.step), experiment.total_steps,
                                       time.perf_counter() - run_start, experiment.evaluations))
-        saved.close()
+    saved.close()
     writer.flush()
     return state
 
