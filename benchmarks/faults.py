@@ -311,6 +311,11 @@ def _case(name, what, build, post=None, runner=None, expect="error"):
     return dict(name=name, what=what, build=build, post=post, runner=runner, expect=expect)
 
 
+def _pretrain(*flags):
+    """A case's arguments: the tiny pretraining flags, then ``flags``, then its workdir."""
+    return lambda ctx: tiny(R(ctx)) + [*flags, WD(ctx)]
+
+
 def _tmpfile(ctx, name, content=""):
     p = os.path.join(ctx["tmp"], name)
     with open(p, "w") as f:
@@ -458,40 +463,40 @@ CASES = [
     _case("unknown_recipe", "recipe file that does not exist",
           lambda c: [f"--config={R(c)}/configs/nope.py", WD(c)]),
     _case("mistyped_field", "mistyped config field",
-          lambda c: tiny(R(c)) + ["--config.batchsize=8", WD(c)]),
+          _pretrain("--config.batchsize=8")),
     _case("bad_value_type", "non-numeric value for an int field",
-          lambda c: tiny(R(c)) + ["--config.batch_size=abc", WD(c)]),
+          _pretrain("--config.batch_size=abc")),
     _case("unknown_flag", "mistyped flag (--wrokdir)",
           lambda c: tiny(R(c)) + [f"--wrokdir={c['wd']}"]),
     _case("stray_argument", "stray positional argument",
           lambda c: tiny(R(c)) + [WD(c), "extra"]),
     _case("negative_batch", "negative batch size",
-          lambda c: tiny(R(c)) + ["--config.batch_size=-16", WD(c)]),
+          _pretrain("--config.batch_size=-16")),
     _case("batch_not_multiple_devices", "batch 15 on 2 devices",
-          lambda c: tiny(R(c)) + ["--config.batch_size=15", WD(c)]),
+          _pretrain("--config.batch_size=15")),
     _case("image_size_not_mult8", "image_size 20 with the CIFAR stem",
-          lambda c: tiny(R(c)) + ["--config.image_size=20", WD(c)], expect="ok (only >= 8 is required)"),
+          _pretrain("--config.image_size=20"), expect="ok (only >= 8 is required)"),
     _case("image_size_too_small", "image_size 4 with the CIFAR stem (downsamples by 8)",
-          lambda c: tiny(R(c)) + ["--config.image_size=4", WD(c)]),
+          _pretrain("--config.image_size=4")),
     _case("nonfinite_policy_typo", "nonfinite_policy='ignore'",
-          lambda c: tiny(R(c)) + ["--config.nonfinite_policy=ignore", WD(c)]),
+          _pretrain("--config.nonfinite_policy=ignore")),
     _case("memory_size_bad", "memory.size not a multiple of 2*batch",
-          lambda c: tiny(R(c)) + ["--config.memory.size=10", WD(c)]),
+          _pretrain("--config.memory.size=10")),
     _case("eval_batch_not_multiple", "eval_batch_size 63 on 2 devices",
-          lambda c: tiny(R(c)) + ["--config.eval_batch_size=63", WD(c)]),
+          _pretrain("--config.eval_batch_size=63")),
     _case("init_from_missing", "pretraining init_from that does not exist",
-          lambda c: tiny(R(c)) + ["--config.init_from=/nonexistent/run", WD(c)]),
+          _pretrain("--config.init_from=/nonexistent/run")),
     # --- data
     _case("unknown_dataset", "unknown TFDS dataset name",
-          lambda c: tiny(R(c)) + ["--config.dataset=cifar11", WD(c)]),
+          _pretrain("--config.dataset=cifar11")),
     _case("data_dir_missing", "data_dir that does not exist (download=True default, no network)",
           lambda c: tiny(R(c)) + [f"--config.data_dir={c['tmp']}/no_such_dir", WD(c)]),
     _case("not_prepared_no_download", "dataset not prepared in an empty data_dir, download=False",
           _not_prepared),
     _case("bad_split", "misspelt split (trian[:256])",
-          lambda c: tiny(R(c)) + ["--config.train_split=trian[:256]", WD(c)]),
+          _pretrain("--config.train_split=trian[:256]")),
     _case("batch_larger_than_dataset", "train[:8] with batch 16",
-          lambda c: tiny(R(c)) + ["--config.train_split=train[:8]", WD(c)]),
+          _pretrain("--config.train_split=train[:8]")),
     _case("images_missing_folder", "images: folder that does not exist",
           lambda c: folder_tiny(R(c), "images:/nonexistent/photos") + [WD(c)]),
     _case("images_empty_folder", "images: empty folder",
@@ -565,7 +570,7 @@ CASES = [
           post=_post_metrics, expect="ok or error (must not touch metrics.jsonl)"),
     # --- training numerics
     _case("temperature_1e-6", "temperature 1e-6",
-          lambda c: tiny(R(c)) + ["--config.temperature=1e-6", WD(c)], expect="ok or error"),
+          _pretrain("--config.temperature=1e-6"), expect="ok or error"),
     _case("lr_1e30_skip", "nonfinite_policy=skip with learning rate 1e30",
           lambda c: tiny(R(c)) + ["--config.nonfinite_policy=skip", "--config.optimizer.base_learning_rate=1e30",
                                   "--config.num_train_steps=4", WD(c)], expect="ok or error"),
