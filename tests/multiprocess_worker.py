@@ -51,12 +51,12 @@ def train_steps(global_batches: np.ndarray, devices=None) -> tuple[list[float], 
     """Losses and final parameters of NUM_STEPS steps; each process feeds its rows."""
     import jax
 
-    from simclr_jax import models, sharding
+    from simclr_jax import sharding
     from simclr_jax.pretraining import optim, step
+    from tests.helpers import tiny_simclr
 
     mesh = sharding.make_mesh(devices)
-    model = models.SimCLR(depth=18, width_multiplier=1 / 16, cifar_stem=True, proj_dim=16,
-                          axis_name=sharding.DATA_AXIS)
+    model = tiny_simclr(sharding.DATA_AXIS)
     tx = optim.lars(learning_rate=LEARNING_RATE, weight_decay=1e-4)
     state = step.create_train_state(model, tx, IMAGE_SIZE, seed=0, mesh=mesh)
     train_step = step.make_train_step(model, tx, lambda s: LEARNING_RATE, temperature=0.5, mesh=mesh)

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from simclr_jax import models, sharding
+from simclr_jax import sharding
 from simclr_jax.pretraining import losses, optim
 from simclr_jax.pretraining import step as train
 from simclr_jax.pretraining.losses import nt_xent, nt_xent_blockwise
+from tests.helpers import tiny_simclr
 
 
 def _views(n, d, seed):
@@ -140,8 +141,7 @@ def test_rejects_unknown_impl_and_bad_block_size():
 
 def _train_step_history(impl, state, batches, mesh):
     """(metrics, state) on the host after each step of the real 8-device train step."""
-    model = models.SimCLR(depth=18, width_multiplier=1 / 16, cifar_stem=True, proj_dim=16,
-                          axis_name=sharding.DATA_AXIS)
+    model = tiny_simclr(sharding.DATA_AXIS)
     tx = optim.lars(0.5, weight_decay=1e-4)
     step = train.make_train_step(model, tx, lambda s: 0.5, 0.5, mesh, loss_impl=impl)
     state = jax.device_put(state, sharding.replicated(mesh))
@@ -164,8 +164,7 @@ def test_train_step_blockwise_matches_naive(monkeypatch):
     hold them all in one)."""
     monkeypatch.setattr(train, "nt_xent", functools.partial(nt_xent, block_size=12))
     mesh = sharding.make_mesh(jax.devices()[:8])
-    model = models.SimCLR(depth=18, width_multiplier=1 / 16, cifar_stem=True, proj_dim=16,
-                          axis_name=sharding.DATA_AXIS)
+    model = tiny_simclr(sharding.DATA_AXIS)
     init = jax.device_get(train.create_train_state(model, optim.lars(0.5, weight_decay=1e-4), 16,
                                                    seed=0, mesh=mesh))
     rng = np.random.default_rng(0)

@@ -14,7 +14,7 @@ import pytest
 from simclr_jax import config_validation, models, sharding
 from simclr_jax.pretraining import chunked, step
 from simclr_jax.pretraining.losses import nt_xent
-from tests.workdirs import IMAGE_SIZE, tiny_pretrain_config
+from tests.helpers import IMAGE_SIZE, capture_gradient, direct_chunks, relative_error, tiny_pretrain_config
 
 GLOBAL_BATCH = 32  # 8 devices x 4 images: one image per group at K=4
 TEMPERATURE = 0.5
@@ -35,14 +35,6 @@ def _model(axis_name=None):
     return models.model_from_config(tiny_pretrain_config().model, axis_name=axis_name)
 
 
-def _capture_gradient() -> optax.GradientTransformation:
-    """Leaves params alone and keeps the gradient as its state: the step's
-    gradient itself, not an update that rounds it against the parameters."""
-    return optax.GradientTransformation(
-        init=lambda params: jax.tree.map(jnp.zeros_like, params),
-        update=lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads))
-
-
 def _perturbed(params):
     """``params`` plus noise: the tiny model starts with zero-initialised last
     BatchNorm scales in its residual blocks, which would leave most of their
@@ -54,10 +46,10 @@ def _perturbed(params):
 @functools.cache
 def _step_result(num_devices, microbatches, num_classes=0, unroll_chunks=None):
     """(initial state, state after one step, metrics), all on the host; the
-    optimiser state after the step is the gradient (see _capture_gradient)."""
+    optimiser state after the step is the gradient (see capture_gradient)."""
     mesh = sharding.make_mesh(jax.devices()[:num_devices])
     model = _model(sharding.DATA_AXIS)
-    tx = _capture_gradient()
+    tx = capture_gradient()
     state = step.create_train_state(model, tx, IMAGE_SIZE, seed=0, mesh=mesh, num_classes=num_classes)
     state = state.replace(params=sharding.put_replicated(_perturbed(jax.device_get(state.params)), mesh))
     initial = jax.device_get(state)
@@ -66,22 +58,6 @@ def _step_result(num_devices, microbatches, num_classes=0, unroll_chunks=None):
     batch = {"views": _views(), "label": _labels()} if num_classes else {"views": _views()}
     new_state, metrics = train_step(state, sharding.put_batch(batch, mesh))
     return initial, jax.device_get(new_state), jax.device_get(metrics)
-
-
-def _direct_chunks(views, num_devices, microbatches):
-    """The chunks the step should form, written out independently of chunked.py.
-
-    Device d holds global images d*n .. d*n + n - 1, split into K groups; chunk
-    k is view 1 of group k and view 2 of group k + 1 (mod K) of every device,
-    normalised together. Returns (chunks [K, 2N/K, ...], and the global image
-    indices of each chunk's view-1 and view-2 rows, each [K, N/K]).
-    """
-    n = views.shape[0] // num_devices
-    m = n // microbatches
-    group = lambda k: np.concatenate([d * n + np.arange(k * m, (k + 1) * m) for d in range(num_devices)])
-    first = np.stack([group(k) for k in range(microbatches)])
-    second = np.stack([group((k + 1) % microbatches) for k in range(microbatches)])
-    return np.concatenate([views[first, 0], views[second, 1]], axis=1), first, second
 
 
 @functools.partial(jax.jit, static_argnums=6)
@@ -110,12 +86,6 @@ def _direct_value_and_grad(params, batch_stats, chunks, first, second, labels, n
     return jax.value_and_grad(objective, has_aux=True)(params)
 
 
-def _relative_error(got, want):
-    """Largest |got - want| of each leaf over that leaf's largest |want|, worst leaf."""
-    errors = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)), got, want)
-    return max(jax.tree.leaves(errors))
-
-
 # One device and eight (shard_map, global BN), two and four chunks, probe off and on: two
 # cases cover each (the other two combinations measured 6.2e-6 and 3.8e-6 and cost 15 s).
 # The chunk loops as accelerators run them (rolled) and as a CPU mesh does (unrolled).
@@ -125,14 +95,14 @@ def test_chunked_step_equals_grad_of_the_chunked_objective(num_devices, microbat
                                                            unroll_chunks):
     start = time.time()
     initial, new_state, metrics = _step_result(num_devices, microbatches, num_classes, unroll_chunks)
-    chunks, first, second = _direct_chunks(_views(), num_devices, microbatches)
+    chunks, first, second = direct_chunks(_views(), num_devices, microbatches)
     (_, (want_loss, chunk_stats)), want_grads = jax.device_get(_direct_value_and_grad(
         initial.params, initial.batch_stats, chunks, first, second, _labels(), num_classes))
     want_stats = jax.tree.map(lambda s: np.mean(s, axis=0), chunk_stats)
 
     loss_error = abs(float(metrics["loss"]) - float(want_loss)) / float(want_loss)
-    grad_error = _relative_error(new_state.opt_state, want_grads)
-    stats_error = _relative_error(new_state.batch_stats, want_stats)
+    grad_error = relative_error(new_state.opt_state, want_grads)
+    stats_error = relative_error(new_state.batch_stats, want_stats)
     print(f"D={num_devices} K={microbatches} probe={num_classes} unroll={unroll_chunks}: loss {loss_error:.1e}, "
           f"grads {grad_error:.1e}, BN statistics {stats_error:.1e} ({time.time() - start:.1f} s)")
     assert loss_error < RTOL and grad_error < RTOL and stats_error < RTOL
@@ -147,7 +117,7 @@ def test_one_microbatch_is_the_plain_step():
     # compile it twice), and the one-batch one: no chunk loop. K > 1 loops
     # over chunks, unrolled only where asked (the default on CPU).
     mesh = sharding.make_mesh(jax.devices()[:8])
-    model, tx = _model(sharding.DATA_AXIS), _capture_gradient()
+    model, tx = _model(sharding.DATA_AXIS), capture_gradient()
     state = step.create_train_state(model, tx, IMAGE_SIZE, seed=0, mesh=mesh)
     batch = sharding.put_batch({"views": _views()}, mesh)
     program = lambda **chunking: step.make_train_step(model, tx, lambda s: 0.5, TEMPERATURE, mesh,
@@ -164,7 +134,7 @@ def test_chunks_change_batchnorm_visibly():
     # passed for any K would be caught here.
     (_, one, one_metrics), (_, two, two_metrics) = _step_result(8, 1, 0), _step_result(8, 2, 0)
     assert abs(float(two_metrics["loss"]) - float(one_metrics["loss"])) > 1e-3
-    assert _relative_error(two.opt_state, one.opt_state) > 1e-2
+    assert relative_error(two.opt_state, one.opt_state) > 1e-2
 
 
 @pytest.mark.parametrize("n,microbatches", [(1, 1), (2, 2), (4, 4), (6, 3), (12, 4)])

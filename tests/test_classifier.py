@@ -5,7 +5,7 @@ to end; and the quick protocols (kNN, cached linear) on an image folder
 against an independent computation.
 
 Every encoder here is the tiny test architecture at random init
-(tests/workdirs.py: a workdir holding only config.json, random_init=True).
+(tests/helpers.py: a workdir holding only config.json, random_init=True).
 """
 import functools
 import json
@@ -29,7 +29,7 @@ from simclr_jax.evaluation.features import feature_function
 from simclr_jax.evaluation.metrics import topk_accuracy
 from simclr_jax.evaluation.run import evaluate
 from simclr_jax.models import SimCLR
-from tests.workdirs import IMAGE_SIZE, tiny_workdir
+from tests.helpers import IMAGE_SIZE, tiny_workdir
 
 RECIPES = {"knn": knn_config, "cached_linear": cached_linear_config, "linear_eval": linear_eval_config,
            "finetune": finetune_config}

@@ -3,14 +3,13 @@ and the train step against jax.grad of the global-batch objective written out.""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from simclr_jax import models, sharding
 from simclr_jax.distillation.losses import distillation_loss, distillation_objective
 from simclr_jax.distillation.step import StudentState, make_distill_step
 from simclr_jax.evaluation.classifier import features_at
-from tests.workdirs import IMAGE_SIZE, WIDTH_MULTIPLIER, tiny_pretrain_config
+from tests.helpers import IMAGE_SIZE, WIDTH_MULTIPLIER, capture_gradient, relative_error, tiny_pretrain_config
 
 
 def _softmax(x):
@@ -81,13 +80,6 @@ NUM_CLASSES = 5
 TEMPERATURE, ALPHA = 2.0, 0.5
 
 
-def _capture_gradient() -> optax.GradientTransformation:
-    """Leaves params alone and keeps the gradient as its state (as in test_chunked)."""
-    return optax.GradientTransformation(
-        init=lambda params: jax.tree.map(jnp.zeros_like, params),
-        update=lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads))
-
-
 def _networks(axis_name):
     """(teacher, student): the tiny test architecture, and the student at half its width."""
     teacher = models.model_from_config(tiny_pretrain_config().model)
@@ -144,7 +136,7 @@ def test_distill_step_gradient_is_that_of_the_global_objective_and_the_teacher_n
 
     mesh = sharding.make_mesh(jax.devices()[:num_devices])
     teacher, student = _networks(sharding.DATA_AXIS)
-    tx = _capture_gradient()
+    tx = capture_gradient()
     state = StudentState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                          opt_state=tx.init(params))
     state = sharding.put_replicated(state, mesh)
@@ -158,9 +150,8 @@ def test_distill_step_gradient_is_that_of_the_global_objective_and_the_teacher_n
 
     np.testing.assert_allclose(float(metrics["objective"]), float(want_objective), rtol=1e-5)
     got = jax.device_get(new_state.opt_state)
-    errors = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)),
-                          got, jax.device_get(want_grads))
-    assert max(jax.tree.leaves(errors)) < 2e-5, errors
+    error = relative_error(got, jax.device_get(want_grads))
+    assert error < 2e-5, error
     learning = (want_grads["classifier"], want_grads["model"]["encoder"])  # head layers past 1 feed nothing
     assert min(float(np.max(np.abs(g))) for g in jax.tree.leaves(learning)) > 0
     after = jax.device_get(frozen)  # the step's arguments, still alive (not donated) and unchanged

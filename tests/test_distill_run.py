@@ -3,7 +3,7 @@ fine-tuned by configs/finetune.py, then distillation into the same and a
 smaller student; the record, the student written as a network of its own,
 exact resume, and the errors raised before anything is restored.
 
-The encoders are the tiny test architecture (tests/workdirs.py) at random
+The encoders are the tiny test architecture (tests/helpers.py) at random
 init; the folder is test_classifier's (six colour classes).
 """
 import json
@@ -25,7 +25,7 @@ from simclr_jax.evaluation import encoder as encoder_lib
 from simclr_jax.evaluation.run import evaluate
 from tests.test_classifier import CLASSES, NUM_TEST, NUM_TRAIN, image_folder  # noqa: F401 (a fixture)
 from tests.test_loop import _saved, assert_same_end, interrupted_and_resumed
-from tests.workdirs import tiny_pretrain_config, tiny_workdir
+from tests.helpers import tiny_pretrain_config, tiny_workdir
 
 BATCH = 16
 

@@ -16,7 +16,7 @@ from simclr_jax.data import augment, sources
 from simclr_jax.evaluation import encoder
 from simclr_jax.evaluation.features import FeatureExtractor
 from simclr_jax.pretrained import CheckpointError
-from tests.workdirs import tiny_workdir
+from tests.helpers import tiny_workdir
 
 SPLIT = "test[:64]"
 
@@ -31,7 +31,7 @@ def random_encoder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pretrained(real_data_dir, tmp_path_factory):
     """A tiny pretraining workdir (2 steps) and its config."""
-    from tests.test_pretrain import _tiny_config, pretrain
+    from tests.helpers import pretrain, tiny_real_data_config as _tiny_config
 
     workdir = str(tmp_path_factory.mktemp("pretrain"))
     config = _tiny_config(real_data_dir, num_train_steps=2, knn_monitor=False)

@@ -18,7 +18,7 @@ from simclr_jax.evaluation import knn, run
 from simclr_jax.evaluation.features import feature_function
 from simclr_jax.pretrained import CheckpointError
 from simclr_jax.pretraining import optim, step
-from tests.workdirs import IMAGE_SIZE, tiny_pretrain_config
+from tests.helpers import IMAGE_SIZE, tiny_pretrain_config
 
 
 def _pretrain_config():
@@ -139,7 +139,7 @@ def test_architecture_comes_from_the_checkpoint_and_a_contradiction_names_both(e
 
 @pytest.mark.slow
 def test_pretrain_then_knn_and_cached_linear_on_real_cifar10(real_data_dir, tmp_path):
-    from tests.test_pretrain import _tiny_config, pretrain
+    from tests.helpers import pretrain, tiny_real_data_config as _tiny_config
 
     pretrain_dir = str(tmp_path / "pretrain")
     pretrain(_tiny_config(real_data_dir, num_train_steps=4), pretrain_dir)

@@ -22,14 +22,9 @@ import simclr_jax
 from simclr_jax import models, official_export, official_tf2, sharding, storage
 from simclr_jax.evaluation import encoder as encoder_lib
 from tests.conftest import OFFICIAL_FIXTURES
-from tests.workdirs import tiny_workdir
+from tests.helpers import relative_error, tiny_workdir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _relative_error(got, want) -> float:
-    """max|got - want| / max|want|: the fixture README's tolerance is 1e-4."""
-    return float(np.max(np.abs(np.asarray(got) - want)) / np.max(np.abs(want)))
 
 
 # --------------------------------------------------------------------------- names
@@ -121,7 +116,7 @@ def test_exported_fixture_gives_every_official_output(official_files, exported_r
     got = ours(images, trainable=False)
     assert set(got) == set(theirs(images, trainable=False)) == set(official_export.OUTPUTS)
     official["proj_head_input"] = official["final_avg_pool"]
-    errors = {key: _relative_error(value, official[key]) for key, value in got.items()}
+    errors = {key: relative_error(value, official[key]) for key, value in got.items()}
     print("exported r18_cifar, max|diff| / max|official| per output:", {k: f"{e:.1e}" for k, e in errors.items()})
     assert max(errors.values()) <= 1e-4, errors
     # The official signature: __call__ traced for trainable=True and False, the
@@ -211,7 +206,7 @@ def test_saved_model_computes_our_model(tiny, train):
     got = {k: v.numpy() for k, v in m(tf.constant(views), trainable=train).items()}
     want = _ours(encoder, views, train)
     assert set(got) == set(want) == set(official_export.OUTPUTS)
-    errors = {key: _relative_error(got[key], want[key]) for key in want}
+    errors = {key: relative_error(got[key], want[key]) for key in want}
     print(f"trainable={train}, max|diff| / max|ours|:", {k: f"{e:.1e}" for k, e in errors.items()})
     assert max(errors.values()) <= 1e-4, errors
     paths = {name: path for path, name in official_tf2.official_names(encoder.model_config, CLASSES).items()}
@@ -248,7 +243,7 @@ def test_saved_model_gradients_are_ours(tiny):
     want.update({f"{official_tf2.SUPERVISED_HEAD}/{k}": v for k, v in head.items()})
     names = official_tf2.official_names(encoder.model_config, CLASSES)
     assert len(got) == len(want) and all(np.max(np.abs(g)) > 0 for g in want.values())
-    errors = {path: _relative_error(got[names[path]], g) for path, g in want.items()}
+    errors = {path: relative_error(got[names[path]], g) for path, g in want.items()}
     worst = max(errors, key=errors.get)
     print(f"gradients of {len(errors)} variables: largest max|diff| / max|jax| {errors[worst]:.1e} ({worst})")
     assert errors[worst] <= 2e-3

@@ -216,7 +216,7 @@ def test_pretrain_on_own_images_then_knn_on_a_labelled_folder(real_data_dir, tmp
     from configs import knn as knn_config
     from simclr_jax.evaluation import encoder, knn
     from simclr_jax.evaluation import run as evaluation
-    from tests.test_pretrain import _tiny_config, pretrain
+    from tests.helpers import pretrain, tiny_real_data_config as _tiny_config
 
     examples = _real_images(real_data_dir, 300)
     sizes = [(37, 53), (100, 64), (32, 32), (45, 45)]

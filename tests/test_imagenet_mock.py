@@ -22,7 +22,7 @@ from configs import linear_eval as linear_eval_config
 from simclr_jax import checkpoint, writers
 from simclr_jax.data import sources
 from simclr_jax.evaluation import run
-from tests.test_pretrain import pretrain
+from tests.helpers import pretrain
 
 NUM_EXAMPLES = 16  # per split of every mocked dataset
 DATASETS = ("imagenet2012", "imagenet2012_subset/1pct", "imagenet2012_subset/10pct")

@@ -7,32 +7,7 @@ from jax.sharding import PartitionSpec as P
 
 from simclr_jax import sharding
 from simclr_jax.pretraining.losses import nt_xent
-
-
-def reference_nt_xent(z1, z2, tau):
-    """The paper's L, written as the paper writes it (float64, loops).
-
-    Views are interleaved as 2k-1, 2k (here 2k, 2k+1 from 0); returns the loss,
-    the fraction of anchors whose positive is the most similar candidate, and
-    the mean softmax entropy.
-    """
-    z1 = np.asarray(z1, np.float64)
-    z2 = np.asarray(z2, np.float64)
-    z = np.empty((2 * len(z1), z1.shape[1]))
-    z[0::2], z[1::2] = z1, z2
-    z /= np.linalg.norm(z, axis=1, keepdims=True)
-    sim = z @ z.T
-    losses, hits, entropies = [], [], []
-    for i in range(len(z)):
-        j = i + 1 if i % 2 == 0 else i - 1
-        others = [k for k in range(len(z)) if k != i]
-        logits = sim[i, others] / tau
-        log_denominator = np.log(np.sum(np.exp(logits)))
-        losses.append(-(sim[i, j] / tau - log_denominator))
-        hits.append(others[int(np.argmax(logits))] == j)
-        p = np.exp(logits - log_denominator)
-        entropies.append(-np.sum(p * np.log(p)))
-    return np.mean(losses), np.mean(hits), np.mean(entropies)
+from tests.helpers import numpy_nt_xent
 
 
 @pytest.mark.parametrize("n,d,tau", [(1, 4, 0.5), (4, 8, 0.1), (16, 3, 0.5), (24, 32, 1.0), (7, 128, 0.07)])
@@ -41,7 +16,7 @@ def test_matches_numpy_reference(n, d, tau):
     z1 = rng.normal(size=(n, d)).astype(np.float32)
     z2 = (z1 + 0.7 * rng.normal(size=(n, d))).astype(np.float32)
     loss, metrics = nt_xent(jnp.asarray(z1), jnp.asarray(z2), tau)
-    want_loss, want_acc, want_entropy = reference_nt_xent(z1, z2, tau)
+    want_loss, want_acc, want_entropy = numpy_nt_xent(z1, z2, tau)
     np.testing.assert_allclose(loss, want_loss, rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(metrics["contrastive_acc"], want_acc, atol=1e-6)
     np.testing.assert_allclose(metrics["contrastive_entropy"], want_entropy, rtol=2e-5, atol=2e-5)
@@ -65,7 +40,7 @@ def test_gradient_matches_float64_finite_differences():
             args_plus = (plus, z2) if z is z1 else (z1, plus)
             args_minus = (minus, z2) if z is z1 else (z1, minus)
             numeric[index] = (
-                reference_nt_xent(*args_plus, tau)[0] - reference_nt_xent(*args_minus, tau)[0]
+                numpy_nt_xent(*args_plus, tau)[0] - numpy_nt_xent(*args_minus, tau)[0]
             ) / (2 * eps)
         np.testing.assert_allclose(grad, numeric, rtol=1e-3, atol=1e-5)
 

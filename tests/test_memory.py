@@ -14,8 +14,7 @@ from jax.sharding import PartitionSpec as P
 from simclr_jax import config_validation, models, sharding
 from simclr_jax.pretraining import memory, step
 from simclr_jax.pretraining.losses import nt_xent
-from tests.test_chunked import _direct_chunks
-from tests.workdirs import IMAGE_SIZE, tiny_pretrain_config
+from tests.helpers import IMAGE_SIZE, direct_chunks, numpy_nt_xent, tiny_pretrain_config
 
 TEMPERATURE = 0.5
 
@@ -23,20 +22,6 @@ TEMPERATURE = 0.5
 def _unit_rows(rng, *shape):
     x = rng.standard_normal(shape).astype(np.float32)
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def _numpy_nt_xent(z1, z2, queue, filled, temperature):
-    """NT-Xent in float64, each anchor against the 2N - 1 others and the first
-    ``filled`` queue rows, written from the definition."""
-    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
-    z = unit(np.concatenate([z1, z2]).astype(np.float64))
-    negatives = unit(np.asarray(queue[:filled], np.float64))
-    n, losses = len(z1), []
-    for i in range(2 * n):
-        positive = (i + n) % (2 * n)
-        others = [z[k] @ z[i] for k in range(2 * n) if k != i] + list(negatives @ z[i])
-        losses.append(-(z[positive] @ z[i]) / temperature + np.log(np.sum(np.exp(np.array(others) / temperature))))
-    return np.mean(losses)
 
 
 @pytest.mark.parametrize("impl", ["naive", "blockwise"])
@@ -52,7 +37,7 @@ def test_loss_with_queue_equals_numpy(impl, num_devices, filled):
                        negatives=queue, num_negatives=jnp.int32(filled))[0]
 
     sharded = jax.jit(jax.shard_map(loss, mesh=mesh, in_specs=(P("data"), P("data"), P()), out_specs=P()))
-    expected = _numpy_nt_xent(z1, z2, queue, filled, TEMPERATURE)
+    expected = numpy_nt_xent(z1, z2, TEMPERATURE, queue[:filled])[0]
     np.testing.assert_allclose(float(sharded(z1, z2, queue)), expected, rtol=2e-6)
 
 
@@ -166,8 +151,8 @@ def test_train_step_contrasts_with_the_queue_and_fills_it():
         z = _projections({"params": before.params, "batch_stats": before.batch_stats}, views)
         queue = before.memory.queue.reshape(-1, z.shape[1])
         filled = min(t, SLOTS) * 2 * BATCH
-        np.testing.assert_allclose(metrics["loss"], _numpy_nt_xent(z[:BATCH], z[BATCH:], queue, filled,
-                                                                    TEMPERATURE), rtol=1e-5)
+        np.testing.assert_allclose(metrics["loss"], numpy_nt_xent(z[:BATCH], z[BATCH:], TEMPERATURE,
+                                                                   queue[:filled])[0], rtol=1e-5)
         # The keys: the average network's projections of this step's views, in slot t % SLOTS.
         keys = _projections({"params": before.memory.ema_params, "batch_stats": before.batch_stats}, views)
         keys = keys / np.linalg.norm(keys, axis=1, keepdims=True)
@@ -187,7 +172,7 @@ def test_chunked_step_keys_are_the_chunks_projections():
     [view, image] order: checked against the chunks written out in test_chunked."""
     history, final = _run_with_memory(8, microbatches=2)
     for t, (before, views, metrics) in enumerate(history):
-        chunks, first, second = _direct_chunks(views, 8, 2)
+        chunks, first, second = direct_chunks(views, 8, 2)
         keys = np.zeros((2, BATCH, 128), np.float32)
         for chunk, view1_images, view2_images in zip(chunks, first, second):
             z = np.asarray(_train_mode_z({"params": before.memory.ema_params, "batch_stats": before.batch_stats},

@@ -110,7 +110,7 @@ def test_save_png_round_trips(tmp_path):
 
 @pytest.mark.slow
 def test_pretraining_and_knn_evaluation_write_pictures(real_data_dir, tmp_path):
-    from tests.test_pretrain import _tiny_config, pretrain
+    from tests.helpers import pretrain, tiny_real_data_config as _tiny_config
 
     pretrain_dir = str(tmp_path / "pretrain")
     pretrain(_tiny_config(real_data_dir, num_train_steps=2, knn_monitor=False), pretrain_dir)

@@ -12,28 +12,7 @@ from simclr_jax.errors import CheckpointError
 from simclr_jax.evaluation import encoder as encoder_lib
 from simclr_jax.evaluation import run as evaluation
 from simclr_jax.pretraining import optim, step, train
-from tests.workdirs import tiny_pretrain_config
-
-
-def _tiny_config(data_dir, **overrides):
-    """The smoke recipe shrunk to seconds: 16 px crops, 1/16-width ResNet-18."""
-    config = tiny_pretrain_config()
-    config.data_dir = data_dir
-    config.batch_size = 16
-    config.num_train_steps = 4
-    config.shuffle_buffer_size = 256
-    config.log_every_steps = 1
-    config.checkpoint_every_steps = 2
-    # Small splits keep the end-of-run kNN monitor to a second.
-    config.train_split = "train[:2000]"
-    config.test_split = "test[:1000]"
-    config.update(overrides)
-    return config
-
-
-def pretrain(config, workdir):
-    """What main.py runs for a pretraining recipe: the loop with the kNN monitor."""
-    return train.train_and_evaluate(config, workdir, make_evaluators=evaluation.pretraining_evaluators)
+from tests.helpers import pretrain, tiny_real_data_config as _tiny_config
 
 
 def _scalars(workdir, key):
@@ -194,7 +173,7 @@ def test_init_from_starts_from_another_runs_weights_with_a_fresh_optimiser(real_
 def test_init_from_another_architecture_names_the_fields_and_writes_nothing(real_data_dir, tmp_path):
     from simclr_jax.config_validation import ConfigError
     from simclr_jax.pretrained import CheckpointError
-    from tests.workdirs import tiny_workdir
+    from tests.helpers import tiny_workdir
 
     source = tiny_workdir(tmp_path / "source", head_layers=3)
     config = _tiny_config(real_data_dir, init_from=source)

@@ -8,7 +8,7 @@ import pytest
 
 from simclr_jax import models, sharding
 from simclr_jax.pretraining import optim, step
-from tests.workdirs import IMAGE_SIZE, tiny_pretrain_config
+from tests.helpers import IMAGE_SIZE, tiny_pretrain_config
 
 
 def _views(n=16, seed=0):

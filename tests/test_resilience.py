@@ -18,7 +18,7 @@ import pytest
 from simclr_jax import checkpoint, storage, writers
 from simclr_jax.pretraining import train
 from tests.launch import MAIN, main_args, process_env, recipe, start, wait
-from tests.test_pretrain import _tiny_config, pretrain
+from tests.helpers import pretrain, tiny_real_data_config as _tiny_config
 
 pytestmark = pytest.mark.slow
 

@@ -10,9 +10,10 @@ import numpy as np
 import optax
 import pytest
 
-from simclr_jax import models, sharding
+from simclr_jax import sharding
 from simclr_jax.pretraining import optim
 from simclr_jax.pretraining import step as train
+from tests.helpers import tiny_simclr
 
 IMAGE_SIZE = 16
 GLOBAL_BATCH = 16
@@ -26,8 +27,7 @@ PROBE_LR = 1e-3
 
 
 def _model():
-    return models.SimCLR(depth=18, width_multiplier=1 / 16, cifar_stem=True, proj_dim=16,
-                         axis_name=sharding.DATA_AXIS)
+    return tiny_simclr(sharding.DATA_AXIS)
 
 
 def _tx(learning_rate):
