@@ -79,10 +79,7 @@ def main(argv):
     tf.config.set_visible_devices([], "GPU")  # tf.data only: leave accelerators to JAX
     import jax
 
-    from simclr_jax import config_validation, lock
-    from simclr_jax.distillation import experiment as distillation
-    from simclr_jax.evaluation import run as evaluation
-    from simclr_jax.pretraining import train
+    from simclr_jax import config_validation, lock, protocols
 
     workdir = FLAGS.workdir
     if workdir is None:
@@ -90,14 +87,9 @@ def main(argv):
         workdir = os.path.join("workdir", recipe)
     logging.info("Config:\n%s", FLAGS.config)
     try:
-        kind = config_validation.recipe_kind(FLAGS.config)
+        config_validation.recipe_kind(FLAGS.config)  # an unknown protocol fails before the lock is taken
         with lock.hold(workdir):  # one run per workdir
-            if kind == "pretrain":
-                train.train_and_evaluate(FLAGS.config, workdir, make_evaluators=evaluation.pretraining_evaluators)
-            elif kind == "distill":
-                distillation.distill(FLAGS.config, workdir)
-            else:
-                evaluation.evaluate(FLAGS.config, workdir)
+            protocols.run(FLAGS.config, workdir)
     except Exception:
         if jax.process_count() > 1:
             logging.error("Process %d of %d stopped on the error below. In a multi-process run a "

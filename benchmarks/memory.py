@@ -80,8 +80,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from simclr_jax import models, sharding  # noqa: E402
-from simclr_jax.pretraining import optim, step  # noqa: E402
+from simclr_jax import models, optim, sharding  # noqa: E402
+from simclr_jax.pretraining import step  # noqa: E402
 
 MODELS = {  # name -> architecture and the per-device batches whose bytes are reported by default
     "resnet50_224": {"depth": 50, "cifar_stem": False, "image_size": 224, "batches": "64,128"},
@@ -145,7 +145,7 @@ def build(spec: dict, variant: str, dtype: str, mesh, width_multiplier: float = 
     model = models.SimCLR(depth=spec["depth"], width_multiplier=width_multiplier, cifar_stem=spec["cifar_stem"],
                           axis_name=sharding.DATA_AXIS, dtype=jnp.dtype(dtype), remat=remat)
     tx = optim.lars(learning_rate=0.1, weight_decay=1e-6)
-    train_step = step.make_train_step(model, tx, lambda s: 0.1, temperature=0.1, mesh=mesh,
+    train_step = step.make_train_step(model, tx, learning_rate=lambda s: 0.1, temperature=0.1, mesh=mesh,
                                       microbatches=microbatches)
     return model, tx, train_step
 

@@ -70,8 +70,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from configs import imagenet  # noqa: E402
-from simclr_jax import models, sharding  # noqa: E402
-from simclr_jax.pretraining import optim, step  # noqa: E402
+from simclr_jax import models, optim, sharding  # noqa: E402
+from simclr_jax.pretraining import step, train  # noqa: E402
+from simclr_jax.weights.checkpoint import PROBE  # noqa: E402
 
 flags.DEFINE_list("compile_devices", ["8", "16", "32", "64", "128", "256", "512"],
                   "Device counts to compile the step at (forced host CPU devices, or the TPU topology's first D).")
@@ -164,11 +165,12 @@ def experiment_config():
 def build(config, mesh):
     """(jitted train step, abstract state, abstract batch), as pretraining builds them."""
     model = models.model_from_config(config.model, axis_name=sharding.DATA_AXIS, dtype=jnp.dtype(FLAGS.dtype))
-    tx, learning_rate = optim.create_optimizer(config, IMAGENET_TRAIN_IMAGES // config.batch_size)
+    tx, learning_rate = train.create_optimizer(config, IMAGENET_TRAIN_IMAGES // config.batch_size)
     if FLAGS.probe_classes:
-        tx = step.with_probe_optimizer(tx, config.probe_learning_rate)
-    train_step = step.make_train_step(model, tx, learning_rate, config.temperature, mesh, FLAGS.probe_classes,
-                                      config.loss_impl, config.microbatches)
+        tx = optim.with_adam_for(PROBE, tx, config.probe_learning_rate)
+    train_step = step.make_train_step(model, tx, learning_rate=learning_rate, temperature=config.temperature,
+                                      mesh=mesh, num_classes=FLAGS.probe_classes,
+                                      loss_impl=config.loss_impl, microbatches=config.microbatches)
     shapes = jax.eval_shape(lambda: step.create_train_state(model, tx, config.image_size, 0, mesh,
                                                             FLAGS.probe_classes))
     state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding.replicated(mesh)),

@@ -32,8 +32,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from simclr_jax import models, sharding  # noqa: E402
-from simclr_jax.pretraining import optim, step  # noqa: E402
+from simclr_jax import models, optim, sharding  # noqa: E402
+from simclr_jax.pretraining import step  # noqa: E402
 
 flags.DEFINE_integer("depth", 18, "ResNet depth: 18, 34, 50, 101, 152 or 200.")
 flags.DEFINE_float("width_multiplier", 1.0, "ResNet width multiplier.")
@@ -72,7 +72,7 @@ def measure(depth, width_multiplier, cifar_stem, image_size, batch_size, dtype, 
                           axis_name=sharding.DATA_AXIS, dtype=jnp.dtype(dtype))
     tx = optim.lars(learning_rate=0.1, weight_decay=1e-6)
     state = step.create_train_state(model, tx, image_size, seed=0, mesh=mesh)
-    train_step = step.make_train_step(model, tx, lambda s: 0.1, temperature=0.1, mesh=mesh,
+    train_step = step.make_train_step(model, tx, learning_rate=lambda s: 0.1, temperature=0.1, mesh=mesh,
                                       loss_impl=loss_impl)
     views = np.random.default_rng(0).uniform(size=(batch_size, 2, image_size, image_size, 3))
     batch = sharding.put_batch({"views": views.astype(np.float32)}, mesh)

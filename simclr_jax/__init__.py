@@ -1,7 +1,7 @@
 """SimCLR in JAX/Flax.
 
 ``simclr_jax.load_encoder(workdir)`` restores a pretrained encoder for user
-code (see simclr_jax/evaluation/encoder.py). It is imported on first use, so
+code (see simclr_jax/encoder.py). It is imported on first use, so
 importing the package, or modules that must run without TensorFlow (models,
 pretraining.step, losses, optim, sharding), stays light.
 """
@@ -11,7 +11,7 @@ __all__ = ["Encoder", "load_encoder"]
 
 def __getattr__(name):
     if name in __all__:
-        from simclr_jax.evaluation import encoder
+        from simclr_jax import encoder
 
         return getattr(encoder, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,7 +27,8 @@ import numpy as np
 from absl import logging
 from clu import periodic_actions
 
-from simclr_jax import checkpoint, config_validation, preemption, storage
+from simclr_jax import config_validation, preemption, storage
+from simclr_jax.weights import checkpoint
 from simclr_jax.errors import StorageError
 
 

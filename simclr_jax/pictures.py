@@ -116,7 +116,7 @@ def labelled_augmentation_grid(views, labels=None, class_names=None, title=None)
 
 def nearest_neighbours(queries, bank, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(indices [Q, k], cosine similarities [Q, k]) of each query's k nearest bank rows."""
-    from simclr_jax.pretraining.losses import l2_normalize
+    from simclr_jax.numerics import l2_normalize
 
     queries, bank = (l2_normalize(np.asarray(x, np.float32)) for x in (queries, bank))
     similarity = np.asarray(queries @ bank.T)
@@ -162,7 +162,7 @@ def embedding_plot(features, labels, class_names, path, max_points=2000, seed=0,
     from matplotlib.figure import Figure
     from sklearn.manifold import TSNE
 
-    from simclr_jax.pretraining.losses import l2_normalize
+    from simclr_jax.numerics import l2_normalize
 
     features, labels = np.asarray(features, np.float32), np.asarray(labels)
     if len(features) > max_points:

@@ -154,3 +154,11 @@ def flat_hparams(config) -> dict:
 
     visit("", json.loads(config.to_json_best_effort()))
     return flat
+
+
+def append_result(workdir: str, record: dict[str, Any]) -> None:
+    """Adds one record to workdir/eval_results.json (a JSON list), atomically."""
+    path = storage.join(workdir, "eval_results.json")
+    records = json.loads(storage.read_text(path)) if storage.exists(path) else []
+    records.append(record)
+    storage.write_text(path, json.dumps(records, indent=2))

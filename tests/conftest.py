@@ -99,3 +99,23 @@ def official_files(tmp_path_factory):
     paths["r18_cifar", "checkpoint_dir"] = str(root / "r18_cifar" / "checkpoint")
     paths["r18_cifar", "ckpt_prefix"] = str(root / "r18_cifar" / "checkpoint" / "ckpt-1")
     return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_pretraining(real_data_dir, tmp_path_factory):
+    """One tiny pretraining run on the real CIFAR-10 copy for the whole session:
+    tests/helpers.py's tiny_real_data_config (4 steps, batch 16, checkpoints at
+    steps 2 and 4, the online probe every step and the kNN monitor at the end,
+    the augmentations picture), as main.py runs it.
+
+    Returns (workdir, config, the final state on the host). Tests only read
+    the workdir; one that trains on copies it first (shutil.copytree).
+    """
+    import jax
+
+    from tests.helpers import pretrain, tiny_real_data_config
+
+    workdir = str(tmp_path_factory.mktemp("tiny_pretraining"))
+    config = tiny_real_data_config(real_data_dir)
+    state = jax.device_get(pretrain(config, workdir))
+    return workdir, config, state

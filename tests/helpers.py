@@ -14,7 +14,8 @@ import numpy as np
 import optax
 
 from configs import smoke
-from simclr_jax import checkpoint, models
+from simclr_jax import models
+from simclr_jax.weights import checkpoint
 
 IMAGE_SIZE = 16
 WIDTH_MULTIPLIER = 1 / 16
@@ -66,10 +67,9 @@ def tiny_real_data_config(data_dir, **overrides) -> ml_collections.ConfigDict:
 
 def pretrain(config, workdir):
     """What main.py runs for a pretraining recipe: the loop with the kNN monitor."""
-    from simclr_jax.evaluation import run as evaluation
-    from simclr_jax.pretraining import train
+    from simclr_jax import protocols
 
-    return train.train_and_evaluate(config, workdir, make_evaluators=evaluation.pretraining_evaluators)
+    return protocols.run(config, workdir)
 
 
 # ------------------------------------------------------------------ references and comparisons

@@ -51,15 +51,15 @@ def train_steps(global_batches: np.ndarray, devices=None) -> tuple[list[float], 
     """Losses and final parameters of NUM_STEPS steps; each process feeds its rows."""
     import jax
 
-    from simclr_jax import sharding
-    from simclr_jax.pretraining import optim, step
+    from simclr_jax import optim, sharding
+    from simclr_jax.pretraining import step
     from tests.helpers import tiny_simclr
 
     mesh = sharding.make_mesh(devices)
     model = tiny_simclr(sharding.DATA_AXIS)
     tx = optim.lars(learning_rate=LEARNING_RATE, weight_decay=1e-4)
     state = step.create_train_state(model, tx, IMAGE_SIZE, seed=0, mesh=mesh)
-    train_step = step.make_train_step(model, tx, lambda s: LEARNING_RATE, temperature=0.5, mesh=mesh)
+    train_step = step.make_train_step(model, tx, learning_rate=lambda s: LEARNING_RATE, temperature=0.5, mesh=mesh)
     rows = sharding.per_process_batch_size(GLOBAL_BATCH)
     mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
     losses = []
@@ -93,7 +93,7 @@ def sharded_evaluation(out_dir: str) -> None:
     import tensorflow as tf
 
     from simclr_jax import sharding
-    from simclr_jax.evaluation import cached_linear, knn
+    from simclr_jax.evaluation import cached_linear, knn, passes
     from simclr_jax.evaluation.features import ShardedFeatures, ShardedSplit
 
     mesh = sharding.make_mesh()
@@ -101,7 +101,7 @@ def sharded_evaluation(out_dir: str) -> None:
     splits = {}
     for split, (x, y) in evaluation_data().items():
         dataset = tf.data.Dataset.from_tensor_slices({"image": x[mine], "label": y[mine]}).batch(EVAL_BATCH)
-        splits[split] = ShardedSplit(*sharding.map_sharded_batches(jax.jit(lambda v: v), dataset, mesh, EVAL_BATCH))
+        splits[split] = ShardedSplit(*passes.map_sharded_batches(jax.jit(lambda v: v), dataset, mesh, EVAL_BATCH))
     bank, queries = splits["train"], splits["test"]
     scores = knn.sharded_knn_scores(bank, queries, EVAL_CLASSES, query_batch_size=16)
     accuracy = knn.sharded_knn_accuracy(bank, queries, EVAL_CLASSES, query_batch_size=16)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from simclr_jax import sharding
-from simclr_jax.pretraining import losses, optim
+from simclr_jax import optim, sharding
+from simclr_jax.pretraining import losses
 from simclr_jax.pretraining import step as train
 from simclr_jax.pretraining.losses import nt_xent, nt_xent_blockwise
 from tests.helpers import tiny_simclr
@@ -143,7 +143,7 @@ def _train_step_history(impl, state, batches, mesh):
     """(metrics, state) on the host after each step of the real 8-device train step."""
     model = tiny_simclr(sharding.DATA_AXIS)
     tx = optim.lars(0.5, weight_decay=1e-4)
-    step = train.make_train_step(model, tx, lambda s: 0.5, 0.5, mesh, loss_impl=impl)
+    step = train.make_train_step(model, tx, learning_rate=lambda s: 0.5, temperature=0.5, mesh=mesh, loss_impl=impl)
     state = jax.device_put(state, sharding.replicated(mesh))
     # Differentiated, the blockwise form shows as its scans over column blocks
     # (ResNet and the naive form have none): the step really runs ``impl``.

@@ -12,6 +12,7 @@ import optax
 import pytest
 
 from simclr_jax import config_validation, models, sharding
+from simclr_jax.models.classifier import linear_classifier
 from simclr_jax.pretraining import chunked, step
 from simclr_jax.pretraining.losses import nt_xent
 from tests.helpers import IMAGE_SIZE, capture_gradient, direct_chunks, relative_error, tiny_pretrain_config
@@ -53,7 +54,8 @@ def _step_result(num_devices, microbatches, num_classes=0, unroll_chunks=None):
     state = step.create_train_state(model, tx, IMAGE_SIZE, seed=0, mesh=mesh, num_classes=num_classes)
     state = state.replace(params=sharding.put_replicated(_perturbed(jax.device_get(state.params)), mesh))
     initial = jax.device_get(state)
-    train_step = step.make_train_step(model, tx, lambda s: 0.5, TEMPERATURE, mesh, num_classes=num_classes,
+    train_step = step.make_train_step(model, tx, learning_rate=lambda s: 0.5, temperature=TEMPERATURE, mesh=mesh,
+                                      num_classes=num_classes,
                                       microbatches=microbatches, unroll_chunks=unroll_chunks)
     batch = {"views": _views(), "label": _labels()} if num_classes else {"views": _views()}
     new_state, metrics = train_step(state, sharding.put_batch(batch, mesh))
@@ -78,7 +80,7 @@ def _direct_value_and_grad(params, batch_stats, chunks, first, second, labels, n
         total = step.OBJECTIVE_SCALE * loss
         if num_classes:
             h_both = jnp.concatenate([place(h[:, :half], first), place(h[:, half:], second)])
-            logits = step._probe(num_classes).apply({"params": params[step.PROBE]}, jax.lax.stop_gradient(h_both))
+            logits = linear_classifier(num_classes).apply({"params": params[step.PROBE]}, jax.lax.stop_gradient(h_both))
             both_labels = jnp.concatenate([labels, labels])
             total = total + optax.softmax_cross_entropy_with_integer_labels(logits, both_labels).mean()
         return total, (loss, updates["batch_stats"])
@@ -120,7 +122,8 @@ def test_one_microbatch_is_the_plain_step():
     model, tx = _model(sharding.DATA_AXIS), capture_gradient()
     state = step.create_train_state(model, tx, IMAGE_SIZE, seed=0, mesh=mesh)
     batch = sharding.put_batch({"views": _views()}, mesh)
-    program = lambda **chunking: step.make_train_step(model, tx, lambda s: 0.5, TEMPERATURE, mesh,
+    program = lambda **chunking: step.make_train_step(model, tx, learning_rate=lambda s: 0.5, temperature=TEMPERATURE,
+                                                      mesh=mesh,
                                                       **chunking).lower(state, batch).as_text()
     one = program(microbatches=1)
     assert one == program()
@@ -178,7 +181,8 @@ def test_gradients_cross_devices_in_float32_under_bfloat16_compute(microbatches)
                          state)
     views = jax.ShapeDtypeStruct((GLOBAL_BATCH, 2, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32,
                                  sharding=sharding.batch_sharded(mesh))
-    text = step.make_train_step(model, tx, lambda s: 0.1, TEMPERATURE, mesh, microbatches=microbatches,
+    text = step.make_train_step(model, tx, learning_rate=lambda s: 0.1, temperature=TEMPERATURE, mesh=mesh,
+                                microbatches=microbatches,
                                 unroll_chunks=False).lower(state, {"views": views}).as_text()
     reduced = re.findall(r"stablehlo.all_reduce.*?\}\) : \((.*?)\) ->", text, re.S)
     dtypes = {t.split("x")[-1] for operands in reduced for t in re.findall(r"tensor<([^>]*)>", operands)}

@@ -24,10 +24,11 @@ from configs import linear_eval as linear_eval_config
 from simclr_jax import config_validation, sharding
 from simclr_jax.data import input_pipeline, sources
 from simclr_jax.evaluation import cached_linear, classifier, knn
-from simclr_jax.evaluation import encoder as encoder_lib
-from simclr_jax.evaluation.features import feature_function
+from simclr_jax import encoder as encoder_lib
+from simclr_jax.evaluation import run as evaluation
+from simclr_jax.models.classifier import feature_function
 from simclr_jax.evaluation.metrics import topk_accuracy
-from simclr_jax.evaluation.run import evaluate
+from simclr_jax.protocols import run as evaluate
 from simclr_jax.models import SimCLR
 from tests.helpers import IMAGE_SIZE, tiny_workdir
 
@@ -55,7 +56,7 @@ def _config(protocol, pretrained, **overrides):
 
 def _resolved(protocol, pretrained, **overrides):
     """_config with model.* and image_size read from the workdir, as evaluate() has it."""
-    return encoder_lib.resolve_architecture(_config(protocol, pretrained, **overrides))
+    return evaluation.resolve_architecture(_config(protocol, pretrained, **overrides))
 
 
 def _random_batch(seed, num_classes, n=16):

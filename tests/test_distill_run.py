@@ -18,11 +18,12 @@ import pytest
 
 from configs import distill as distill_config
 from configs import finetune as finetune_config
-from simclr_jax import checkpoint, config_validation, pretrained, sharding
+from simclr_jax import config_validation, sharding
+from simclr_jax.weights import checkpoint, pretrained
 from simclr_jax.data import input_pipeline, sources
 from simclr_jax.distillation import experiment
-from simclr_jax.evaluation import encoder as encoder_lib
-from simclr_jax.evaluation.run import evaluate
+from simclr_jax import encoder as encoder_lib
+from simclr_jax.protocols import run as evaluate
 from tests.test_classifier import CLASSES, NUM_TEST, NUM_TRAIN, image_folder  # noqa: F401 (a fixture)
 from tests.test_loop import _saved, assert_same_end, interrupted_and_resumed
 from tests.helpers import tiny_pretrain_config, tiny_workdir

@@ -13,9 +13,9 @@ import simclr_jax
 from configs import smoke
 from simclr_jax import sharding
 from simclr_jax.data import augment, sources
-from simclr_jax.evaluation import encoder
+from simclr_jax import encoder
 from simclr_jax.evaluation.features import FeatureExtractor
-from simclr_jax.pretrained import CheckpointError
+from simclr_jax.weights.pretrained import CheckpointError
 from tests.helpers import tiny_workdir
 
 SPLIT = "test[:64]"
@@ -29,13 +29,9 @@ def random_encoder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pretrained(real_data_dir, tmp_path_factory):
-    """A tiny pretraining workdir (2 steps) and its config."""
-    from tests.helpers import pretrain, tiny_real_data_config as _tiny_config
-
-    workdir = str(tmp_path_factory.mktemp("pretrain"))
-    config = _tiny_config(real_data_dir, num_train_steps=2, knn_monitor=False)
-    pretrain(config, workdir)
+def pretrained(tiny_pretraining):
+    """The session's tiny pretraining workdir (4 steps, tests/conftest.py) and its config."""
+    workdir, config, _ = tiny_pretraining
     return workdir, config
 
 
@@ -55,7 +51,7 @@ def test_embed_equals_evaluation_features(pretrained, reference):
     workdir, config = pretrained
     images, want = reference
     enc = simclr_jax.load_encoder(workdir)
-    assert (enc.image_size, enc.feature_dim, enc.step) == (16, 32, 2)  # ResNet-18 at 1/16: 512/16
+    assert (enc.image_size, enc.feature_dim, enc.step) == (16, 32, 4)  # ResNet-18 at 1/16: 512/16
     got = enc.embed(images)
     print("max |embed - evaluation features|:", float(np.max(np.abs(got - want))))
     assert got.dtype == np.float32 and got.shape == want.shape == (64, 32)
@@ -64,8 +60,8 @@ def test_embed_equals_evaluation_features(pretrained, reference):
 
     # The checkpoints folder works too; a chunk that is not a multiple of the
     # 8 devices is rounded up, and 37 images leave a padded last chunk.
-    enc = simclr_jax.load_encoder(os.path.join(workdir, "checkpoints"), step=2, batch_size=12)
-    assert enc.batch_size == 16
+    enc = simclr_jax.load_encoder(os.path.join(workdir, "checkpoints"), step=4, batch_size=12)
+    assert enc.batch_size == 16 and simclr_jax.load_encoder(workdir, step=2).step == 2
     np.testing.assert_allclose(enc.embed(images[:37]), want[:37], rtol=1e-5, atol=1e-5)
     single = enc.embed(images[5])
     assert single.shape == (32,)

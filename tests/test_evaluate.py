@@ -11,13 +11,15 @@ import tensorflow as tf
 
 from configs import cached_linear as cached_linear_config
 from configs import knn as knn_config
-from simclr_jax import checkpoint, config_validation, models, sharding
+from simclr_jax import config_validation, models, optim, protocols, sharding
+from simclr_jax.weights import checkpoint
 from simclr_jax.data import sources
-from simclr_jax.evaluation import encoder as encoder_lib
-from simclr_jax.evaluation import knn, run
-from simclr_jax.evaluation.features import feature_function
-from simclr_jax.pretrained import CheckpointError
-from simclr_jax.pretraining import optim, step
+from simclr_jax import encoder as encoder_lib
+from simclr_jax.evaluation import run as evaluation
+from simclr_jax.evaluation import knn
+from simclr_jax.models.classifier import feature_function
+from simclr_jax.weights.pretrained import CheckpointError
+from simclr_jax.pretraining import step
 from tests.helpers import IMAGE_SIZE, tiny_pretrain_config
 
 
@@ -47,7 +49,7 @@ def eight_device_workdir(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("pretrain8"))
     tx = optim.lars(0.5, 1e-4)
     model, mesh, state = _initial_run(workdir, 8, tx)
-    train_step = step.make_train_step(model, tx, lambda s: 0.5, 0.5, mesh)
+    train_step = step.make_train_step(model, tx, learning_rate=lambda s: 0.5, temperature=0.5, mesh=mesh)
     views = np.random.default_rng(0).uniform(size=(16, 2, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
     state, _ = train_step(state, sharding.put_batch({"views": views}, mesh))
     _save(workdir, 1, state)
@@ -119,38 +121,35 @@ def _evaluation_config(recipe, workdir, **overrides):
 
 def test_architecture_comes_from_the_checkpoint_and_a_contradiction_names_both(eight_device_workdir):
     workdir, _ = eight_device_workdir
-    resolved = encoder_lib.resolve_architecture(_evaluation_config(knn_config, workdir))
+    resolved = evaluation.resolve_architecture(_evaluation_config(knn_config, workdir))
     assert resolved.image_size == IMAGE_SIZE
     trained = _pretrain_config().model
     assert dict(resolved.model) == {name: trained[name] for name in config_validation.MODEL_FIELDS}
     agreeing = _evaluation_config(knn_config, workdir, image_size=IMAGE_SIZE)
     agreeing.model.depth = 18
-    assert encoder_lib.resolve_architecture(agreeing).model.depth == 18
+    assert evaluation.resolve_architecture(agreeing).model.depth == 18
     contradicting = _evaluation_config(knn_config, workdir)
     contradicting.model.depth = 50
-    with pytest.raises(ValueError, match=r"model.depth: checkpoint 18, config 50"):
-        encoder_lib.resolve_architecture(contradicting)
+    with pytest.raises(ValueError, match=r"--config.model.depth=18 \(the config has 50\)"):
+        evaluation.resolve_architecture(contradicting)
     with pytest.raises(ValueError, match="--config.random_init=True"):
-        encoder_lib.resolve_architecture(_evaluation_config(knn_config, "random"))
+        evaluation.resolve_architecture(_evaluation_config(knn_config, "random"))
     too_deep = _evaluation_config(knn_config, workdir, head_layer=3)
     with pytest.raises(ValueError, match="head_layer=3 is invalid: the checkpoint's head has 2 layers"):
-        encoder_lib.resolve_architecture(too_deep)
+        evaluation.resolve_architecture(too_deep)
 
 
 @pytest.mark.slow
-def test_pretrain_then_knn_and_cached_linear_on_real_cifar10(real_data_dir, tmp_path):
-    from tests.helpers import pretrain, tiny_real_data_config as _tiny_config
-
-    pretrain_dir = str(tmp_path / "pretrain")
-    pretrain(_tiny_config(real_data_dir, num_train_steps=4), pretrain_dir)
+def test_pretrain_then_knn_and_cached_linear_on_real_cifar10(tiny_pretraining, real_data_dir, tmp_path):
+    pretrain_dir = tiny_pretraining[0]  # 4 steps of tests/helpers.py's tiny_real_data_config
     eval_dir = str(tmp_path / "eval")
     splits = dict(data_dir=real_data_dir, train_split="train[:2000]", test_split="test[:500]",
                   write_pictures=False)  # tests/test_pictures.py covers them
-    knn_record = run.evaluate(_evaluation_config(knn_config, pretrain_dir, **splits), eval_dir)
+    knn_record = protocols.run(_evaluation_config(knn_config, pretrain_dir, **splits), eval_dir)
     linear_config = _evaluation_config(cached_linear_config, pretrain_dir, **splits)
     linear_config.linear.epochs = 10
-    linear_record = run.evaluate(linear_config, eval_dir)
-    baseline_record = run.evaluate(_evaluation_config(knn_config, pretrain_dir, random_init=True, **splits),
+    linear_record = protocols.run(linear_config, eval_dir)
+    baseline_record = protocols.run(_evaluation_config(knn_config, pretrain_dir, random_init=True, **splits),
                                    eval_dir)
 
     with open(os.path.join(eval_dir, "eval_results.json")) as f:
@@ -201,7 +200,7 @@ def test_online_probe_is_the_supervised_head_and_scores_as_numpy(probe_workdir, 
     from configs import supervised_head as supervised_head_config
     config = supervised_head_config.get_config()
     config.update(pretrained=workdir, data_dir=real_data_dir, test_split="test[:96]", eval_batch_size=32)
-    record = run.evaluate(config, str(tmp_path))
+    record = protocols.run(config, str(tmp_path))
     examples = list(sources.load_split("cifar10", "test[:96]", real_data_dir)[0].as_numpy_iterator())
     images, labels = np.stack([e["image"] for e in examples]), np.array([e["label"] for e in examples])
     logits = encoder.embed(images).astype(np.float64) @ probe["kernel"] + probe["bias"]
@@ -218,10 +217,10 @@ def test_supervised_head_protocol_errors(eight_device_workdir, probe_workdir, re
     config.update(pretrained=eight_device_workdir[0], data_dir=real_data_dir, test_split="test[:32]",
                   eval_batch_size=32)
     with pytest.raises(ValueError, match="has no supervised head to score"):
-        run.evaluate(config, str(tmp_path / "none"))
+        protocols.run(config, str(tmp_path / "none"))
     config.random_init = True
     with pytest.raises(ConfigError, match="random_init=True is invalid: a randomly initialised encoder has no"):
-        run.evaluate(config, str(tmp_path / "random"))
+        protocols.run(config, str(tmp_path / "random"))
     folder = tmp_path / "three_classes"  # a labelled folder dataset of 3 classes
     for label in range(3):
         os.makedirs(folder / "test" / f"class{label}")
@@ -229,5 +228,5 @@ def test_supervised_head_protocol_errors(eight_device_workdir, probe_workdir, re
             tf.io.encode_png(np.full((8, 8, 3), 40 * label, np.uint8)).numpy())
     config.update(random_init=False, pretrained=probe_workdir[0], dataset=f"folder:{folder}", test_split="test")
     with pytest.raises(ValueError, match="the supervised head has 10 classes but"):
-        run.evaluate(config, str(tmp_path / "classes"))
+        protocols.run(config, str(tmp_path / "classes"))
     assert not any((tmp_path / name).exists() for name in ("none", "random", "classes"))

@@ -19,8 +19,9 @@ from flax import traverse_util
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 import simclr_jax
-from simclr_jax import models, official_export, official_tf2, sharding, storage
-from simclr_jax.evaluation import encoder as encoder_lib
+from simclr_jax import models, sharding, storage
+from simclr_jax.weights import official_export, official_tf2
+from simclr_jax import encoder as encoder_lib
 from tests.conftest import OFFICIAL_FIXTURES
 from tests.helpers import relative_error, tiny_workdir
 
@@ -102,7 +103,7 @@ def exported_r18(official_files, tmp_path_factory):
     """The official ResNet-18 checkpoint imported and exported again, through
     the command line."""
     out = str(tmp_path_factory.mktemp("export") / "r18")
-    command = [sys.executable, "-m", "simclr_jax.official_export",
+    command = [sys.executable, "-m", "simclr_jax.export",
                f"--pretrained={official_files['r18_cifar', 'ckpt_prefix']}", f"--out={out}"]
     subprocess.run(command, check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     return out

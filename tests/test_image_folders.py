@@ -187,8 +187,8 @@ def test_empty_or_imageless_or_missing_folder_is_a_clear_error(tmp_path):
 def test_evaluating_on_unlabelled_images_asks_for_labels(photo_folder, tmp_path):
     from configs import knn as knn_config
     from configs import smoke
-    from simclr_jax import checkpoint
-    from simclr_jax.evaluation import run as evaluation
+    from simclr_jax.weights import checkpoint
+    from simclr_jax import protocols
 
     root, _ = photo_folder
     workdir = str(tmp_path / "pretrain")
@@ -198,7 +198,7 @@ def test_evaluating_on_unlabelled_images_asks_for_labels(photo_folder, tmp_path)
     config.dataset = f"images:{root}"
     config.eval_batch_size = 16
     with pytest.raises(ValueError, match="has no 'label' class feature"):
-        evaluation.evaluate(config, str(tmp_path / "eval"))
+        protocols.run(config, str(tmp_path / "eval"))
 
 
 # --------------------------------------------------------------------------- end to end
@@ -214,8 +214,8 @@ def _real_images(data_dir, n):
 @pytest.mark.slow
 def test_pretrain_on_own_images_then_knn_on_a_labelled_folder(real_data_dir, tmp_path):
     from configs import knn as knn_config
-    from simclr_jax.evaluation import encoder, knn
-    from simclr_jax.evaluation import run as evaluation
+    from simclr_jax import encoder, knn
+    from simclr_jax import protocols
     from tests.helpers import pretrain, tiny_real_data_config as _tiny_config
 
     examples = _real_images(real_data_dir, 300)
@@ -259,7 +259,7 @@ def test_pretrain_on_own_images_then_knn_on_a_labelled_folder(real_data_dir, tmp
     eval_config.dataset = f"folder:{labelled}"
     eval_config.eval_batch_size = 16
     eval_config.knn.k = 10
-    record = evaluation.evaluate(eval_config, str(tmp_path / "eval"))
+    record = protocols.run(eval_config, str(tmp_path / "eval"))
     assert record["checkpoint_step"] == 4 and record["num_examples"] == len(images["test"])
     # The same kNN computed here from the pretrained encoder's features of the
     # same images (folder labels are the sorted class folders: class0..2 -> 0..2).

@@ -19,9 +19,10 @@ import tensorflow_datasets as tfds
 from configs import finetune as finetune_config
 from configs import imagenet, imagenet_v2
 from configs import linear_eval as linear_eval_config
-from simclr_jax import checkpoint, writers
+from simclr_jax import writers
+from simclr_jax.weights import checkpoint
 from simclr_jax.data import sources
-from simclr_jax.evaluation import run
+from simclr_jax import protocols
 from tests.helpers import pretrain
 
 NUM_EXAMPLES = 16  # per split of every mocked dataset
@@ -93,7 +94,7 @@ def test_imagenet_recipe_pretrains_monitors_and_evaluates_on_mock_data(mock_imag
     tune.update(pretrained=pretrain_dir, head_layer=config.model.head_layers - 2, **data)  # v2: layer 1
     tune.finetune.update(subset_split=subset, epochs=1, batch_size=8)
     tune.shuffle_buffer_size = 16
-    records = [run.evaluate(linear, eval_dir), run.evaluate(tune, eval_dir)]
+    records = [protocols.run(linear, eval_dir), protocols.run(tune, eval_dir)]
 
     assert [r["protocol"] for r in records] == ["linear_eval", "finetune"]
     assert records[1]["subset_split"] == subset

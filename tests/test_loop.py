@@ -12,9 +12,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from simclr_jax import checkpoint, loop, writers
+from simclr_jax import loop, writers
+from simclr_jax.weights import checkpoint
 from simclr_jax.evaluation.classifier import ClassifierExperiment
-from simclr_jax.evaluation.run import evaluate
+from simclr_jax.protocols import run as evaluate
 from tests.test_classifier import _config, _resolved, encoder, image_folder, mesh, workdir  # noqa: F401 (fixtures)
 
 UNSTABLE = ("seconds", "finetuned", "student")  # wall time and the run's own paths

@@ -117,7 +117,8 @@ def _run_with_memory(num_devices, microbatches=1):
     state = step.create_train_state(model, tx, IMAGE_SIZE, seed=0, mesh=mesh)
     state = state.replace(memory=memory.create(step.model_params(state.params), SLOTS * 2 * BATCH, BATCH, 128,
                                                mesh))
-    train_step = step.make_train_step(model, tx, lambda s: 0.5, TEMPERATURE, mesh, microbatches=microbatches,
+    train_step = step.make_train_step(model, tx, learning_rate=lambda s: 0.5, temperature=TEMPERATURE, mesh=mesh,
+                                      microbatches=microbatches,
                                       memory_momentum=MOMENTUM)
     rng, history = np.random.default_rng(0), []
     for _ in range(STEPS):

@@ -13,7 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from simclr_jax import checkpoint, writers
+from simclr_jax import writers
+from simclr_jax.weights import checkpoint
 from simclr_jax.evaluation import cached_linear, knn
 from tests import multiprocess_worker
 from tests.launch import main_args as _main_args, start as _start, wait as _wait
@@ -49,7 +50,7 @@ def test_sharded_knn_and_linear_classifier_over_two_processes_match_one_device(t
     _wait(_start(["-m", "tests.multiprocess_worker", "evaluation", out], out), out)
     result = np.load(os.path.join(out, "evaluation.npz"))
 
-    # Gathered in map_padded_batches' order: per batch, process 0's rows then process 1's.
+    # Gathered in passes.map_padded_batches' order: per batch, process 0's rows then process 1's.
     data = multiprocess_worker.evaluation_data()
     for split, (x, y) in data.items():
         b = multiprocess_worker.EVAL_BATCH
@@ -83,19 +84,25 @@ def test_checkpoint_of_two_processes_resumes_in_one(real_data_dir, tmp_path):
     knn_two_processes = [r["knn_top1"] for r in records if "knn_top1" in r]
     assert len(knn_two_processes) == 1
 
-    # One process with 4 devices resumes the 2-process checkpoint and trains on.
-    _wait(_start(_main_args(workdir, real_data_dir, 6), logs, num_processes=1, devices_per_process=4), logs)
-    records = writers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
-    assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
-
-    # kNN of the step-4 encoder on one process equals the 2-process run's monitor.
+    # One process with 4 devices resumes the 2-process checkpoint and trains on; beside it
+    # (another process, another workdir), kNN of the step-4 encoder on one process.
     eval_dir = str(tmp_path / "eval")
     knn_args = ["main.py", "--config=configs/knn.py", f"--workdir={eval_dir}", f"--config.pretrained={workdir}",
                 f"--config.data_dir={real_data_dir}", "--config.checkpoint_step=4",
                 "--config.train_split=train[:2000]", "--config.test_split=test[:1001]",
                 "--config.eval_batch_size=500"]
-    _wait(_start(knn_args, logs, num_processes=1, devices_per_process=4), logs)
+    os.makedirs(os.path.join(logs, "resume"))
+    os.makedirs(os.path.join(logs, "knn"))
+    resume = _start(_main_args(workdir, real_data_dir, 6), os.path.join(logs, "resume"), num_processes=1,
+                    devices_per_process=4)
+    evaluation = _start(knn_args, os.path.join(logs, "knn"), num_processes=1, devices_per_process=4)
+    _wait(resume, os.path.join(logs, "resume"))
+    _wait(evaluation, os.path.join(logs, "knn"))
+    records = writers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+
+    # kNN of the step-4 encoder on one process equals the 2-process run's monitor.
     with open(os.path.join(eval_dir, "eval_results.json")) as f:
         result = json.load(f)[-1]
     assert result["num_examples"] == 1001

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 import simclr_jax
-from simclr_jax import models, official_tf2
-from simclr_jax.pretrained import CheckpointError
+from simclr_jax import models
+from simclr_jax.weights import official_tf2
+from simclr_jax.weights.pretrained import CheckpointError
 from tests.conftest import OFFICIAL_FIXTURES
 
 
@@ -130,7 +131,7 @@ def test_official_resnet18_differs_from_torchvision_only_in_the_first_shortcut()
 
 def test_encoder_without_a_supervised_head_says_so(tmp_path):
     from configs import smoke
-    from simclr_jax import checkpoint
+    from simclr_jax.weights import checkpoint
 
     checkpoint.write_run_config(str(tmp_path), smoke.get_config())
     encoder = simclr_jax.load_encoder(str(tmp_path), random_init_seed=0)
@@ -215,12 +216,12 @@ def test_supervised_head_protocol_scores_the_official_head(official_files, real_
     linear-eval head on eval views, nothing trained."""
     from configs import supervised_head as supervised_head_config
     from simclr_jax.data import sources
-    from simclr_jax.evaluation import run
+    from simclr_jax import protocols
 
     config = supervised_head_config.get_config()
     config.update(pretrained=official_files["r18_cifar", "saved_model"], data_dir=real_data_dir, test_split="test[:200]",
                   eval_batch_size=40)
-    record = run.evaluate(config, str(tmp_path))
+    record = protocols.run(config, str(tmp_path))
     examples = list(sources.load_split("cifar10", "test[:200]", real_data_dir)[0].as_numpy_iterator())
     encoder = simclr_jax.load_encoder(official_files["r18_cifar", "saved_model"], batch_size=40)
     logits = encoder.logits(encoder.preprocess(np.stack([e["image"] for e in examples])))
@@ -234,12 +235,13 @@ def test_knn_protocol_runs_on_an_official_checkpoint(official_files, real_data_d
     from the variables, and the result is the kNN of its own features."""
     from configs import knn as knn_config
     from simclr_jax.data import sources
-    from simclr_jax.evaluation import knn, run
+    from simclr_jax import protocols
+    from simclr_jax.evaluation import knn
 
     config = knn_config.get_config()
     config.update(pretrained=official_files["r18_cifar", "checkpoint_dir"], data_dir=real_data_dir,
                   train_split="train[:500]", test_split="test[:200]", write_pictures=False, eval_batch_size=64)
-    record = run.evaluate(config, str(tmp_path))
+    record = protocols.run(config, str(tmp_path))
     assert record["checkpoint_step"] == 1 and record["num_examples"] == 200
 
     def raw(split):
@@ -269,8 +271,8 @@ def test_two_training_steps_equal_the_official_ones(official_files):
     to 16%, and the step-2 loss by 8e-4 between our own float32 and float64
     runs: tolerance 30% on parameters, 1% on moving statistics, 1e-4 on the
     loss. Minimising L instead of 2L halves every BatchNorm update (50% off)."""
-    from simclr_jax import sharding
-    from simclr_jax.pretraining import optim, step
+    from simclr_jax import optim, sharding
+    from simclr_jax.pretraining import step
 
     meta = json.loads((OFFICIAL_FIXTURES / "r18_cifar" / "meta.json").read_text())["two_steps"]
     official = dict(np.load(OFFICIAL_FIXTURES / "r18_cifar" / "two_steps.npz"))
@@ -281,7 +283,8 @@ def test_two_training_steps_equal_the_official_ones(official_files):
     state = step.create_train_state(model, tx, 32, seed=0, mesh=mesh)
     state = state.replace(params=jax.tree.map(jnp.array, encoder.variables["params"]),
                           batch_stats=jax.tree.map(jnp.array, encoder.variables["batch_stats"]))
-    train_step = step.make_train_step(model, tx, lambda s: meta["lr"], meta["temperature"], mesh)
+    train_step = step.make_train_step(model, tx, learning_rate=lambda s: meta["lr"], temperature=meta["temperature"],
+                                      mesh=mesh)
     views = np.stack([official["view1"], official["view2"]], axis=1)  # [16, 2, 32, 32, 3]
     names = official_tf2.flax_names(official_tf2.read_variables(
         official_tf2.variables_prefix(official_files["r18_cifar", "checkpoint_dir"])), encoder.model)

@@ -1,4 +1,4 @@
-"""Tests for simclr_jax.pretraining.optim: LARS against a numpy hand computation
+"""Tests for simclr_jax.optim: LARS against a numpy hand computation
 (on toy trees and on the real SimCLR parameter tree), schedules."""
 import math
 
@@ -8,9 +8,9 @@ import numpy as np
 import optax
 import pytest
 
-from simclr_jax import models, sharding
-from simclr_jax.pretraining import optim
+from simclr_jax import models, optim, sharding
 from simclr_jax.pretraining import step as train
+from simclr_jax.weights.checkpoint import PROBE
 
 SHAPES = {
     "conv": {"kernel": (3, 3, 2, 4)},
@@ -97,7 +97,7 @@ def real_state():
     config = ml_collections.ConfigDict(dict(depth=18, width_multiplier=1 / 16, cifar_stem=True,
                                             head_layers=2, proj_dim=16, variant="torchvision", sk_ratio=0.0,
                                             se_ratio=0.0))
-    tx = train.with_probe_optimizer(optim.lars(0.3, weight_decay=0.1), 1e-3)
+    tx = optim.with_adam_for(PROBE, optim.lars(0.3, weight_decay=0.1), 1e-3)
     mesh = sharding.make_mesh(jax.devices()[:1])
     state = train.create_train_state(models.model_from_config(config), tx, image_size=16, seed=0,
                                      mesh=mesh, num_classes=10)
@@ -156,7 +156,7 @@ def _random_like(tree, seed):
 @pytest.mark.parametrize("scaling,peak", [
     ("linear", 0.3 * 512 / 256), ("sqrt", 0.3 * math.sqrt(512))])
 def test_schedule_shape(scaling, peak):
-    s = optim.learning_rate_schedule(0.3, 512, scaling, warmup_steps=10, total_steps=110)
+    s = optim.schedule(optim.peak_learning_rate(0.3, 512, scaling), warmup_steps=10, total_steps=110)
     np.testing.assert_allclose(s(0), 0.0, atol=1e-7)
     np.testing.assert_allclose(s(5), peak / 2, rtol=1e-5)
     np.testing.assert_allclose(s(10), peak, rtol=1e-5)
@@ -166,18 +166,62 @@ def test_schedule_shape(scaling, peak):
 
 
 def test_schedule_edge_cases_and_validation():
-    s = optim.learning_rate_schedule(1.0, 256, "linear", warmup_steps=0, total_steps=10)
+    s = optim.schedule(optim.peak_learning_rate(1.0, 256, "linear"), warmup_steps=0, total_steps=10)
     np.testing.assert_allclose(s(0), 1.0, rtol=1e-6)
     np.testing.assert_allclose(s(10), 0.0, atol=1e-6)
-    s = optim.learning_rate_schedule(1.0, 256, "linear", warmup_steps=10, total_steps=10)
+    s = optim.schedule(optim.peak_learning_rate(1.0, 256, "linear"), warmup_steps=10, total_steps=10)
     np.testing.assert_allclose(s(5), 0.5, rtol=1e-6)
     np.testing.assert_allclose(s(10), 1.0, rtol=1e-6)
     with pytest.raises(ValueError, match="scaling"):
-        optim.learning_rate_schedule(1.0, 256, "square", 0, 10)
+        optim.peak_learning_rate(1.0, 256, "square")
+    with pytest.raises(ValueError, match="decay"):
+        optim.schedule(1.0, total_steps=10, decay="step")
     with pytest.raises(ValueError):
-        optim.learning_rate_schedule(1.0, 256, "linear", 0, 0)
+        optim.schedule(1.0, warmup_steps=0, total_steps=0)
     with pytest.raises(ValueError):
-        optim.learning_rate_schedule(1.0, 256, "linear", 11, 10)
+        optim.schedule(1.0, warmup_steps=11, total_steps=10)
+
+
+def test_cosine_without_warmup_is_optax_cosine_decay():
+    """The supervised protocols' schedule, against optax's own (which they used)."""
+    ours, theirs = optim.schedule(0.4, total_steps=37), optax.cosine_decay_schedule(0.4, 37)
+    np.testing.assert_allclose([ours(t) for t in range(45)], [theirs(t) for t in range(45)], rtol=1e-6, atol=1e-8)
+
+
+def test_constant_schedule():
+    """Constant without warm-up is the number itself (no schedule count in the
+    optimiser state); with warm-up, linear to the peak, then flat."""
+    assert optim.schedule(0.3, total_steps=10, decay="constant") == 0.3
+    s = optim.schedule(0.3, total_steps=10, warmup_steps=4, decay="constant")
+    np.testing.assert_allclose([s(t) for t in (0, 2, 4, 9, 50)], [0.0, 0.15, 0.3, 0.3, 0.3], rtol=1e-6)
+
+
+def test_steps_rounds_epochs_times_examples_over_batch():
+    assert optim.steps(2.5, 1000, 256) == 10  # 9.77
+    assert optim.steps(0.5, 195) == 98  # 97.5: Python rounds halves to even
+    assert optim.steps(0.1, 50_000, 512) == 10
+
+
+def test_momentum_is_nesterov_sgd_with_masked_decay():
+    """'momentum': g + wd * w on the masked leaves, then Nesterov SGD, as a
+    hand computation over two steps."""
+    params = {"kernel": np.array([[1.0, -2.0]], np.float32), "bias": np.array([0.5], np.float32)}
+    grads = [jax.tree.map(lambda p, k=k: np.full_like(p, 0.1 * (k + 1)), params) for k in range(2)]
+    tx = optim.create("momentum", 0.2, weight_decay=0.01, decay_mask={"kernel": True, "bias": False})
+    state, current = tx.init(params), params
+    want = {name: np.asarray(value, np.float64) for name, value in params.items()}
+    velocity = {name: 0.0 for name in params}
+    for g in grads:
+        updates, state = tx.update(g, state, current)
+        current = optax.apply_updates(current, updates)
+        for name in want:
+            step = g[name] + (0.01 * want[name] if name == "kernel" else 0.0)
+            velocity[name] = 0.9 * velocity[name] + step
+            want[name] = want[name] - 0.2 * (step + 0.9 * velocity[name])
+    for name in want:
+        np.testing.assert_allclose(current[name], want[name], rtol=1e-6)
+    with pytest.raises(ValueError, match="optimizer"):
+        optim.create("adam", 0.1, weight_decay=0.0)
 
 
 def _config(**overrides):
@@ -190,12 +234,14 @@ def _config(**overrides):
 
 
 def test_create_optimizer_steps():
-    tx, schedule = optim.create_optimizer(_config(), steps_per_epoch=20)
+    from simclr_jax.pretraining.train import create_optimizer
+
+    tx, schedule = create_optimizer(_config(), steps_per_epoch=20)
     np.testing.assert_allclose(schedule(10), 2.0, rtol=1e-6)  # warm-up ends at 10
     np.testing.assert_allclose(schedule(200), 0.0, atol=1e-6)
     np.testing.assert_allclose(schedule(105), 1.0, rtol=1e-5)  # cosine midpoint
 
-    _, schedule = optim.create_optimizer(_config(num_train_steps=50), steps_per_epoch=20)
+    _, schedule = create_optimizer(_config(num_train_steps=50), steps_per_epoch=20)
     np.testing.assert_allclose(schedule(50), 0.0, atol=1e-6)
     np.testing.assert_allclose(schedule(30), 1.0, rtol=1e-5)
 

@@ -7,7 +7,7 @@ import pytest
 
 from configs import knn as knn_config
 from simclr_jax import pictures, writers
-from simclr_jax.evaluation import run as evaluation
+from simclr_jax import protocols
 
 COLOURS = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0],
                     [0.0, 1.0, 1.0], [1.0, 0.0, 1.0], [0.5, 0.5, 0.5], [0.0, 0.0, 0.0]])
@@ -109,11 +109,8 @@ def test_save_png_round_trips(tmp_path):
 
 
 @pytest.mark.slow
-def test_pretraining_and_knn_evaluation_write_pictures(real_data_dir, tmp_path):
-    from tests.helpers import pretrain, tiny_real_data_config as _tiny_config
-
-    pretrain_dir = str(tmp_path / "pretrain")
-    pretrain(_tiny_config(real_data_dir, num_train_steps=2, knn_monitor=False), pretrain_dir)
+def test_pretraining_and_knn_evaluation_write_pictures(tiny_pretraining, real_data_dir, tmp_path):
+    pretrain_dir = tiny_pretraining[0]  # the session's tiny pretraining run (tests/conftest.py)
     grid = matplotlib.image.imread(os.path.join(pretrain_dir, "augmentations.png"))
     assert grid.ndim == 3 and grid.shape[1] > 8 * pictures.TILE
     # No scalar record for the picture; the TensorBoard event file holds it.
@@ -122,9 +119,9 @@ def test_pretraining_and_knn_evaluation_write_pictures(real_data_dir, tmp_path):
     config = knn_config.get_config()
     config.pretrained = pretrain_dir
     config.data_dir = real_data_dir
-    config.train_split, config.test_split = "train[:2000]", "test[:500]"
+    config.train_split, config.test_split = "train[:512]", "test[:128]"  # pictures of a few: seconds
     eval_dir = str(tmp_path / "eval")
-    evaluation.evaluate(config, eval_dir)
+    protocols.run(config, eval_dir)
     tsne = matplotlib.image.imread(os.path.join(eval_dir, "embedding_tsne.png"))
     retrieval = matplotlib.image.imread(os.path.join(eval_dir, "retrieval.png"))
     assert tsne.shape[:2] == (650, 800)
@@ -133,5 +130,5 @@ def test_pretraining_and_knn_evaluation_write_pictures(real_data_dir, tmp_path):
     # Off: no pictures.
     config.write_pictures = False
     quiet_dir = str(tmp_path / "quiet")
-    evaluation.evaluate(config, quiet_dir)
+    protocols.run(config, quiet_dir)
     assert not [name for name in os.listdir(quiet_dir) if name.endswith(".png")]

@@ -1,5 +1,6 @@
 """Pretraining end to end on the real CIFAR-10 copy: learning, resume, errors."""
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -7,11 +8,13 @@ import pytest
 
 from configs import knn as knn_config
 from configs import smoke
-from simclr_jax import checkpoint, config_validation, models, sharding, writers
+from simclr_jax import config_validation, models, sharding, writers
+from simclr_jax.weights import checkpoint
 from simclr_jax.errors import CheckpointError
-from simclr_jax.evaluation import encoder as encoder_lib
-from simclr_jax.evaluation import run as evaluation
-from simclr_jax.pretraining import optim, step, train
+from simclr_jax import encoder as encoder_lib
+from simclr_jax import protocols
+from simclr_jax import optim
+from simclr_jax.pretraining import step, train
 from tests.helpers import pretrain, tiny_real_data_config as _tiny_config
 
 
@@ -20,9 +23,11 @@ def _scalars(workdir, key):
 
 
 @pytest.mark.slow
-def test_resume_continues_from_saved_step_with_identical_state(real_data_dir, tmp_path, caplog):
-    workdir = str(tmp_path)
-    first = jax.device_get(pretrain(_tiny_config(real_data_dir), workdir))
+def test_resume_continues_from_saved_step_with_identical_state(tiny_pretraining, real_data_dir, tmp_path, caplog):
+    # The session's tiny run (tests/conftest.py: _tiny_config's 4 steps), continued in a copy.
+    source, _, first = tiny_pretraining
+    workdir = str(tmp_path / "run")
+    shutil.copytree(source, workdir)
     assert int(first.step) == 4
 
     # What resume would load is exactly the state the run ended with.
@@ -89,9 +94,9 @@ def test_smoke_recipe_learns_on_real_cifar10(real_data_dir, tmp_path):
     knn = knn_config.get_config()
     knn.update(pretrained=workdir, data_dir=real_data_dir, train_split="train[:2000]", test_split="test[:1000]",
                write_pictures=False)
-    learnt = evaluation.evaluate(knn, str(tmp_path / "eval"))["top1"]
+    learnt = protocols.run(knn, str(tmp_path / "eval"))["top1"]
     knn.random_init = True
-    baseline = evaluation.evaluate(knn, str(tmp_path / "eval"))["top1"]
+    baseline = protocols.run(knn, str(tmp_path / "eval"))["top1"]
     print({"knn_top1": learnt, "random_init_knn_top1": baseline})
     assert learnt > baseline + 0.04, (learnt, baseline)
 
@@ -172,7 +177,7 @@ def test_init_from_starts_from_another_runs_weights_with_a_fresh_optimiser(real_
 
 def test_init_from_another_architecture_names_the_fields_and_writes_nothing(real_data_dir, tmp_path):
     from simclr_jax.config_validation import ConfigError
-    from simclr_jax.pretrained import CheckpointError
+    from simclr_jax.weights.pretrained import CheckpointError
     from tests.helpers import tiny_workdir
 
     source = tiny_workdir(tmp_path / "source", head_layers=3)

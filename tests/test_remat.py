@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from simclr_jax import models, sharding
-from simclr_jax.pretraining import optim, step
+from simclr_jax import models, optim, sharding
+from simclr_jax.pretraining import step
 from tests.helpers import IMAGE_SIZE, tiny_pretrain_config
 
 
@@ -22,7 +22,7 @@ def _train_step_result(remat: bool, num_devices: int):
     model = models.model_from_config(config.model, axis_name=sharding.DATA_AXIS, remat=remat)
     tx = optim.lars(0.5, 1e-4)
     state = step.create_train_state(model, tx, IMAGE_SIZE, seed=0, mesh=mesh)
-    train_step = step.make_train_step(model, tx, lambda s: 0.5, 0.5, mesh)
+    train_step = step.make_train_step(model, tx, learning_rate=lambda s: 0.5, temperature=0.5, mesh=mesh)
     new_state, metrics = train_step(state, sharding.put_batch({"views": _views()}, mesh))
     return jax.device_get(new_state), jax.device_get(metrics)
 

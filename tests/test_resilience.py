@@ -15,7 +15,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from simclr_jax import checkpoint, storage, writers
+from simclr_jax import storage, writers
+from simclr_jax.weights import checkpoint
 from simclr_jax.pretraining import train
 from tests.launch import MAIN, main_args, process_env, recipe, start, wait
 from tests.helpers import pretrain, tiny_real_data_config as _tiny_config
@@ -65,7 +66,9 @@ def test_a_run_in_a_bucket_survives_sigterm_resumes_exactly_and_evaluates(real_d
     logs.mkdir()
     cwd.mkdir()
     launch = dict(num_processes=1, devices_per_process=2, cwd=str(cwd))
-    wait(start(main_args(full, real_data_dir, steps, *flags), str(tmp_path), **launch), str(tmp_path))
+    # The uninterrupted run goes on beside the interrupted one (each its own process, workdir
+    # and logs): two launches' start-up and compilation overlap on the machine's cores.
+    uninterrupted = start(main_args(full, real_data_dir, steps, *flags), str(tmp_path), **launch)
 
     (process,) = start(main_args(cut, real_data_dir, steps, *flags), str(logs), **launch)
     _wait_for_records(cut, process, 5)
@@ -82,6 +85,7 @@ def test_a_run_in_a_bucket_survives_sigterm_resumes_exactly_and_evaluates(real_d
     assert any("tfevents" in name for name in after_stop), after_stop
 
     wait(start(main_args(cut, real_data_dir, steps, *flags), str(logs), **launch), str(logs))
+    wait(uninterrupted, str(tmp_path))
     full_losses, cut_losses = _losses(full), _losses(cut)
     assert [s for s, _ in cut_losses] == list(range(1, steps + 1))  # each step logged once
     np.testing.assert_array_equal([l for _, l in cut_losses], [l for _, l in full_losses])
@@ -95,10 +99,15 @@ def test_a_run_in_a_bucket_survives_sigterm_resumes_exactly_and_evaluates(real_d
 
     data = (f"--config.pretrained={cut}", f"--config.data_dir={real_data_dir}", "--config.train_split=train[:512]",
             "--config.test_split=test[:256]", "--config.eval_batch_size=128")
-    wait(start([MAIN, recipe("knn"), f"--workdir={cut}/knn", *data], str(logs), **launch), str(logs))
-    wait(start([MAIN, recipe("finetune"), f"--workdir={cut}/finetune", *data, "--config.finetune.epochs=1",
-                "--config.finetune.batch_size=32", "--config.finetune.label_fraction=0.25"], str(logs), **launch),
-         str(logs))
+    # kNN and fine-tuning read the same checkpoint and write apart: at the same time.
+    (logs / "knn").mkdir()
+    (logs / "finetune").mkdir()
+    evaluations = [*start([MAIN, recipe("knn"), f"--workdir={cut}/knn", *data], str(logs / "knn"), **launch),
+                   *start([MAIN, recipe("finetune"), f"--workdir={cut}/finetune", *data, "--config.finetune.epochs=1",
+                           "--config.finetune.batch_size=32", "--config.finetune.label_fraction=0.25"],
+                          str(logs / "finetune"), **launch)]
+    wait(evaluations[:1], str(logs / "knn"))
+    wait(evaluations[1:], str(logs / "finetune"))
     (knn,) = json.loads(storage.read_text(f"{cut}/knn/eval_results.json"))
     (finetune,) = json.loads(storage.read_text(f"{cut}/finetune/eval_results.json"))
     assert knn["checkpoint_step"] == finetune["checkpoint_step"] == steps

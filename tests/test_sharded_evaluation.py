@@ -17,7 +17,7 @@ import tensorflow as tf
 from jax import lax
 
 from simclr_jax import sharding
-from simclr_jax.evaluation import cached_linear, knn, metrics
+from simclr_jax.evaluation import cached_linear, knn, metrics, passes
 from simclr_jax.evaluation.features import ShardedSplit
 
 DEVICE_COUNTS = (1, 2, 8)
@@ -50,10 +50,10 @@ def test_sharded_extraction_keeps_rows_on_devices_and_matches_the_gathered_featu
     x, y = _data(0, 37, dim=4)
     dataset = tf.data.Dataset.from_tensor_slices({"image": x, "label": y}).batch(8)  # 4 full batches + 5 rows
     fn = jax.jit(lambda images: 2.0 * images)
-    out, rows, labels = sharding.map_sharded_batches(fn, dataset, mesh, 8)
+    out, rows, labels = passes.map_sharded_batches(fn, dataset, mesh, 8)
     assert out.shape == (40, 4) and out.sharding.spec == sharding.batch_sharded(mesh).spec
     assert all(s.data.shape == (40 // num_devices, 4) for s in out.addressable_shards)
-    want_x, want_y = sharding.map_padded_batches(fn, dataset, mesh, 8)
+    want_x, want_y = passes.map_padded_batches(fn, dataset, mesh, 8)
     np.testing.assert_array_equal(sharding.take_rows(out, rows), want_x)
     np.testing.assert_array_equal(labels, want_y)
     np.testing.assert_array_equal(want_x, 2.0 * x)

@@ -10,9 +10,9 @@ import numpy as np
 import optax
 import pytest
 
-from simclr_jax import sharding
-from simclr_jax.pretraining import optim
+from simclr_jax import optim, sharding
 from simclr_jax.pretraining import step as train
+from simclr_jax.weights.checkpoint import PROBE
 from tests.helpers import tiny_simclr
 
 IMAGE_SIZE = 16
@@ -21,7 +21,7 @@ NUM_CLASSES = 10
 NAN_STEP = 2
 NUM_STEPS = 6
 # Warm-up over steps 0-1, cosine over 2-5: lr = 0, peak/2, peak, 3/4 peak, peak/4, 0.
-SCHEDULE = optim.learning_rate_schedule(1.0, GLOBAL_BATCH, "linear", warmup_steps=2, total_steps=5)
+SCHEDULE = optim.schedule(optim.peak_learning_rate(1.0, GLOBAL_BATCH, "linear"), warmup_steps=2, total_steps=5)
 WEIGHT_DECAY = 1e-4
 PROBE_LR = 1e-3
 
@@ -31,7 +31,7 @@ def _model():
 
 
 def _tx(learning_rate):
-    return train.with_probe_optimizer(optim.lars(learning_rate, weight_decay=WEIGHT_DECAY), PROBE_LR)
+    return optim.with_adam_for(PROBE, optim.lars(learning_rate, weight_decay=WEIGHT_DECAY), PROBE_LR)
 
 
 def _batch(i):
@@ -52,7 +52,8 @@ def run():
     mesh = sharding.make_mesh(jax.devices()[:8])
     tx = _tx(SCHEDULE)
     state = train.create_train_state(_model(), tx, IMAGE_SIZE, seed=0, mesh=mesh, num_classes=NUM_CLASSES)
-    step = train.make_train_step(_model(), tx, SCHEDULE, 0.5, mesh, num_classes=NUM_CLASSES)
+    step = train.make_train_step(_model(), tx, learning_rate=SCHEDULE, temperature=0.5, mesh=mesh,
+                                 num_classes=NUM_CLASSES)
     states, metrics = [jax.device_get(state)], []
     for i in range(NUM_STEPS):
         state, m = step(state, sharding.put_batch(_batch(i), mesh))
@@ -89,7 +90,8 @@ def test_step_after_the_skip_applies_the_schedule_at_its_own_index(run):
     np.testing.assert_allclose(lr, float(SCHEDULE(NAN_STEP + 1)), rtol=1e-6)
     assert abs(lr - float(SCHEDULE(NAN_STEP))) > 0.1 * lr  # the off-by-one would show
     reference_tx = _tx(lambda count: lr)  # same state structure, count-free learning rate
-    reference_step = train.make_train_step(_model(), reference_tx, lambda s: lr, 0.5, mesh,
+    reference_step = train.make_train_step(_model(), reference_tx, learning_rate=lambda s: lr, temperature=0.5,
+                                           mesh=mesh,
                                            num_classes=NUM_CLASSES)
     state = jax.device_put(before_skip, sharding.replicated(mesh))
     reference, _ = jax.device_get(reference_step(state, sharding.put_batch(_batch(NAN_STEP + 1), mesh)))

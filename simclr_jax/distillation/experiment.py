@@ -16,21 +16,20 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 
-from simclr_jax import checkpoint, config_validation, loop, pretrained, sharding, storage, writers
+from simclr_jax import config_validation, loop, optim, sharding, storage, writers
+from simclr_jax.weights import checkpoint, pretrained
 from simclr_jax.data import input_pipeline, sources
 from simclr_jax.distillation.step import StudentState, make_distill_step
-from simclr_jax.evaluation import encoder as encoder_lib
-from simclr_jax.evaluation.classifier import features_at, head_logits, linear_classifier, test_split_accuracy
-from simclr_jax.evaluation.run import append_result
+from simclr_jax import encoder as encoder_lib
+from simclr_jax.evaluation import passes
+
 from simclr_jax.models import model_from_config
-from simclr_jax.pretraining import optim
-from simclr_jax.pretraining.step import PROBE
+from simclr_jax.models.classifier import features_at, head_logits, linear_classifier
+from simclr_jax.weights.checkpoint import PROBE
 
 STUDENT = "student"  # where the trained student goes, inside the workdir
-MOMENTUM = 0.9
 
 
 def check_teacher(config) -> int:
@@ -54,14 +53,12 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The config with the student's architecture, image size and head layers
     filled in (module docstring of configs/distill.py), checked."""
     teacher = pretrained.architecture(config.teacher)
-    base = pretrained.architecture(config.init_from) if config.init_from else teacher
-    model = {name: base.model[name] if config.model[name] is None else config.model[name]
-             for name in config_validation.MODEL_FIELDS}
-    if config.init_from and (conflicts := [f"model.{name}: init_from {base.model[name]!r}, config {model[name]!r}"
-                                           for name in model if model[name] != base.model[name]]):
-        raise config_validation.ConfigError(
-            f"config.init_from={config.init_from!r} holds another architecture than the student's ("
-            + "; ".join(conflicts) + "): drop the overrides, or set init_from=None to start at random")
+    if config.init_from:  # the student is init_from's network
+        trained = pretrained.resolve(config.init_from, config.model, field="init_from", unset_ok=True).model
+        model = {name: trained[name] for name in config_validation.MODEL_FIELDS}
+    else:  # the teacher's, but for the fields set (a smaller student)
+        model = {name: teacher.model[name] if config.model[name] is None else config.model[name]
+                 for name in config_validation.MODEL_FIELDS}
     if config.image_size not in (None, teacher.image_size):
         raise config_validation.ConfigError(
             f"config.image_size={config.image_size} differs from the teacher's {teacher.image_size}: teacher and "
@@ -81,20 +78,13 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def make_optimizer(settings, steps_per_epoch: int, total_steps: int):
-    """(optimizer, schedule): 'momentum' (Nesterov SGD, weight decay on kernels)
-    or 'lars' (pretraining's), peak learning_rate * B/256 after a linear
-    warm-up, then cosine to 0 or constant."""
-    warmup = min(int(round(settings.warmup_epochs * steps_per_epoch)), total_steps)
-    if settings.schedule == "cosine":
-        schedule = optim.learning_rate_schedule(settings.learning_rate, settings.batch_size, "linear", warmup,
-                                                total_steps)
-    else:
-        peak = settings.learning_rate * settings.batch_size / 256
-        schedule = lambda step: peak * jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / warmup) if warmup else peak
-    if settings.optimizer == "lars":
-        return optim.lars(schedule, settings.weight_decay, momentum=MOMENTUM), schedule
-    return optax.chain(optax.add_decayed_weights(settings.weight_decay, mask=optim.adapt_mask),
-                       optax.sgd(schedule, momentum=MOMENTUM, nesterov=True)), schedule
+    """(optimizer, schedule) of ``config.distill``: 'momentum' (Nesterov SGD,
+    weight decay on kernels) or 'lars' (pretraining's), peak learning_rate *
+    B/256 after a linear warm-up, then cosine to 0 or constant."""
+    learning_rate = optim.schedule(optim.peak_learning_rate(settings.learning_rate, settings.batch_size),
+                                   total_steps=total_steps, decay=settings.schedule,
+                                   warmup_steps=min(optim.steps(settings.warmup_epochs, steps_per_epoch), total_steps))
+    return optim.create(settings.optimizer, learning_rate, weight_decay=settings.weight_decay), learning_rate
 
 
 class Distillation:
@@ -108,7 +98,7 @@ class Distillation:
         self.examples, self.num_train, self.num_labelled = self._training_examples()
         self.name, self.batch_size = "distill", self.settings.batch_size
         self.steps_per_epoch = max(1, self.num_train // self.settings.batch_size)
-        self.total_steps = max(1, int(round(self.settings.epochs * self.num_train / self.settings.batch_size)))
+        self.total_steps = max(1, optim.steps(self.settings.epochs, self.num_train, self.settings.batch_size))
         self.tx, self.schedule = make_optimizer(self.settings, self.steps_per_epoch, self.total_steps)
         self.student = model_from_config(config.model)
         self.teacher = encoder_lib.load_encoder(config.teacher, step=config.teacher_step, mesh=mesh,
@@ -201,9 +191,9 @@ class Distillation:
     def score(self, state: StudentState) -> tuple[dict, dict]:
         """(student's, teacher's) {'top1', 'top5', 'num_examples'} on eval views of the test split."""
         variables = {"params": state.params["model"], "batch_stats": state.batch_stats}
-        student = test_split_accuracy(self.config, self.mesh, lambda images: self._logits(
+        student = passes.split_accuracy(self.config, self.config.test_split, self.mesh, lambda images: self._logits(
             self.student, variables, state.params["classifier"], images, self.config.head_layer))
-        teacher = test_split_accuracy(self.config, self.mesh, lambda images: self._logits(
+        teacher = passes.split_accuracy(self.config, self.config.test_split, self.mesh, lambda images: self._logits(
             self.teacher.model, self.teacher.variables, self.teacher.supervised_head, images,
             self.config.teacher_head_layer))
         return student, teacher
@@ -249,5 +239,5 @@ def distill(config: ml_collections.ConfigDict, workdir: str) -> dict:
                   seconds=round(time.perf_counter() - start, 1), **student)
     logging.info("Distillation result: %s", record)
     if jax.process_index() == 0:
-        append_result(workdir, record)
+        writers.append_result(workdir, record)
     return record

@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from simclr_jax import sharding, updates
 from simclr_jax.distillation.losses import distillation_loss, supervised_sum
-from simclr_jax.evaluation.classifier import features_at, head_logits, keep_unused_head_stats, linear_classifier
+from simclr_jax.models.classifier import features_at, head_logits, keep_unused_head_stats, linear_classifier
 
 DATA = sharding.DATA_AXIS
 

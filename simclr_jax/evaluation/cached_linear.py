@@ -19,41 +19,31 @@ import optax
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from simclr_jax import sharding
+from simclr_jax import numerics, optim, sharding
 from simclr_jax.data import sources
 from simclr_jax.evaluation.features import FeatureExtractor, ShardedFeatures, ShardedSplit, SplitFeatures
 from simclr_jax.evaluation.metrics import check_labels, masked_topk_accuracy
 from simclr_jax.sharding import DATA_AXIS as DATA
 
-MOMENTUM = 0.9  # Nesterov, as the paper's linear evaluation
-
 
 @jax.jit
 def standardizer(features: jax.Array, valid: jax.Array) -> dict:
     """{'mean', 'inv_std'} per dimension of the training features, over the
-    rows marked ``valid`` (padding rows of split features are not). Constant
-    dimensions (dead ReLUs are exactly 0) keep scale 1: dividing by a
-    rounding-error std would blow up test values. On features split over the
-    mesh each device reduces its rows and the partial sums are all-reduced."""
+    rows marked ``valid`` (padding rows of split features are not;
+    numerics.standardization). On features split over the mesh each device
+    reduces its rows and the partial sums are all-reduced."""
     keep, count = valid[:, None], jnp.sum(valid)
     mean = jnp.sum(jnp.where(keep, features, 0.0), axis=0) / count
     std = jnp.sqrt(jnp.sum(jnp.where(keep, jnp.square(features - mean), 0.0), axis=0) / count)
     constant = jnp.max(jnp.where(keep, features, -jnp.inf), axis=0) == jnp.min(jnp.where(keep, features, jnp.inf),
                                                                              axis=0)
-    return {"mean": mean, "inv_std": 1.0 / jnp.where(constant, 1.0, std)}
+    return numerics.standardization(mean, std, constant)
 
 
 @jax.jit
 def classifier_logits(params, features) -> jax.Array:
     """Logits [n, C] of a trained classifier on raw features (it standardises them)."""
-    x = (jnp.asarray(features, jnp.float32) - params["mean"]) * params["inv_std"]
-    return x @ params["kernel"] + params["bias"]
-
-
-def _optimizer(learning_rate, weight_decay, total_steps: int) -> optax.GradientTransformation:
-    return optax.chain(
-        optax.add_decayed_weights(weight_decay, mask={"kernel": True, "bias": False}),
-        optax.sgd(optax.cosine_decay_schedule(learning_rate, total_steps), momentum=MOMENTUM, nesterov=True))
+    return numerics.standardize(jnp.asarray(features, jnp.float32), params) @ params["kernel"] + params["bias"]
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "num_classes", "epochs", "batch_size"))
@@ -72,14 +62,15 @@ def _fit(features, row_labels, rows, stats, key, learning_rate, weight_decay, *,
     steps_per_epoch = n // batch_size
 
     def on_device(features, row_labels, rows, stats, key, learning_rate, weight_decay):
-        optimizer = _optimizer(learning_rate, weight_decay, epochs * steps_per_epoch)
+        optimizer = optim.create("momentum", optim.schedule(learning_rate, total_steps=epochs * steps_per_epoch),
+                                 weight_decay=weight_decay, decay_mask={"kernel": True, "bias": False})
         # Zero init, as SimCLR's linear eval (zero_init_logits_layer): the problem
         # is convex, so the start only has to be deterministic.
         params = {"kernel": jnp.zeros((d, num_classes), jnp.float32), "bias": jnp.zeros((num_classes,), jnp.float32)}
         local_rows = features.shape[0]
 
         def loss_fn(p, local, mine):  # examples held elsewhere weigh 0
-            x = (features[local] - stats["mean"]) * stats["inv_std"]
+            x = numerics.standardize(features[local], stats)
             losses = optax.softmax_cross_entropy_with_integer_labels(x @ p["kernel"] + p["bias"],
                                                                      jnp.maximum(row_labels[local], 0))
             return jnp.sum(jnp.where(mine, losses, 0.0)) / batch_size

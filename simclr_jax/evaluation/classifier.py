@@ -22,7 +22,6 @@ The step is jit(shard_map) over the 'data' mesh, built once per experiment.
 from typing import Any, Optional
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,14 +30,14 @@ from absl import logging
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from simclr_jax import loop, sharding, storage, updates, writers
+from simclr_jax import loop, numerics, optim, sharding, storage, updates, writers
 from simclr_jax.data import input_pipeline, sources
 from simclr_jax.errors import UserError
-from simclr_jax.evaluation.metrics import topk_accuracy
+from simclr_jax.evaluation import passes
 from simclr_jax.models import SimCLR
+from simclr_jax.models.classifier import features_at, head_logits, keep_unused_head_stats, linear_classifier
 
 DATA = sharding.DATA_AXIS
-MOMENTUM = 0.9  # Nesterov, as the paper's linear evaluation and fine-tuning
 STANDARDIZE_EXAMPLES = 10_000  # augmented training views that set linear.standardize's statistics
 
 
@@ -51,46 +50,6 @@ class ClassifierState:
     # Fixed per-dimension {'mean', 'inv_std'} of the frozen features, applied
     # before the classifier ({} = raw features): see feature_standardizer.
     feature_norm: Any
-
-
-def linear_classifier(num_classes: int) -> nn.Dense:
-    # Zero-initialised, as the reference code's linear-eval and fine-tuning
-    # commands set (zero_init_logits_layer=True). Fine-tuning's encoder
-    # therefore first moves on the second step.
-    return nn.Dense(num_classes, kernel_init=nn.initializers.zeros)
-
-
-def features_at(model, variables, images, head_layer: int, train: bool):
-    """(features at head_layer, updated BatchNorm statistics or None)."""
-    if train:
-        features, updates = model.apply(variables, images, train, head_layer, method=SimCLR.features,
-                                        mutable=["batch_stats"])
-        return features, updates["batch_stats"]
-    return model.apply(variables, images, train, head_layer, method=SimCLR.features), None
-
-
-def head_logits(model, variables, head, images, head_layer: int) -> jax.Array:
-    """A supervised head {'kernel', 'bias'} on the head_layer features of
-    ``images``, BatchNorm in inference mode: how a checkpoint's own classifier
-    (or a distillation teacher) scores images."""
-    features, _ = features_at(model, variables, images, head_layer, train=False)
-    return features.astype(jnp.float32) @ head["kernel"] + head["bias"]
-
-
-def _standardize(features, feature_norm):
-    """(features - mean) * inv_std: an affine map, so classifier and map
-    together are still one linear classifier on the features."""
-    if not feature_norm:
-        return features
-    return (features - feature_norm["mean"]) * feature_norm["inv_std"]
-
-
-def keep_unused_head_stats(new, old, head_layer: int):
-    """The head computes all its layers, but those past head_layer feed nothing:
-    keep their BatchNorm statistics (their parameters get zero gradients)."""
-    head = {name: new["head"][name] if int(name[len("bn"):]) <= head_layer else old["head"][name]
-            for name in old["head"]}
-    return dict(new, head=head)
 
 
 def make_train_step(model, tx, num_classes: int, head_layer: int, mesh, *, train_encoder: bool):
@@ -112,7 +71,7 @@ def make_train_step(model, tx, num_classes: int, head_layer: int, mesh, *, train
             else:
                 features, _ = features_at(model, frozen, images, head_layer, train=False)
                 features, stats = lax.stop_gradient(features), state.batch_stats
-            logits = classifier.apply({"params": params["classifier"]}, _standardize(features, state.feature_norm))
+            logits = classifier.apply({"params": params["classifier"]}, numerics.standardize(features, state.feature_norm))
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
             accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
             return lax.pmean(loss, DATA), (lax.pmean(accuracy, DATA), stats)
@@ -125,22 +84,9 @@ def make_train_step(model, tx, num_classes: int, head_layer: int, mesh, *, train
     return jax.jit(sharded, donate_argnums=0)
 
 
-def make_optimizer(settings, schedule: str, total_steps: int) -> optax.GradientTransformation:
-    """Nesterov SGD at learning_rate * B/256, cosine to 0 (or constant), no warm-up.
-    Weight decay applies to the classifier kernel only."""
-    peak = settings.learning_rate * settings.batch_size / 256
-    learning_rate = optax.cosine_decay_schedule(peak, total_steps) if schedule == "cosine" else peak
-    decay_mask = lambda params: {name: {"kernel": True, "bias": False} if name == "classifier" else False
-                                 for name in params}
-    return optax.chain(optax.add_decayed_weights(settings.weight_decay, mask=decay_mask),
-                       optax.sgd(learning_rate, momentum=MOMENTUM, nesterov=True))
-
-
 def feature_standardizer(model, variables, batches, mesh, head_layer: int) -> dict:
     """{'mean', 'inv_std'} per dimension of the frozen features of ``batches``
-    (augmented training batches). Raw h spans orders of magnitude between
-    encoders; standardised, one learning rate suits all. Constant dimensions
-    keep scale 1."""
+    (augmented training batches), in one streaming pass (numerics.standardization)."""
     @jax.jit
     def moments(images):
         features = features_at(model, variables, images, head_layer, train=False)[0].astype(jnp.float32)
@@ -153,16 +99,8 @@ def feature_standardizer(model, variables, batches, mesh, head_layer: int) -> di
         high, low = np.maximum(high, hi), np.minimum(low, lo)
     mean = total / count
     std = np.sqrt(np.maximum(squares / count - mean ** 2, 0.0))
-    inv_std = 1.0 / np.where((high == low) | (std == 0), 1.0, std)
-    return {"mean": mean.astype(np.float32), "inv_std": inv_std.astype(np.float32)}
-
-
-def test_split_accuracy(config, mesh, logits_fn) -> dict:
-    """{'top1', 'top5', 'num_examples'} of ``logits_fn(images)`` on eval views of the test split."""
-    batch_size = sharding.per_process_batch_size(config.eval_batch_size)
-    dataset = input_pipeline.eval_dataset(config, config.test_split, batch_size=batch_size)
-    logits, labels = sharding.map_padded_batches(logits_fn, dataset, mesh, batch_size)
-    return dict(topk_accuracy(logits, labels), num_examples=len(labels))
+    stats = numerics.standardization(mean.astype(np.float32), std.astype(np.float32), high == low)
+    return jax.tree.map(np.asarray, stats)
 
 
 class SupervisedHeadEvaluator:
@@ -191,7 +129,7 @@ class SupervisedHeadEvaluator:
         if classes != self.num_classes:
             raise UserError(f"the supervised head has {classes} classes but {self.config.dataset} has "
                              f"{self.num_classes}: score it on the dataset it was trained for")
-        return test_split_accuracy(self.config, self.mesh, lambda images: self._logits(variables, head, images))
+        return passes.split_accuracy(self.config, self.config.test_split, self.mesh, lambda images: self._logits(variables, head, images))
 
 
 class ClassifierExperiment:
@@ -218,15 +156,26 @@ class ClassifierExperiment:
         if self.settings.batch_size > self.num_train:
             raise UserError(f"config.{self.section}.batch_size={self.settings.batch_size} exceeds the "
                              f"{self.num_train} labelled training examples of {self.dataset}:{self.split}; lower it")
-        self.total_steps = max(1, int(round(self.settings.epochs * self.num_train / self.settings.batch_size)))
-        schedule = "cosine" if freeze_encoder else self.settings.schedule
-        self.tx = make_optimizer(self.settings, schedule, self.total_steps)
+        self.total_steps = max(1, optim.steps(self.settings.epochs, self.num_train, self.settings.batch_size))
+        self.tx = self._optimizer()
         self._step = make_train_step(model.clone(axis_name=DATA), self.tx, self.num_classes, self.head_layer,
                                      mesh, train_encoder=not freeze_encoder)
         classifier = linear_classifier(self.num_classes)
         self._logits = jax.jit(lambda variables, params, norm, images: classifier.apply(
-            {"params": params}, _standardize(features_at(model, variables, images, self.head_layer, False)[0], norm)))
+            {"params": params}, numerics.standardize(features_at(model, variables, images, self.head_layer, False)[0], norm)))
         self.trained_variables = None
+
+    def _optimizer(self):
+        """Nesterov SGD at learning_rate * B/256, cosine to 0 (or constant for
+        finetune.schedule='constant'), no warm-up; weight decay on the
+        classifier's kernel only."""
+        settings = self.settings
+        learning_rate = optim.schedule(optim.peak_learning_rate(settings.learning_rate, settings.batch_size),
+                                       total_steps=self.total_steps,
+                                       decay="cosine" if self.freeze_encoder else settings.schedule)
+        decay_mask = lambda params: {name: {"kernel": True, "bias": False} if name == "classifier" else False
+                                     for name in params}
+        return optim.create("momentum", learning_rate, weight_decay=settings.weight_decay, decay_mask=decay_mask)
 
     def _training_examples(self):
         """(dataset, split, indices or None for all) the classifier trains on.
@@ -301,7 +250,7 @@ class ClassifierExperiment:
 
     def score(self, variables, classifier_params, feature_norm) -> dict:
         """{'top1', 'top5', 'num_examples'} on eval views of the test split."""
-        return test_split_accuracy(self.config, self.mesh,
+        return passes.split_accuracy(self.config, self.config.test_split, self.mesh,
                                    lambda images: self._logits(variables, classifier_params, feature_norm, images))
 
     def run(self, variables, workdir: str) -> Optional[dict]:

@@ -11,14 +11,15 @@ features stay on the devices, split by rows over the mesh: a bank the size of
 ImageNet's never sits whole on one host or one accelerator.
 """
 import dataclasses
-import functools
 
 import jax
 import numpy as np
 
 from simclr_jax import sharding
 from simclr_jax.data import input_pipeline
+from simclr_jax.evaluation import passes
 from simclr_jax.models import SimCLR
+from simclr_jax.models.classifier import feature_function
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,13 +86,6 @@ class ShardedFeatures:
         return SplitFeatures(train_x, self.train.labels, *self.test.numpy())
 
 
-def feature_function(model: SimCLR, head_layer: int):
-    """jit(variables, images) -> features of head layer ``head_layer`` (0 = h), in inference mode."""
-    if not 0 <= head_layer <= model.head_layers:
-        raise ValueError(f"head_layer must be in [0, {model.head_layers}] (0 = encoder output h), got {head_layer}")
-    return jax.jit(functools.partial(model.apply, train=False, head_layer=head_layer, method=SimCLR.features))
-
-
 class FeatureExtractor:
     """``extractor(variables)`` -> SplitFeatures of ``config.train_split`` and ``config.test_split``.
 
@@ -117,12 +111,12 @@ class FeatureExtractor:
 
     def split(self, variables, split: str) -> tuple[np.ndarray, np.ndarray]:
         """(features [n, d], labels [n]) of one whole split, on every process."""
-        return sharding.map_padded_batches(lambda images: self._features(variables, images),
+        return passes.map_padded_batches(lambda images: self._features(variables, images),
                                            self._dataset(split), self.mesh, self.batch_size)
 
     def sharded_split(self, variables, split: str) -> ShardedSplit:
         """One whole split's features, left on the devices that computed them."""
-        x, rows, labels = sharding.map_sharded_batches(lambda images: self._features(variables, images),
+        x, rows, labels = passes.map_sharded_batches(lambda images: self._features(variables, images),
                                                        self._dataset(split), self.mesh, self.batch_size)
         return ShardedSplit(x, rows, labels)
 

@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 from simclr_jax.data import sources
 from simclr_jax.evaluation.features import FeatureExtractor, ShardedFeatures, ShardedSplit, SplitFeatures
 from simclr_jax.evaluation.metrics import check_labels, masked_topk_accuracy, topk_accuracy
-from simclr_jax.pretraining.losses import l2_normalize
+from simclr_jax.numerics import l2_normalize
 from simclr_jax.sharding import DATA_AXIS as DATA
 
 
@@ -160,3 +160,13 @@ class KnnEvaluator:
 
     def run(self, variables) -> dict[str, float]:
         return self.score(self.features(variables))
+
+
+def monitors(config, model, mesh) -> list:
+    """Pretraining's monitors (every ``eval_every_epochs``): this kNN on h when
+    ``config.knn_monitor`` is on and the data has labels, so the number a run
+    reports is the number the kNN recipe gives."""
+    if not config.knn_monitor:
+        return []
+    _, _, info = sources.load_split(config.dataset, config.train_split, config.data_dir, download=config.download)
+    return [KnnEvaluator(model, config, mesh)] if sources.label_classes(info) else []

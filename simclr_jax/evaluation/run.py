@@ -1,15 +1,12 @@
-"""Evaluation runs from a config: build the protocol's evaluator, run it, record it.
+"""The evaluation protocols' driver: restore the encoder, run the protocol, record it.
 
-``evaluate(config, workdir)`` restores the encoder of ``config.pretrained``
-(architecture and image size from its config.json), builds the evaluator of
-``config.protocol`` once, runs it, and appends the result to
-``workdir/eval_results.json`` and TensorBoard; fine-tuning also writes
-the network it trained to ``workdir/finetuned`` (see ``evaluate``).
-``pretraining_evaluators``
-builds the same kNN evaluator for pretraining's monitor, so the number a
-run reports is the number the kNN recipe gives.
+``evaluate(config, workdir, run_protocol)`` restores the encoder of
+``config.pretrained`` (architecture and image size from its config.json),
+runs one of the ``run_*`` functions on it, and appends the result to
+``workdir/eval_results.json`` and TensorBoard (with the pictures of the
+features, when the protocol computed them). simclr_jax/protocols.py pairs
+each protocol name with its ``run_*``.
 """
-import json
 import time
 from typing import Any
 
@@ -17,53 +14,77 @@ import jax
 import ml_collections
 from absl import logging
 
-from simclr_jax import checkpoint, config_validation, pictures, sharding, storage, writers
-from simclr_jax.data import sources
-from simclr_jax.evaluation import encoder as encoder_lib
+from simclr_jax import config_validation, pictures, sharding, storage, writers
+from simclr_jax.weights import checkpoint, pretrained
+from simclr_jax import encoder as encoder_lib
 from simclr_jax.evaluation.cached_linear import CachedLinearEvaluator
 from simclr_jax.evaluation.classifier import ClassifierExperiment, SupervisedHeadEvaluator
 from simclr_jax.evaluation.knn import KnnEvaluator
-from simclr_jax.pretrained import PROBE
+from simclr_jax.weights.checkpoint import PROBE
 
 FINETUNED = "finetuned"  # where fine-tuning writes its network, inside the evaluation workdir
 
 
-def build_evaluator(config: ml_collections.ConfigDict, model, mesh):
-    """The evaluator of ``config.protocol``, built once (its compiled functions are reused)."""
-    if config.protocol == "knn":
-        return KnnEvaluator(model, config, mesh, config.head_layer)
-    if config.protocol == "cached_linear":
-        return CachedLinearEvaluator(model, config, mesh, config.head_layer)
-    if config.protocol == "supervised_head":
-        return SupervisedHeadEvaluator(model, config, mesh)
-    return ClassifierExperiment(model, config, mesh, freeze_encoder=config.protocol == "linear_eval")
+def run_knn(config, encoder, mesh, workdir):
+    evaluator = KnnEvaluator(encoder.model, config, mesh, config.head_layer)
+    features = evaluator.features(encoder.variables)
+    return evaluator.score(features), features
 
 
-def pretraining_evaluators(config: ml_collections.ConfigDict, model, mesh) -> list:
-    """The monitors pretraining runs every ``eval_every_epochs``: the kNN
-    evaluator on h when ``config.knn_monitor`` is on and the data has labels."""
-    if not config.knn_monitor:
-        return []
-    _, _, info = sources.load_split(config.dataset, config.train_split, config.data_dir, download=config.download)
-    return [KnnEvaluator(model, config, mesh)] if sources.label_classes(info) else []
+def run_cached_linear(config, encoder, mesh, workdir):
+    evaluator = CachedLinearEvaluator(encoder.model, config, mesh, config.head_layer)
+    features = evaluator.features(encoder.variables)
+    return evaluator.score(features), features
 
 
-def append_result(workdir: str, record: dict[str, Any]) -> None:
-    """Adds one record to workdir/eval_results.json (a JSON list), atomically."""
-    path = storage.join(workdir, "eval_results.json")
-    records = json.loads(storage.read_text(path)) if storage.exists(path) else []
-    records.append(record)
-    storage.write_text(path, json.dumps(records, indent=2))
+def run_supervised_head(config, encoder, mesh, workdir):
+    return SupervisedHeadEvaluator(encoder.model, config, mesh).run(encoder.variables, encoder.supervised_head), None
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Runs ``config.protocol`` on ``config.pretrained`` and records the result.
+def run_linear_eval(config, encoder, mesh, workdir):
+    return ClassifierExperiment(encoder.model, config, mesh, freeze_encoder=True).run(encoder.variables, workdir), None
 
-    Fine-tuning also writes the network it trained (encoder, head and the
-    classifier as its supervised head) to ``workdir/finetuned``, readable as
-    any pretraining workdir: ``load_encoder(path)`` gives its ``logits``. It
-    refuses to start if that directory exists.
-    """
+
+def run_finetune(config, encoder, mesh, workdir):
+    """Also writes the network it trained (encoder, head and the classifier as
+    its supervised head) to ``workdir/finetuned``, readable as any pretraining
+    workdir: ``load_encoder(path)`` gives its ``logits``."""
+    experiment = ClassifierExperiment(encoder.model, config, mesh, freeze_encoder=False)
+    result = experiment.run(encoder.variables, workdir)
+    if result is None:  # stopped on request
+        return None, None
+    finetuned = storage.join(workdir, FINETUNED)
+    checkpoint.save_network(finetuned, config, experiment.trained_variables, experiment.trained_classifier,
+                            result["train_steps"], PROBE)
+    return dict(result, finetuned=finetuned), None
+
+
+def resolve_architecture(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The evaluation config with ``model`` and ``image_size`` filled in from
+    ``config.pretrained`` (pretrained.resolve: a field the user set must agree)."""
+    if config.pretrained == "random":  # the spelling before random_init existed
+        raise config_validation.ConfigError(
+            "config.pretrained='random' is no longer a model: set --config.pretrained=PRETRAIN_WORKDIR "
+            "--config.random_init=True for that workdir's architecture at random initialisation")
+    trained = pretrained.resolve(config.pretrained, config.model, field="pretrained", image_size=config.image_size,
+                                 unset_ok=True)
+    resolved = ml_collections.ConfigDict(config.to_dict())
+    resolved.image_size = int(trained.image_size)
+    resolved.model = ml_collections.ConfigDict({name: trained.model[name] for name in config_validation.MODEL_FIELDS})
+    config_validation.check_image_size(resolved.image_size, resolved.model.cifar_stem)
+    if resolved.head_layer > resolved.model.head_layers:
+        raise config_validation.ConfigError(
+            f"config.head_layer={resolved.head_layer} is invalid: the checkpoint's head has "
+            f"{resolved.model.head_layers} layers (0 = h)")
+    return resolved
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, run_protocol) -> dict[str, Any]:
+    """Evaluates the encoder of ``config.pretrained`` with ``run_protocol``
+    (one of the ``run_*`` above: (config, encoder, mesh, workdir) -> (result,
+    or None if stopped on request; the features it computed, or None)) and
+    records the result. Fine-tuning refuses to start if its
+    ``workdir/finetuned`` exists."""
     mesh = sharding.make_mesh()
     config_validation.validate(config, mesh.devices.size)
     storage.check_writable_dir(workdir)
@@ -72,25 +93,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if config.protocol == "finetune" and storage.exists(finetuned):
         raise config_validation.ConfigError(
             f"{finetuned} already holds a fine-tuned network; remove it, or give this run another --workdir")
-    config = encoder_lib.resolve_architecture(config)
+    config = resolve_architecture(config)
     start = time.perf_counter()
     encoder = encoder_lib.load_encoder(config.pretrained, step=config.checkpoint_step, mesh=mesh,
                                        random_init_seed=config.seed if config.random_init else None)
-    evaluator = build_evaluator(config, encoder.model, mesh)
-    features = None
-    if config.protocol in ("knn", "cached_linear"):
-        features = evaluator.features(encoder.variables)
-        result = evaluator.score(features)
-    elif config.protocol == "supervised_head":
-        result = evaluator.run(encoder.variables, encoder.supervised_head)
-    else:
-        result = evaluator.run(encoder.variables, workdir)
-        if result is None:  # stopped on request; the same command resumes from the checkpoint
-            return {}
-    if config.protocol == "finetune":
-        checkpoint.save_network(finetuned, config, evaluator.trained_variables, evaluator.trained_classifier,
-                                result["train_steps"], PROBE)
-        result = dict(result, finetuned=finetuned)
+    result, features = run_protocol(config, encoder, mesh, workdir)
+    if result is None:  # stopped on request; the same command resumes from the checkpoint
+        return {}
     record = dict(protocol=config.protocol, pretrained=config.pretrained, random_init=config.random_init,
                   dataset=config.dataset, split=config.test_split, checkpoint_step=encoder.step,
                   head_layer=config.head_layer, seconds=round(time.perf_counter() - start, 1), **result)
@@ -99,7 +108,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if features is not None and config.write_pictures:  # a collective: every process takes part
         drawn = features.numpy(max_train_rows=pictures.BANK_LIMIT)  # all the retrieval grid searches
     if jax.process_index() == 0:
-        append_result(workdir, record)
+        writers.append_result(workdir, record)
         writer = writers.create_writer(workdir)
         writer.write_scalars(encoder.step, {f"{config.protocol}/{k}": record[k] for k in ("top1", "top5")})
         writer.close()

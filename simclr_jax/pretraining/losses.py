@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from simclr_jax.numerics import l2_normalize
+
 # Stands in for -inf on the self-similarity entries: finite, so 0 * masked
 # stays 0 in the entropy, and exp(masked - logsumexp) underflows to exactly 0.
 _MASKED_LOGIT = -1e9
@@ -51,12 +53,6 @@ BLOCKWISE_MIN_COLUMNS = 8192
 # block is a matmul worth its loop step, small enough that a [2n, block] tile
 # is a small fraction of the naive [2n, 2N] matrix.
 DEFAULT_BLOCK_SIZE = 1024
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """Scales each row to unit length (zero rows stay zero)."""
-    norm_sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
-    return x * lax.rsqrt(jnp.maximum(norm_sq, eps))
 
 
 def nt_xent(

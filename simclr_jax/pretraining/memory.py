@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from simclr_jax import sharding
-from simclr_jax.pretraining.losses import l2_normalize
+from simclr_jax.numerics import l2_normalize
 
 QUEUE_SPEC = P(None, None, sharding.DATA_AXIS)  # [slots, 2, batch, dim], images split over devices
 

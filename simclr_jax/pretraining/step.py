@@ -20,11 +20,12 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from simclr_jax import sharding, updates
+from simclr_jax.weights.checkpoint import PROBE
+from simclr_jax.models.classifier import linear_classifier
 from simclr_jax.pretraining import chunked, memory as memory_lib
 from simclr_jax.pretraining.losses import nt_xent
 
 
-PROBE = "online_probe"  # key of the online linear probe in TrainState.params
 OBJECTIVE_SCALE = 2.0  # the step minimises 2L, as the official code (see make_train_step)
 
 
@@ -49,23 +50,6 @@ def model_params(params: dict) -> dict:
     return {name: value for name, value in params.items() if name != PROBE}
 
 
-def with_probe_optimizer(tx: optax.GradientTransformation, learning_rate: float) -> optax.GradientTransformation:
-    """``tx`` for the SimCLR model, Adam for the online probe.
-
-    LARS would scale the probe's steps by ||w||/||g||, which leaves a
-    zero-initialised classifier all but frozen; Adam's steps do not depend on
-    the scale of h, so one learning rate suits every encoder.
-    """
-    labels = lambda params: {name: PROBE if name == PROBE else "model" for name in params}
-    return optax.multi_transform({"model": tx, PROBE: optax.adam(learning_rate)}, labels)
-
-
-def _probe(num_classes: int) -> flax.linen.Dense:
-    # Zero-initialised, as the reference code's supervised head can be: it
-    # starts at chance and owes all it learns to the labels.
-    return flax.linen.Dense(num_classes, kernel_init=flax.linen.initializers.zeros)
-
-
 def create_train_state(
     model: flax.linen.Module,
     tx: optax.GradientTransformation,
@@ -87,7 +71,7 @@ def create_train_state(
         params = dict(variables["params"])
         if num_classes:
             h = jax.eval_shape(lambda: model.apply(variables, dummy, train=False)[0])
-            params[PROBE] = _probe(num_classes).init(key, jnp.zeros(h.shape, h.dtype))["params"]
+            params[PROBE] = linear_classifier(num_classes).init(key, jnp.zeros(h.shape, h.dtype))["params"]
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -101,6 +85,7 @@ def create_train_state(
 def make_train_step(
     model: flax.linen.Module,
     tx: optax.GradientTransformation,
+    *,
     learning_rate: Callable[[jax.Array], jax.Array],
     temperature: float,
     mesh: Mesh,
@@ -164,7 +149,7 @@ def make_train_step(
         # they meant there only for 2L. L is what is reported.
         total = OBJECTIVE_SCALE * loss
         if num_classes:
-            logits = _probe(num_classes).apply({"params": params[PROBE]}, jax.lax.stop_gradient(h))
+            logits = linear_classifier(num_classes).apply({"params": params[PROBE]}, jax.lax.stop_gradient(h))
             both_labels = jnp.concatenate([labels, labels])
             probe_loss = optax.softmax_cross_entropy_with_integer_labels(logits, both_labels).mean()
             probe_metrics = {

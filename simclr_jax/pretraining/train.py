@@ -5,8 +5,8 @@ the stream of views from any step, the jit(shard_map) step and the progress
 line; the loop resumes, saves, stops on request and guards non-finite steps.
 The experiment knows no evaluation protocol. Monitors come from the caller as
 ``make_evaluators(config, model, mesh) -> [evaluator, ...]``, each an object
-with a ``name`` and ``run(variables) -> {'top1', 'top5', ...}`` (main.py
-passes the kNN monitor, simclr_jax.evaluation.run.pretraining_evaluators).
+with a ``name`` and ``run(variables) -> {'top1', 'top5', ...}``
+(simclr_jax/protocols.py passes the kNN monitor, evaluation.knn.monitors).
 They run every ``config.eval_every_epochs`` and at the end, always after the
 step's checkpoint is on disk: an evaluation that fails never costs training.
 """
@@ -19,12 +19,12 @@ import ml_collections
 from absl import logging
 from jax.sharding import Mesh
 
-from simclr_jax import (checkpoint, config_validation, loop, models, pictures, pretrained, sharding, storage,
-                        writers)
+from simclr_jax import config_validation, loop, models, optim, pictures, sharding, storage, writers
+from simclr_jax.weights import checkpoint, pretrained
+from simclr_jax.weights.checkpoint import PROBE
 from simclr_jax.data import input_pipeline, sources
-from simclr_jax.pretraining import memory, optim, progress
-from simclr_jax.pretraining.step import (TrainState, create_train_state, make_train_step, model_params,
-                                         with_probe_optimizer)
+from simclr_jax.pretraining import memory, progress
+from simclr_jax.pretraining.step import TrainState, create_train_state, make_train_step, model_params
 
 EvaluatorFactory = Callable[[ml_collections.ConfigDict, models.SimCLR, Mesh], list]
 
@@ -48,8 +48,8 @@ class Pretraining:
     def __init__(self, config, workdir: str, mesh: Mesh, make_evaluators: Optional[EvaluatorFactory]):
         self.config, self.mesh, self.batch_size = config, mesh, config.batch_size
         self.resume = loop.check_resume(workdir, config)
-        if config.init_from:
-            _check_init_architecture(config)
+        if config.init_from:  # it must hold the architecture the config trains
+            pretrained.resolve(config.init_from, config.model, field="init_from")
         _, num_examples, info = sources.load_split(config.dataset, config.train_split, config.data_dir,
                                                    download=config.download)
         self.steps_per_epoch = num_examples // config.batch_size
@@ -57,19 +57,22 @@ class Pretraining:
             raise config_validation.ConfigError(
                 f"batch_size={config.batch_size} is larger than the {num_examples} examples of "
                 f"{config.dataset}:{config.train_split}; lower --config.batch_size.")
-        self.total_steps = optim.total_train_steps(config, self.steps_per_epoch)
-        tx, learning_rate = optim.create_optimizer(config, self.steps_per_epoch)
+        self.total_steps = total_steps(config, self.steps_per_epoch)
+        tx, learning_rate = create_optimizer(config, self.steps_per_epoch)
         model = models.model_from_config(config.model, axis_name=sharding.DATA_AXIS, dtype=jnp.dtype(config.dtype),
                                          remat=config.model.remat)
         # Labels, when the dataset has them, feed the online probe.
         probe_classes = sources.label_classes(info) if config.online_probe else 0
         if probe_classes:
-            tx = with_probe_optimizer(tx, config.probe_learning_rate)
+            tx = optim.with_adam_for(PROBE, tx, config.probe_learning_rate)
         self._state = self._fresh_state(model, tx, probe_classes)
-        self._train_step = make_train_step(model, tx, learning_rate, config.temperature, mesh, probe_classes,
-                                           config.loss_impl, config.microbatches, config.memory.momentum)
-        self.evaluators = make_evaluators(config, models.model_from_config(config.model), mesh) if make_evaluators else []
-        self.eval_every = int(round(config.eval_every_epochs * self.steps_per_epoch))
+        self._train_step = make_train_step(
+            model, tx, learning_rate=learning_rate, temperature=config.temperature, mesh=mesh,
+            num_classes=probe_classes, loss_impl=config.loss_impl, microbatches=config.microbatches,
+            memory_momentum=config.memory.momentum)
+        evaluation_model = models.model_from_config(config.model)
+        self.evaluators = make_evaluators(config, evaluation_model, mesh) if make_evaluators else []
+        self.eval_every = optim.steps(config.eval_every_epochs, self.steps_per_epoch)
         self.evaluations = {}  # the latest monitor results
 
     def _fresh_state(self, model, tx, probe_classes: int) -> TrainState:
@@ -118,6 +121,27 @@ class Pretraining:
         return True
 
 
+def total_steps(config, steps_per_epoch: int) -> int:
+    """num_train_steps when set (> 0), else num_epochs whole epochs of steps_per_epoch."""
+    return int(config.num_train_steps) if config.num_train_steps > 0 else optim.steps(config.num_epochs,
+                                                                                       steps_per_epoch)
+
+
+def create_optimizer(config, steps_per_epoch: int):
+    """(LARS, its schedule) from ``config.optimizer``: a linear warm-up to
+    the scaled peak, then a cosine to 0 at the last step. The schedule is
+    also logged as the learning rate."""
+    if steps_per_epoch <= 0:
+        raise ValueError(f"steps_per_epoch must be > 0, got {steps_per_epoch}")
+    settings, last = config.optimizer, total_steps(config, steps_per_epoch)
+    learning_rate = optim.schedule(
+        optim.peak_learning_rate(settings.base_learning_rate, config.batch_size, settings.lr_scaling),
+        total_steps=last, warmup_steps=min(optim.steps(settings.warmup_epochs, steps_per_epoch), last))
+    tx = optim.create("lars", learning_rate, weight_decay=settings.weight_decay, momentum=settings.momentum,
+                      trust_coefficient=settings.trust_coefficient)
+    return tx, learning_rate
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        make_evaluators: Optional[EvaluatorFactory] = None) -> TrainState:
     """Pretrains SimCLR as ``config`` says, resuming from ``workdir`` if possible."""
@@ -142,16 +166,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     saved.close()
     writer.flush()
     return state
-
-
-def _check_init_architecture(config) -> None:
-    """``config.init_from`` must hold the architecture the config trains."""
-    trained = pretrained.architecture(config.init_from).model
-    conflicts = [f"--config.model.{name}={trained[name]!r} (the config has {config.model[name]!r})"
-                 for name in config_validation.MODEL_FIELDS if trained[name] != config.model[name]]
-    if conflicts:
-        raise config_validation.ConfigError(
-            f"config.init_from={config.init_from!r} holds another architecture: set " + ", ".join(conflicts))
 
 
 def _start_from(state: TrainState, config, mesh: Mesh) -> TrainState:

@@ -1,6 +1,6 @@
 """Our encoders as SavedModels in the official SimCLR TF2 format, for TensorFlow users.
 
-    python -m simclr_jax.official_export --pretrained=WORKDIR --out=DIR [--step=N]
+    python -m simclr_jax.export --pretrained=WORKDIR --out=DIR [--step=N]   (simclr_jax/export.py)
 
 The SavedModel is what google-research/simclr's ``tf2/run.py`` saves (the
 format of the released TF2 checkpoints): ``m = tf.saved_model.load(DIR)``,
@@ -33,8 +33,8 @@ import tensorflow as tf
 from flax import traverse_util
 from jax.experimental import jax2tf
 
-import simclr_jax
-from simclr_jax import official_tf2, storage
+from simclr_jax import storage
+from simclr_jax.weights import official_tf2
 from simclr_jax.models import resnet
 
 PLATFORMS = ("cpu", "cuda", "tpu")  # the serialized computation runs on any of them
@@ -164,24 +164,3 @@ def _module(encoder) -> tf.Module:
     for trainable in (True, False):
         module.__call__.get_concrete_function(spec, trainable=trainable)
     return module
-
-
-def _cli() -> None:
-    from absl import app, flags
-
-    flags.DEFINE_string("pretrained", None, "our pretraining workdir, or an official SimCLR TF2 checkpoint")
-    flags.DEFINE_string("out", None, "the SavedModel directory to write (must not exist, or be empty)")
-    flags.DEFINE_integer("step", None, "our checkpoint's step to export (default: the latest)")
-    flags.mark_flags_as_required(["pretrained", "out"])
-
-    def main(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments {argv[1:]}: pass --pretrained=PATH --out=DIR [--step=N]")
-        encoder = simclr_jax.load_encoder(flags.FLAGS.pretrained, step=flags.FLAGS.step)
-        print(f"wrote {export_saved_model(encoder, flags.FLAGS.out)} from {encoder}")
-
-    app.run(main)
-
-
-if __name__ == "__main__":
-    _cli()

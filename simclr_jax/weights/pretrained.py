@@ -15,10 +15,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from simclr_jax import checkpoint, config_validation, official_tf2, sharding, storage
+from simclr_jax import config_validation, sharding, storage
+from simclr_jax.weights import checkpoint, official_tf2
+from simclr_jax.weights.checkpoint import PROBE
 from simclr_jax.errors import CheckpointError
 from simclr_jax.models import SimCLR
-from simclr_jax.pretraining.step import PROBE  # the online probe's key in the checkpoint's params
 
 
 @contextlib.contextmanager
@@ -59,6 +60,27 @@ def architecture(path: str) -> ml_collections.ConfigDict:
         model_config, _, image_size = official_tf2.infer(official_tf2.read_variables(prefix, shapes_only=True))
     return ml_collections.ConfigDict(dict(model=model_config.to_dict(), image_size=image_size, head_layer=0,
                                           protocol=None))
+
+
+def resolve(path: str, model, *, field: str, image_size=None, unset_ok: bool = False) -> ml_collections.ConfigDict:
+    """The architecture of ``path`` (as ``architecture``), checked against the
+    config's ``model`` fields (and ``image_size``, when given) that are set:
+    the one resolver pretraining's init_from, evaluation and distillation
+    call. A set field that differs is a ConfigError naming each, with the
+    value to set; ``unset_ok``: the recipe may leave fields None to take the
+    checkpoint's (evaluation, distillation). ``field`` names the config
+    field that holds ``path``."""
+    trained = architecture(path)
+    pairs = [(f"model.{name}", model[name], trained.model[name]) for name in config_validation.MODEL_FIELDS]
+    if image_size is not None:
+        pairs.append(("image_size", image_size, trained.image_size))
+    conflicts = [f"--config.{name}={want!r} (the config has {have!r})" for name, have, want in pairs
+                 if have is not None and have != want]
+    if conflicts:
+        raise config_validation.ConfigError(
+            f"config.{field}={path!r} holds another architecture: set " + ", ".join(conflicts)
+            + (", or leave them unset (None) to take the checkpoint's" if unset_ok else ""))
+    return trained
 
 
 def supervised_head_classes(path: str, step: Optional[int] = None) -> int:

@@ -19,9 +19,10 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from simclr_jax import config_validation, pretrained, sharding
+from simclr_jax import sharding
+from simclr_jax.weights import pretrained
 from simclr_jax.data import augment
-from simclr_jax.evaluation.features import feature_function
+from simclr_jax.models.classifier import feature_function
 from simclr_jax.models import model_from_config
 
 
@@ -160,32 +161,3 @@ def load_encoder(path: str, *, step: Optional[int] = None, head_layer: Optional[
         variables, head, step = pretrained.restore(path, model, image_size, mesh, step)
     return Encoder(model_config, variables, image_size, mesh=mesh, head_layer=head_layer, batch_size=batch_size,
                    step=int(step), supervised_head=head)
-
-
-def resolve_architecture(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The evaluation config with ``model`` and ``image_size`` filled in from the
-    pretrained workdir's config.json (or an official checkpoint's variables).
-    A field the user set must agree with the checkpoint: a contradiction is an
-    error naming both values."""
-    if config.pretrained == "random":  # the spelling before random_init existed
-        raise config_validation.ConfigError(
-            "config.pretrained='random' is no longer a model: set --config.pretrained=PRETRAIN_WORKDIR "
-            "--config.random_init=True for that workdir's architecture at random initialisation")
-    trained = pretrained.architecture(config.pretrained)
-    conflicts = [f"{field}: checkpoint {trained_value!r}, config {value!r}" for field, value, trained_value in
-                 [("image_size", config.image_size, trained.image_size)]
-                 + [(f"model.{name}", config.model[name], trained.model[name])
-                    for name in config_validation.MODEL_FIELDS]
-                 if value is not None and value != trained_value]
-    if conflicts:
-        raise config_validation.ConfigError(f"the config contradicts the architecture {config.pretrained} was trained with ("
-                         + "; ".join(conflicts) + "): drop those overrides, the checkpoint's own config.json "
-                         "already says them")
-    resolved = ml_collections.ConfigDict(config.to_dict())
-    resolved.image_size = int(trained.image_size)
-    resolved.model = ml_collections.ConfigDict({name: trained.model[name] for name in config_validation.MODEL_FIELDS})
-    config_validation.check_image_size(resolved.image_size, resolved.model.cifar_stem)
-    if resolved.head_layer > resolved.model.head_layers:
-        raise config_validation.ConfigError(f"config.head_layer={resolved.head_layer} is invalid: the checkpoint's head has "
-                         f"{resolved.model.head_layers} layers (0 = h)")
-    return resolved
