@@ -10,11 +10,8 @@ peak 0.1 x B/256, cosine, no weight decay) in one compiled program: seconds,
 where the paper's protocol (configs/linear_eval.py) sends augmented images
 through the encoder at every step.
 """
-from configs import evaluation
+from simclr_jax import config_schema
 
 
 def get_config():
-    config = evaluation.base("cached_linear")
-    config.linear = evaluation.linear_section(epochs=100)
-    config.write_pictures = True  # workdir/embedding_tsne.png and retrieval.png
-    return config
+    return config_schema.build("cached_linear")

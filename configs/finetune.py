@@ -17,23 +17,11 @@ ImageNet with the paper's fixed subsets: --config.dataset=imagenet2012
 --config.test_split=validation --config.finetune.subset_split=imagenet2012_subset/1pct
 (its train split replaces sampling; label_fraction is then ignored).
 """
-import ml_collections
-from ml_collections.config_dict import placeholder
-
-from configs import evaluation
+from simclr_jax import config_schema
 
 
 def get_config():
-    config = evaluation.base("finetune")
-    config.shuffle_buffer_size = 50_000
-    config.finetune = ml_collections.ConfigDict()
-    config.finetune.label_fraction = 0.1  # in (0, 1]; 0.01 and 0.1 in the paper, 1.0 = all
-    config.finetune.subset_seed = 0  # which examples make the subset
-    config.finetune.subset_split = placeholder(str)  # a TFDS dataset whose train split is the subset
-    config.finetune.epochs = 30.0  # over the labelled subset
-    config.finetune.batch_size = 256  # a multiple of the device count
-    config.finetune.learning_rate = 0.05  # peak = learning_rate * batch_size / 256
-    config.finetune.weight_decay = 0.0
-    config.finetune.schedule = "cosine"  # or 'constant'
-    evaluation.add_loop_fields(config, log_every_steps=50, checkpoint_every_steps=500)
+    config = config_schema.build("finetune")
+    config.checkpoint_every_steps = 500
+    config.keep_checkpoints = 2
     return config

@@ -7,15 +7,8 @@ The train split is the memory bank and the test split the queries, as
 InstDisc, solo-learn and lightly do. No training: the quickest read of an
 encoder, and the same evaluator as pretraining's kNN monitor.
 """
-import ml_collections
-
-from configs import evaluation
+from simclr_jax import config_schema
 
 
 def get_config():
-    config = evaluation.base("knn")
-    config.knn = ml_collections.ConfigDict()
-    config.knn.k = 200
-    config.knn.temperature = 0.1
-    config.write_pictures = True  # workdir/embedding_tsne.png and retrieval.png
-    return config
+    return config_schema.build("knn")

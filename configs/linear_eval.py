@@ -18,13 +18,11 @@ Transfer: --config.dataset=NAME (any TFDS image classification dataset;
 images are resized to the checkpoint's image size) or folder:ROOT with
 ROOT/<split>/<class>/*.jpg|png.
 """
-from configs import evaluation
+from simclr_jax import config_schema
 
 
 def get_config():
-    config = evaluation.base("linear_eval")
-    config.linear = evaluation.linear_section(epochs=100)
-    config.linear.standardize = True  # False: raw h, as the paper
-    config.shuffle_buffer_size = 50_000  # training views
-    evaluation.add_loop_fields(config, log_every_steps=100, checkpoint_every_steps=1000)
+    config = config_schema.build("linear_eval")
+    config.log_every_steps = 100
+    config.keep_checkpoints = 2
     return config

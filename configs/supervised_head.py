@@ -9,8 +9,8 @@ Their top-1/top-5 on eval views of the test split: on ImageNet's validation
 split with a released model, the number in the paper's tables, without
 retraining anything.
 """
-from configs import evaluation
+from simclr_jax import config_schema
 
 
 def get_config():
-    return evaluation.base("supervised_head")
+    return config_schema.build("supervised_head")

@@ -17,7 +17,7 @@ import numpy as np
 from clu import metric_writers
 from clu.metric_writers import interface
 
-from simclr_jax import storage
+from simclr_jax import config_schema, storage
 
 
 class _IgnoresOthers(interface.MetricWriter):
@@ -143,17 +143,8 @@ def read_jsonl(path: str) -> list[dict[str, float]]:
 
 def flat_hparams(config) -> dict:
     """A config as TensorBoard hparams: {'optimizer.momentum': 0.9, ...}, scalars only."""
-    flat = {}
-
-    def visit(prefix, value):
-        if isinstance(value, dict):
-            for key, item in value.items():
-                visit(f"{prefix}{key}.", item)
-        else:
-            flat[prefix[:-1]] = value if isinstance(value, (int, float, str, bool)) else str(value)
-
-    visit("", json.loads(config.to_json_best_effort()))
-    return flat
+    return {name: value if isinstance(value, (int, float, str, bool)) else str(value)
+            for name, value in config_schema.flatten(json.loads(config.to_json_best_effort())).items()}
 
 
 def append_result(workdir: str, record: dict[str, Any]) -> None:

@@ -2,13 +2,26 @@
 kind has exactly the fields it reads."""
 import json
 import os
+import re
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 
-from configs import cached_linear, cifar10, distill, finetune, imagenet, imagenet_v2, knn, linear_eval, smoke
-from simclr_jax import config_validation
+from configs import (
+    cached_linear,
+    cifar10,
+    distill,
+    finetune,
+    imagenet,
+    imagenet_v2,
+    knn,
+    linear_eval,
+    smoke,
+    supervised_head,
+)
+from simclr_jax import config_schema, config_validation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,12 +116,84 @@ def _evaluation_config(recipe):
     return config
 
 
-@pytest.mark.parametrize("recipe", EVALUATION_RECIPES, ids=lambda r: r.__name__)
-def test_evaluation_recipes_are_valid_and_hold_exactly_their_fields(recipe):
-    config = _evaluation_config(recipe)
-    kind = config_validation.validate(config, 8, 1)
-    assert kind == config.protocol
-    assert config_validation._leaves(config) == set(config_validation.FIELDS[kind])
+ALL_RECIPES = [cifar10, smoke, imagenet, imagenet_v2, knn, cached_linear, linear_eval, finetune, supervised_head,
+               distill]
+KINDS = {cifar10: "pretrain", smoke: "pretrain", imagenet: "pretrain", imagenet_v2: "pretrain", knn: "knn",
+         cached_linear: "cached_linear", linear_eval: "linear_eval", finetune: "finetune",
+         supervised_head: "supervised_head", distill: "distill"}
+CASES = [(recipe, field) for recipe in ALL_RECIPES if recipe not in (smoke, imagenet, imagenet_v2)
+         for field in config_schema.KINDS[KINDS[recipe]]]
+
+# Fields where None is a choice (TFDS's data_dir, random initialisation, the teacher's head layer, ...);
+# evaluations' architecture and image size are None until the checkpoint fills them in.
+NONE_MEANS_SOMETHING = {kind: {"data_dir"} | extra for kind, extra in [
+    ("pretrain", {"init_from"}), ("knn", set()), ("cached_linear", set()), ("linear_eval", set()),
+    ("finetune", {"finetune.subset_split"}), ("supervised_head", set()),
+    ("distill", {"init_from", "teacher_head_layer", "head_layer"})]}
+
+
+def _runnable(recipe):
+    return _evaluation_config(recipe) if "protocol" in recipe.get_config() else recipe.get_config()
+
+
+def _with(config, field, value=None, remove=False):
+    """``config`` with ``field`` set to ``value`` (any type: past ConfigDict's type check) or removed."""
+    tree = config.to_dict()
+    *parents, leaf = field.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+    if remove:
+        del node[leaf]
+    else:
+        node[leaf] = value
+    return ml_collections.ConfigDict(tree)
+
+
+@pytest.mark.parametrize("recipe", ALL_RECIPES, ids=lambda r: r.__name__)
+def test_every_recipe_is_valid_as_its_kind(recipe):
+    assert config_validation.validate(_runnable(recipe), 8, 1) == KINDS[recipe]
+
+
+@pytest.mark.parametrize("recipe, field", CASES, ids=[f"{r.__name__}:{f}" for r, f in CASES])
+def test_each_field_is_required_and_checked(recipe, field):
+    config = _runnable(recipe)
+    if field != "protocol":  # without it, a config is a pretraining one
+        with pytest.raises(config_validation.ConfigError, match=re.escape(f"lacks ['{field}']")):
+            config_validation.validate(_with(config, field, remove=True), 8, 1)
+    # Some value of these is wrong for every field; the message names the field and the value.
+    rejected = []
+    for bad in (None, -3, 0, 0.5, 1.5, "", "nonsense", True, [1]):
+        try:
+            config_validation.validate(_with(config, field, bad), 8, 1)
+        except config_validation.ConfigError as e:
+            assert str(e).startswith(f"config.{field}={bad!r} is invalid: "), str(e)
+            rejected.append(bad)
+    assert rejected, f"{field} accepts any value"
+    from_checkpoint = KINDS[recipe] != "pretrain" and (field.startswith("model.") or field == "image_size")
+    assert (None not in rejected) == (from_checkpoint or field in NONE_MEANS_SOMETHING[KINDS[recipe]]), field
+
+
+@pytest.mark.parametrize("recipe", ALL_RECIPES, ids=lambda r: r.__name__)
+def test_an_unknown_field_is_refused_by_name(recipe):
+    kind = KINDS[recipe]
+    for field in ("bogus", "model.bogus", "optimizer.warmup_epoch"):
+        message = re.escape(f"['{field}'] are not read by a {kind} run")
+        with pytest.raises(config_validation.ConfigError, match=message):
+            config_validation.validate(_with(_runnable(recipe), field, 1), 8, 1)
+
+
+@pytest.mark.parametrize("kind", list(config_schema.KINDS))
+def test_unset_fields_keep_their_type_for_command_line_overrides(kind):
+    config = config_schema.build(kind)
+    for name, field in config_schema.KINDS[kind].items():
+        *parents, leaf = name.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        assert node.get_ref(leaf).get_type() is field.value_type, name
+        if field.default is None:  # --config.FIELD=VALUE parses as the declared type
+            node[leaf] = {str: "x", int: 1, float: 0.5, bool: True}[field.value_type]
 
 
 def test_a_field_nothing_reads_or_a_missing_field_is_an_error():
