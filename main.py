@@ -118,7 +118,7 @@ def _missing_recipe(argv: list[str]):
 if __name__ == "__main__":
     if (missing := _missing_recipe(sys.argv[1:])) is not None:
         recipes = sorted(name for name in os.listdir(os.path.join(HERE, "configs")) if name.endswith(".py")
-                         and name not in ("__init__.py", "evaluation.py"))
+                         and name != "__init__.py")
         sys.exit(f"main.py: no recipe file {missing!r}; pass one of {os.path.join(HERE, 'configs')}/"
                  f"{{{', '.join(recipes)}}}")
     try:

@@ -12,6 +12,8 @@ import numpy as np
 from absl import logging
 
 from simclr_jax import storage, writers
+from simclr_jax.data import samples, sources
+from simclr_jax.numerics import l2_normalize
 
 TILE = 64  # images are upscaled (nearest neighbour) to about this many pixels
 BANK_LIMIT = 50_000  # the retrieval grid searches the first this-many train images
@@ -116,7 +118,6 @@ def labelled_augmentation_grid(views, labels=None, class_names=None, title=None)
 
 def nearest_neighbours(queries, bank, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(indices [Q, k], cosine similarities [Q, k]) of each query's k nearest bank rows."""
-    from simclr_jax.numerics import l2_normalize
 
     queries, bank = (l2_normalize(np.asarray(x, np.float32)) for x in (queries, bank))
     similarity = np.asarray(queries @ bank.T)
@@ -162,7 +163,6 @@ def embedding_plot(features, labels, class_names, path, max_points=2000, seed=0,
     from matplotlib.figure import Figure
     from sklearn.manifold import TSNE
 
-    from simclr_jax.numerics import l2_normalize
 
     features, labels = np.asarray(features, np.float32), np.asarray(labels)
     if len(features) > max_points:
@@ -198,57 +198,14 @@ def embedding_plot(features, labels, class_names, path, max_points=2000, seed=0,
 
 def class_names(config) -> list:
     """The dataset's class names, or [] (``sources.class_names`` of its train split)."""
-    from simclr_jax.data import sources
-
     return sources.class_names(config.dataset, config.train_split, config.data_dir,
                                download=config.download)
-
-
-def images_at(config, split: str, indices) -> np.ndarray:
-    """Eval views (f32 [len(indices), S, S, 3]) of a split's examples at ``indices``,
-    in the order evaluation reads them (one process); only those are decoded."""
-    import tensorflow as tf
-    import tensorflow_datasets as tfds
-
-    from simclr_jax.data import augment, sources
-
-    indices = np.asarray(indices, np.int64)
-    ds, _, _ = sources.load_split(config.dataset, split, config.data_dir, download=config.download,
-                                  autocache=False, decoders={"image": tfds.decode.SkipDecoding()})
-    wanted = tf.constant(np.unique(indices))
-    ds = ds.take(int(indices.max()) + 1).enumerate()
-    ds = ds.filter(lambda i, example: tf.reduce_any(tf.equal(i, wanted)))
-    size = config.image_size
-    ds = ds.map(lambda i, example: (i, augment.eval_view(
-        tf.io.decode_image(example["image"], channels=3, expand_animations=False), size, size)))
-    found = {int(i): image for i, image in ds.as_numpy_iterator()}
-    return np.stack([found[int(i)] for i in indices])
-
-
-def augmentation_views(config, num_images: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """(views f32 [N, 2, S, S, 3], labels [N]): two training views of the first
-    images of the train split, seeded by config.seed. A pipeline of its own, so
-    the training stream is untouched."""
-    from simclr_jax.data import augment, input_pipeline, sources
-
-    ds, _, _ = sources.load_split(config.dataset, config.train_split, config.data_dir,
-                                  download=config.download, autocache=False)
-    size, seeds_at = config.image_size, input_pipeline.example_seeds(config.seed, 2, process_index=0)
-    views, labels = [], []
-    for index, example in enumerate(ds.take(num_images)):
-        seeds = seeds_at(index)
-        views.append(np.stack([
-            augment.train_view(example["image"], size, size, seed=seeds[v],
-                               color_jitter_strength=config.color_jitter_strength, blur=config.blur).numpy()
-            for v in range(2)]))
-        labels.append(int(example["label"]) if "label" in example else -1)
-    return np.stack(views), np.asarray(labels)
 
 
 def write_augmentation_grid(config, workdir: str, writer, step: int = 0, num_images: int = 8) -> str:
     """workdir/augmentations.png and a TensorBoard image 'augmentations' (call
     on process 0 only). Returns the path."""
-    views, labels = augmentation_views(config, num_images)
+    views, labels = samples.augmentation_views(config, num_images)
     writer.write_images(step, {"augmentations": augmentation_grid(views)[None]})
     has_labels = bool((labels >= 0).any())
     title = (f"Two augmented views per image: crop {config.image_size} px, colour "
@@ -284,8 +241,8 @@ def write_evaluation_pictures(config, workdir, train_x, train_y, test_x, test_y,
     title = (f"Queries from {config.test_split} (blue) and their {neighbours.shape[1]} nearest "
              f"{config.train_split} images{f' (first {bank})' if bank < len(train_y) else ''} by cosine "
              f"similarity of {what}: green = same class, red = not")
-    grid = retrieval_grid(images_at(config, config.test_split, queries), test_y[queries],
-                          images_at(config, config.train_split, used), train_y[used],
+    grid = retrieval_grid(samples.images_at(config, config.test_split, queries), test_y[queries],
+                          samples.images_at(config, config.train_split, used), train_y[used],
                           remap.reshape(neighbours.shape), names, title)
     paths.append(save_png(storage.join(workdir, "retrieval.png"), grid))
     return paths

@@ -71,7 +71,8 @@ def make_train_step(model, tx, num_classes: int, head_layer: int, mesh, *, train
             else:
                 features, _ = features_at(model, frozen, images, head_layer, train=False)
                 features, stats = lax.stop_gradient(features), state.batch_stats
-            logits = classifier.apply({"params": params["classifier"]}, numerics.standardize(features, state.feature_norm))
+            features = numerics.standardize(features, state.feature_norm)
+            logits = classifier.apply({"params": params["classifier"]}, features)
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
             accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
             return lax.pmean(loss, DATA), (lax.pmean(accuracy, DATA), stats)
@@ -129,7 +130,8 @@ class SupervisedHeadEvaluator:
         if classes != self.num_classes:
             raise UserError(f"the supervised head has {classes} classes but {self.config.dataset} has "
                              f"{self.num_classes}: score it on the dataset it was trained for")
-        return passes.split_accuracy(self.config, self.config.test_split, self.mesh, lambda images: self._logits(variables, head, images))
+        return passes.split_accuracy(self.config, self.config.test_split, self.mesh,
+                                     lambda images: self._logits(variables, head, images))
 
 
 class ClassifierExperiment:
@@ -161,8 +163,9 @@ class ClassifierExperiment:
         self._step = make_train_step(model.clone(axis_name=DATA), self.tx, self.num_classes, self.head_layer,
                                      mesh, train_encoder=not freeze_encoder)
         classifier = linear_classifier(self.num_classes)
+        features = lambda variables, images: features_at(model, variables, images, self.head_layer, False)[0]
         self._logits = jax.jit(lambda variables, params, norm, images: classifier.apply(
-            {"params": params}, numerics.standardize(features_at(model, variables, images, self.head_layer, False)[0], norm)))
+            {"params": params}, numerics.standardize(features(variables, images), norm)))
         self.trained_variables = None
 
     def _optimizer(self):
@@ -201,7 +204,8 @@ class ClassifierExperiment:
 
     def _initial_state(self, variables) -> ClassifierState:
         dummy = jnp.zeros((1, self.config.image_size, self.config.image_size, 3), jnp.float32)
-        dim = jax.eval_shape(lambda v: features_at(self.model, v, dummy, self.head_layer, False)[0], variables).shape[-1]
+        dim = jax.eval_shape(lambda v: features_at(self.model, v, dummy, self.head_layer, False)[0],
+                             variables).shape[-1]
         init = lambda: linear_classifier(self.num_classes).init(jax.random.key(0), jnp.zeros((1, dim)))["params"]
         params = {"classifier": jax.jit(init, out_shardings=sharding.replicated(self.mesh))()}
         batch_stats, feature_norm = {}, {}
@@ -251,7 +255,7 @@ class ClassifierExperiment:
     def score(self, variables, classifier_params, feature_norm) -> dict:
         """{'top1', 'top5', 'num_examples'} on eval views of the test split."""
         return passes.split_accuracy(self.config, self.config.test_split, self.mesh,
-                                   lambda images: self._logits(variables, classifier_params, feature_norm, images))
+                                     lambda images: self._logits(variables, classifier_params, feature_norm, images))
 
     def run(self, variables, workdir: str) -> Optional[dict]:
         """Trains from ``variables`` in the loop, then scores; None when a stop
