@@ -40,15 +40,3 @@ def supervised_sum(student_logits: jax.Array, labels: jax.Array) -> tuple[jax.Ar
     log_probs = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
     picked = jnp.take_along_axis(log_probs, jnp.maximum(labels, 0)[:, None], axis=-1)[:, 0]
     return -jnp.sum(jnp.where(labelled, picked, 0.0)), jnp.sum(labelled)
-
-
-def distillation_objective(teacher_logits: jax.Array, student_logits: jax.Array, temperature: float,
-                           labels: jax.Array, alpha: float) -> jax.Array:
-    """``distillation_loss`` plus ``alpha`` times the student's cross-entropy on
-    ``labels`` [B] (int; -1 = unlabelled, left out of that mean), at
-    temperature 1 as any supervised loss. ``alpha = 0``: distillation alone."""
-    loss = distillation_loss(teacher_logits, student_logits, temperature)
-    if alpha == 0:
-        return loss
-    total, count = supervised_sum(student_logits, labels)
-    return loss + alpha * total / jnp.maximum(count, 1)

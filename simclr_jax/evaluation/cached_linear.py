@@ -119,8 +119,9 @@ def train_sharded_classifier(features: ShardedSplit, num_classes: int, *, epochs
     mesh, row_labels = features.mesh, features.row_labels()
     stats = standardizer(features.x, row_labels >= 0)
     rows = sharding.put_replicated(np.asarray(features.rows, np.int32), mesh)
-    trained = _fit(features.x, row_labels, rows, stats, jax.random.key(seed), learning_rate * batch_size / 256,
-                   weight_decay, mesh=mesh, num_classes=num_classes, epochs=epochs, batch_size=batch_size)
+    trained = _fit(features.x, row_labels, rows, stats, jax.random.key(seed),
+                   optim.peak_learning_rate(learning_rate, batch_size), weight_decay, mesh=mesh,
+                   num_classes=num_classes, epochs=epochs, batch_size=batch_size)
     return {**trained, **stats}
 
 
