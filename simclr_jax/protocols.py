@@ -21,8 +21,10 @@ def _evaluation(run_protocol: Callable) -> Callable:
 
 
 PROTOCOLS: dict[str, Callable[[ml_collections.ConfigDict, str], Any]] = {
-    # Pretraining with its kNN monitor: the number it reports is the kNN recipe's.
-    "pretrain": functools.partial(train_and_evaluate, make_evaluators=knn.monitors),
+    # Pretraining with its kNN monitor (the number it reports is the kNN recipe's), its
+    # summary naming the evaluation to run next.
+    "pretrain": functools.partial(train_and_evaluate, make_evaluators=knn.monitors,
+                                  evaluation_command=evaluation.evaluation_command),
     "knn": _evaluation(evaluation.run_knn),
     "cached_linear": _evaluation(evaluation.run_cached_linear),
     "linear_eval": _evaluation(evaluation.run_linear_eval),

@@ -4,6 +4,7 @@ import types
 import numpy as np
 
 from configs import smoke
+from simclr_jax.evaluation import run as evaluation
 from simclr_jax.pretraining import progress
 
 
@@ -24,27 +25,28 @@ def test_progress_line_has_step_epoch_rate_eta_loss_and_accuracy():
 def test_summary_points_at_checkpoints_pictures_knn_and_resume(tmp_path):
     (tmp_path / "augmentations.png").write_bytes(b"")
     manager = types.SimpleNamespace(directory=str(tmp_path / "checkpoints"), all_steps=lambda: [5, 10])
-    text = progress.summary(smoke.get_config(), str(tmp_path), manager, step=10, total_steps=20, seconds=65.0,
-                            evaluations={"knn": {"top1": np.float32(0.4375), "top5": 0.875}})
+    text = progress.summary(str(tmp_path), manager, step=10, total_steps=20, seconds=65.0,
+                            evaluations={"knn": {"top1": np.float32(0.4375), "top5": 0.875}},
+                            next_command="python main.py --config=configs/cached_linear.py ...")
     assert "stopped at step 10/20 after 00:01:05" in text
     assert "steps [5, 10]" in text
     assert str(tmp_path / "augmentations.png") in text
     assert "knn top-1     0.4375 (top-5 0.8750)" in text
     assert "resume" in text
-    finished = progress.summary(smoke.get_config(), str(tmp_path), manager, step=20, total_steps=20, seconds=1.0,
-                                evaluations={})
-    assert "finished" in finished and "resume" not in finished
+    assert "evaluate      python main.py --config=configs/cached_linear.py ..." in text
+    finished = progress.summary(str(tmp_path), manager, step=20, total_steps=20, seconds=1.0, evaluations={})
+    assert "finished" in finished and "resume" not in finished and "evaluate" not in finished
 
 
 def test_evaluate_command_needs_no_architecture_flags():
     config = smoke.get_config()  # ResNet-18 at 1/8 width: config.json says so, the command need not
     config.data_dir = "../shared/data/tfds"
-    command = progress.evaluate_command(config, "runs/smoke")
+    command = evaluation.evaluation_command(config, "runs/smoke")
     assert command == ("python main.py --config=configs/cached_linear.py --config.pretrained=runs/smoke "
                        "--config.dataset=cifar10 --config.test_split=test --config.data_dir=../shared/data/tfds "
                        "--workdir=runs/smoke/eval")
     config.dataset = "images:/photos"
-    assert "--config.dataset=folder:LABELLED_ROOT" in progress.evaluate_command(config, "w")
+    assert "--config.dataset=folder:LABELLED_ROOT" in evaluation.evaluation_command(config, "w")
 
 
 def test_cpu_run_longer_than_an_hour_warns_with_the_estimate_and_the_smoke_recipe(monkeypatch, caplog):

@@ -15,6 +15,7 @@ import ml_collections
 from absl import logging
 
 from simclr_jax import config_validation, pictures, sharding, storage, writers
+from simclr_jax.data import sources
 from simclr_jax.weights import checkpoint, pretrained
 from simclr_jax import encoder as encoder_lib
 from simclr_jax.evaluation.cached_linear import CachedLinearEvaluator
@@ -57,6 +58,20 @@ def run_finetune(config, encoder, mesh, workdir):
     checkpoint.save_network(finetuned, config, experiment.trained_variables, experiment.trained_classifier,
                             result["train_steps"], PROBE)
     return dict(result, finetuned=finetuned), None
+
+
+def evaluation_command(config, workdir: str) -> str:
+    """The quick linear evaluation of a pretraining run (its end-of-run summary
+    prints it): the architecture comes from the workdir's config.json, so only
+    the data needs restating."""
+    parts = ["python main.py --config=configs/cached_linear.py", f"--config.pretrained={workdir}"]
+    if config.dataset.startswith(sources.IMAGES_PREFIX):  # unlabelled: evaluate on labelled images
+        parts.append("--config.dataset=folder:LABELLED_ROOT")
+    else:
+        parts.append(f"--config.dataset={config.dataset} --config.test_split={config.test_split}")
+    if config.data_dir is not None:
+        parts.append(f"--config.data_dir={config.data_dir}")
+    return " ".join([*parts, f"--workdir={workdir}/eval"])
 
 
 def resolve_architecture(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -7,7 +7,6 @@ import numpy as np
 from absl import logging
 
 from simclr_jax import storage
-from simclr_jax.data import sources
 
 CPU_WARNING_HOURS = 1.0  # a CPU run estimated longer than this is told about configs/smoke.py
 
@@ -59,21 +58,9 @@ class CpuEstimate:
                 duration(remaining))
 
 
-def evaluate_command(config, workdir: str) -> str:
-    """The linear-evaluation command for this run: the architecture comes from
-    the workdir's config.json, so only the data needs restating."""
-    parts = ["python main.py --config=configs/cached_linear.py", f"--config.pretrained={workdir}"]
-    if config.dataset.startswith(sources.IMAGES_PREFIX):  # unlabelled: evaluate on labelled images
-        parts.append("--config.dataset=folder:LABELLED_ROOT")
-    else:
-        parts.append(f"--config.dataset={config.dataset} --config.test_split={config.test_split}")
-    if config.data_dir is not None:
-        parts.append(f"--config.data_dir={config.data_dir}")
-    return " ".join([*parts, f"--workdir={workdir}/eval"])
-
-
-def summary(config, workdir, manager, step, total_steps, seconds, evaluations: dict) -> str:
-    """The one-screen account of where everything went."""
+def summary(workdir, manager, step, total_steps, seconds, evaluations: dict, next_command: str | None = None) -> str:
+    """The one-screen account of where everything went; ``next_command``: how to
+    evaluate the encoder (the caller knows the evaluation recipes)."""
     workdir = storage.resolve(workdir)
     lines = [
         f"Pretraining {'finished' if step >= total_steps else 'stopped'} at step {step}/{total_steps} "
@@ -87,7 +74,8 @@ def summary(config, workdir, manager, step, total_steps, seconds, evaluations: d
         lines.append(f"  pictures      {', '.join(pngs)}")
     for name, result in evaluations.items():
         lines.append(f"  {name + ' top-1':<13} {result['top1']:.4f} (top-5 {result['top5']:.4f})")
-    lines.append(f"  evaluate      {evaluate_command(config, workdir)}")
+    if next_command:
+        lines.append(f"  evaluate      {next_command}")
     if step < total_steps:
         lines.append("  resume        run the same command again")
     return "\n".join(lines)

@@ -143,8 +143,11 @@ def create_optimizer(config, steps_per_epoch: int):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       make_evaluators: Optional[EvaluatorFactory] = None) -> TrainState:
-    """Pretrains SimCLR as ``config`` says, resuming from ``workdir`` if possible."""
+                       make_evaluators: Optional[EvaluatorFactory] = None,
+                       evaluation_command: Optional[Callable[[ml_collections.ConfigDict, str], str]] = None
+                       ) -> TrainState:
+    """Pretrains SimCLR as ``config`` says, resuming from ``workdir`` if possible.
+    ``evaluation_command(config, workdir)``: the command the summary suggests next."""
     mesh = sharding.make_mesh()
     config_validation.validate(config, mesh.devices.size)
     storage.check_writable_dir(workdir)
@@ -161,8 +164,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # Every process opens the manager (Orbax syncs them in its constructor); process 0 reports.
     saved = checkpoint.create_manager(workdir, save_every_steps=1, max_to_keep=1, read_only=True)
     if jax.process_index() == 0:
-        logging.info(progress.summary(config, workdir, saved, int(state.step), experiment.total_steps,
-                                      time.perf_counter() - run_start, experiment.evaluations))
+        logging.info(progress.summary(workdir, saved, int(state.step), experiment.total_steps,
+                                      time.perf_counter() - run_start, experiment.evaluations,
+                                      evaluation_command(config, workdir) if evaluation_command else None))
     saved.close()
     writer.flush()
     return state
