@@ -20,8 +20,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from simclr_jax import numerics, optim, sharding
-from simclr_jax.data import sources
-from simclr_jax.evaluation.features import FeatureExtractor, ShardedFeatures, ShardedSplit, SplitFeatures
+from simclr_jax.evaluation.features import FeatureEvaluator, ShardedFeatures, ShardedSplit
 from simclr_jax.evaluation.metrics import check_labels, masked_topk_accuracy
 from simclr_jax.sharding import DATA_AXIS as DATA
 
@@ -138,29 +137,20 @@ def train_classifier(train_features, train_labels, num_classes: int, *, epochs: 
                                     weight_decay=weight_decay, seed=seed)
 
 
-class CachedLinearEvaluator:
-    """``run(variables)`` -> {'top1', 'top5', 'num_examples'} of a linear
-    classifier trained on the train split's cached features (``config.linear``)
-    and scored on the test split's. The features stay split over the mesh."""
+class CachedLinearEvaluator(FeatureEvaluator):
+    """A linear classifier trained on the train split's cached features
+    (``config.linear``) and scored on the test split's."""
 
     name = "cached_linear"
 
     def __init__(self, model, config, mesh, head_layer: int = 0):
-        self.features = FeatureExtractor(model, config, mesh, head_layer, sharded=True)
-        self.num_classes = sources.num_classes(config.dataset, config.train_split, config.data_dir,
-                                               download=config.download)
+        super().__init__(model, config, mesh, head_layer)
         self.settings, self.seed = config.linear, config.seed
 
-    def score(self, features: ShardedFeatures | SplitFeatures) -> dict[str, float]:
-        if isinstance(features, SplitFeatures):
-            features = features.to_sharded(self.features.mesh)
+    def _score(self, features: ShardedFeatures) -> dict[str, float]:
         s = self.settings
         params = train_sharded_classifier(features.train, self.num_classes, epochs=s.epochs,
                                           batch_size=s.batch_size, learning_rate=s.learning_rate,
                                           weight_decay=s.weight_decay, seed=self.seed)
         check_labels(features.test.labels, self.num_classes)
-        result = masked_topk_accuracy(classifier_logits(params, features.test.x), features.test.row_labels())
-        return dict(result, num_examples=len(features.test.labels))
-
-    def run(self, variables) -> dict[str, float]:
-        return self.score(self.features(variables))
+        return masked_topk_accuracy(classifier_logits(params, features.test.x), features.test.row_labels())

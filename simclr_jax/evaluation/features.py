@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from simclr_jax import sharding
-from simclr_jax.data import input_pipeline
+from simclr_jax.data import input_pipeline, sources
 from simclr_jax.evaluation import passes
 from simclr_jax.models import SimCLR
 from simclr_jax.models.classifier import feature_function
@@ -128,3 +128,29 @@ class FeatureExtractor:
         train_x, train_y = self.split(variables, self._config.train_split)
         test_x, test_y = self.split(variables, self._config.test_split)
         return SplitFeatures(train_x, train_y, test_x, test_y)
+
+
+class FeatureEvaluator:
+    """An evaluation on the features of the train and test splits, extracted
+    once and kept on the devices: ``run(variables)`` -> {'top1', 'top5',
+    'num_examples'}. ``features`` and ``score`` are its two halves, for
+    callers that also want the features (the pictures: ``features.numpy()``).
+    Subclasses give ``name`` and ``_score(ShardedFeatures) -> {'top1', 'top5'}``."""
+
+    name: str
+
+    def __init__(self, model: SimCLR, config, mesh: jax.sharding.Mesh, head_layer: int = 0):
+        self.features = FeatureExtractor(model, config, mesh, head_layer, sharded=True)
+        self.num_classes = sources.num_classes(config.dataset, config.train_split, config.data_dir,
+                                               download=config.download)
+
+    def _score(self, features: "ShardedFeatures") -> dict:
+        raise NotImplementedError
+
+    def score(self, features: "ShardedFeatures | SplitFeatures") -> dict:
+        if isinstance(features, SplitFeatures):
+            features = features.to_sharded(self.features.mesh)
+        return dict(self._score(features), num_examples=len(features.test.labels))
+
+    def run(self, variables) -> dict:
+        return self.score(self.features(variables))

@@ -16,7 +16,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from simclr_jax.data import sources
-from simclr_jax.evaluation.features import FeatureExtractor, ShardedFeatures, ShardedSplit, SplitFeatures
+from simclr_jax.evaluation.features import FeatureEvaluator, ShardedFeatures, ShardedSplit
 from simclr_jax.evaluation.metrics import check_labels, masked_topk_accuracy, topk_accuracy
 from simclr_jax.numerics import l2_normalize
 from simclr_jax.sharding import DATA_AXIS as DATA
@@ -133,33 +133,19 @@ def sharded_knn_accuracy(bank: ShardedSplit, queries: ShardedSplit, num_classes:
     return masked_topk_accuracy(scores, queries.row_labels())
 
 
-class KnnEvaluator:
-    """``run(variables)`` -> {'top1', 'top5', 'num_examples'} of weighted kNN
-    (train split = bank, test split = queries) on the features of
-    ``head_layer`` (0 = h), with ``config.knn``'s k and temperature.
-
-    Built once; ``features`` and ``score`` are the two halves of ``run``, for
-    callers that also want the features (the pictures: ``features.numpy()``).
-    The features stay split over the mesh.
-    """
+class KnnEvaluator(FeatureEvaluator):
+    """Weighted kNN (train split = bank, test split = queries) on the features
+    of ``head_layer`` (0 = h), with ``config.knn``'s k and temperature."""
 
     name = "knn"
 
     def __init__(self, model, config, mesh, head_layer: int = 0):
-        self.features = FeatureExtractor(model, config, mesh, head_layer, sharded=True)
-        self.num_classes = sources.num_classes(config.dataset, config.train_split, config.data_dir,
-                                               download=config.download)
+        super().__init__(model, config, mesh, head_layer)
         self.k, self.temperature = config.knn.k, config.knn.temperature
 
-    def score(self, features: ShardedFeatures | SplitFeatures) -> dict[str, float]:
-        if isinstance(features, SplitFeatures):
-            features = features.to_sharded(self.features.mesh)
-        result = sharded_knn_accuracy(features.train, features.test, self.num_classes, k=self.k,
-                                      temperature=self.temperature)
-        return dict(result, num_examples=len(features.test.labels))
-
-    def run(self, variables) -> dict[str, float]:
-        return self.score(self.features(variables))
+    def _score(self, features: ShardedFeatures) -> dict[str, float]:
+        return sharded_knn_accuracy(features.train, features.test, self.num_classes, k=self.k,
+                                    temperature=self.temperature)
 
 
 def monitors(config, model, mesh) -> list:

@@ -26,16 +26,17 @@ from simclr_jax.weights.checkpoint import PROBE
 FINETUNED = "finetuned"  # where fine-tuning writes its network, inside the evaluation workdir
 
 
-def run_knn(config, encoder, mesh, workdir):
-    evaluator = KnnEvaluator(encoder.model, config, mesh, config.head_layer)
-    features = evaluator.features(encoder.variables)
-    return evaluator.score(features), features
+def _on_features(evaluator_class):
+    """A protocol scoring features extracted once; it returns them for the pictures."""
+    def run(config, encoder, mesh, workdir):
+        evaluator = evaluator_class(encoder.model, config, mesh, config.head_layer)
+        features = evaluator.features(encoder.variables)
+        return evaluator.score(features), features
+    return run
 
 
-def run_cached_linear(config, encoder, mesh, workdir):
-    evaluator = CachedLinearEvaluator(encoder.model, config, mesh, config.head_layer)
-    features = evaluator.features(encoder.variables)
-    return evaluator.score(features), features
+run_knn = _on_features(KnnEvaluator)
+run_cached_linear = _on_features(CachedLinearEvaluator)
 
 
 def run_supervised_head(config, encoder, mesh, workdir):
