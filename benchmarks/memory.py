@@ -155,7 +155,7 @@ def compiled_memory(spec: dict, variant: str, batch: int, dtype: str, mesh) -> d
     model, tx, train_step = build(spec, variant, dtype, mesh)
     size = spec["image_size"]
     # Shapes only: nothing is initialised or allocated, however large.
-    shapes = jax.eval_shape(lambda: step.create_train_state(model, tx, size, seed=0, mesh=mesh))
+    shapes = jax.eval_shape(lambda: step.create_train_state(model, tx, image_size=size, seed=0, mesh=mesh))
     state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding.replicated(mesh)),
                          shapes)
     views = jax.ShapeDtypeStruct((batch * mesh.devices.size, 2, size, size, 3), jnp.float32,
@@ -322,7 +322,7 @@ def time_variants(variants: list, rounds: int, steps: int, batch_size: int = 128
     runs = {}
     for variant in variants:
         model, tx, train_step = build(spec, variant, "float32", mesh, width_multiplier=0.125)
-        state = step.create_train_state(model, tx, spec["image_size"], seed=0, mesh=mesh)
+        state = step.create_train_state(model, tx, image_size=spec["image_size"], seed=0, mesh=mesh)
         compiled = train_step.lower(state, batch).compile()
         for _ in range(2):  # warm-up
             state, metrics = compiled(state, batch)

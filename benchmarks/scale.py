@@ -171,8 +171,8 @@ def build(config, mesh):
     train_step = step.make_train_step(model, tx, learning_rate=learning_rate, temperature=config.temperature,
                                       mesh=mesh, num_classes=FLAGS.probe_classes,
                                       loss_impl=config.loss_impl, microbatches=config.microbatches)
-    shapes = jax.eval_shape(lambda: step.create_train_state(model, tx, config.image_size, 0, mesh,
-                                                            FLAGS.probe_classes))
+    shapes = jax.eval_shape(lambda: step.create_train_state(model, tx, image_size=config.image_size, seed=0, mesh=mesh,
+                                                            num_classes=FLAGS.probe_classes))
     state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding.replicated(mesh)),
                          shapes)
     size, n = config.image_size, config.batch_size

@@ -71,7 +71,7 @@ def measure(depth, width_multiplier, cifar_stem, image_size, batch_size, dtype, 
     model = models.SimCLR(depth=depth, width_multiplier=width_multiplier, cifar_stem=cifar_stem,
                           axis_name=sharding.DATA_AXIS, dtype=jnp.dtype(dtype))
     tx = optim.lars(learning_rate=0.1, weight_decay=1e-6)
-    state = step.create_train_state(model, tx, image_size, seed=0, mesh=mesh)
+    state = step.create_train_state(model, tx, image_size=image_size, seed=0, mesh=mesh)
     train_step = step.make_train_step(model, tx, learning_rate=lambda s: 0.1, temperature=0.1, mesh=mesh,
                                       loss_impl=loss_impl)
     views = np.random.default_rng(0).uniform(size=(batch_size, 2, image_size, image_size, 3))

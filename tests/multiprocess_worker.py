@@ -58,7 +58,7 @@ def train_steps(global_batches: np.ndarray, devices=None) -> tuple[list[float], 
     mesh = sharding.make_mesh(devices)
     model = tiny_simclr(sharding.DATA_AXIS)
     tx = optim.lars(learning_rate=LEARNING_RATE, weight_decay=1e-4)
-    state = step.create_train_state(model, tx, IMAGE_SIZE, seed=0, mesh=mesh)
+    state = step.create_train_state(model, tx, image_size=IMAGE_SIZE, seed=0, mesh=mesh)
     train_step = step.make_train_step(model, tx, learning_rate=lambda s: LEARNING_RATE, temperature=0.5, mesh=mesh)
     rows = sharding.per_process_batch_size(GLOBAL_BATCH)
     mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)

@@ -165,7 +165,7 @@ def test_train_step_blockwise_matches_naive(monkeypatch):
     monkeypatch.setattr(train, "nt_xent", functools.partial(nt_xent, block_size=12))
     mesh = sharding.make_mesh(jax.devices()[:8])
     model = tiny_simclr(sharding.DATA_AXIS)
-    init = jax.device_get(train.create_train_state(model, optim.lars(0.5, weight_decay=1e-4), 16,
+    init = jax.device_get(train.create_train_state(model, optim.lars(0.5, weight_decay=1e-4), image_size=16,
                                                    seed=0, mesh=mesh))
     rng = np.random.default_rng(0)
     batches = [sharding.put_batch({"views": rng.uniform(size=(16, 2, 16, 16, 3)).astype(np.float32)}, mesh)

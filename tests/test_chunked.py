@@ -51,7 +51,7 @@ def _step_result(num_devices, microbatches, num_classes=0, unroll_chunks=None):
     mesh = sharding.make_mesh(jax.devices()[:num_devices])
     model = _model(sharding.DATA_AXIS)
     tx = capture_gradient()
-    state = step.create_train_state(model, tx, IMAGE_SIZE, seed=0, mesh=mesh, num_classes=num_classes)
+    state = step.create_train_state(model, tx, image_size=IMAGE_SIZE, seed=0, mesh=mesh, num_classes=num_classes)
     state = state.replace(params=sharding.put_replicated(_perturbed(jax.device_get(state.params)), mesh))
     initial = jax.device_get(state)
     train_step = step.make_train_step(model, tx, learning_rate=lambda s: 0.5, temperature=TEMPERATURE, mesh=mesh,
@@ -120,7 +120,7 @@ def test_one_microbatch_is_the_plain_step():
     # over chunks, unrolled only where asked (the default on CPU).
     mesh = sharding.make_mesh(jax.devices()[:8])
     model, tx = _model(sharding.DATA_AXIS), capture_gradient()
-    state = step.create_train_state(model, tx, IMAGE_SIZE, seed=0, mesh=mesh)
+    state = step.create_train_state(model, tx, image_size=IMAGE_SIZE, seed=0, mesh=mesh)
     batch = sharding.put_batch({"views": _views()}, mesh)
     program = lambda **chunking: step.make_train_step(model, tx, learning_rate=lambda s: 0.5, temperature=TEMPERATURE,
                                                       mesh=mesh,
@@ -176,7 +176,7 @@ def test_gradients_cross_devices_in_float32_under_bfloat16_compute(microbatches)
     model = models.model_from_config(tiny_pretrain_config().model, axis_name=sharding.DATA_AXIS,
                                      dtype=jnp.bfloat16)
     tx = optax.sgd(0.1)
-    state = jax.eval_shape(lambda: step.create_train_state(model, tx, IMAGE_SIZE, seed=0, mesh=mesh))
+    state = jax.eval_shape(lambda: step.create_train_state(model, tx, image_size=IMAGE_SIZE, seed=0, mesh=mesh))
     state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding.replicated(mesh)),
                          state)
     views = jax.ShapeDtypeStruct((GLOBAL_BATCH, 2, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32,

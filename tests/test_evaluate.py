@@ -33,7 +33,8 @@ def _initial_run(workdir, num_devices, tx, num_classes=0):
     checkpoint.write_run_config(workdir, config)
     mesh = sharding.make_mesh(jax.devices()[:num_devices])
     model = models.model_from_config(config.model, axis_name=sharding.DATA_AXIS)
-    return model, mesh, step.create_train_state(model, tx, IMAGE_SIZE, seed=0, mesh=mesh, num_classes=num_classes)
+    return model, mesh, step.create_train_state(model, tx, image_size=IMAGE_SIZE, seed=0, mesh=mesh,
+                                                num_classes=num_classes)
 
 
 def _save(workdir, step_number, state):

@@ -114,7 +114,7 @@ def _run_with_memory(num_devices, microbatches=1):
     mesh = sharding.make_mesh(jax.devices()[:num_devices])
     model = models.model_from_config(tiny_pretrain_config().model, axis_name=sharding.DATA_AXIS)
     tx = optax.sgd(0.5)
-    state = step.create_train_state(model, tx, IMAGE_SIZE, seed=0, mesh=mesh)
+    state = step.create_train_state(model, tx, image_size=IMAGE_SIZE, seed=0, mesh=mesh)
     state = state.replace(memory=memory.create(step.model_params(state.params), SLOTS * 2 * BATCH, BATCH, 128,
                                                mesh))
     train_step = step.make_train_step(model, tx, learning_rate=lambda s: 0.5, temperature=TEMPERATURE, mesh=mesh,

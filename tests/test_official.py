@@ -280,7 +280,7 @@ def test_two_training_steps_equal_the_official_ones(official_files):
     mesh = sharding.make_mesh()
     model = encoder.model.clone(axis_name=sharding.DATA_AXIS)
     tx = optim.lars(meta["lr"], weight_decay=meta["weight_decay"], momentum=meta["momentum"])
-    state = step.create_train_state(model, tx, 32, seed=0, mesh=mesh)
+    state = step.create_train_state(model, tx, image_size=32, seed=0, mesh=mesh)
     state = state.replace(params=jax.tree.map(jnp.array, encoder.variables["params"]),
                           batch_stats=jax.tree.map(jnp.array, encoder.variables["batch_stats"]))
     train_step = step.make_train_step(model, tx, learning_rate=lambda s: meta["lr"], temperature=meta["temperature"],

@@ -153,7 +153,7 @@ def test_init_from_starts_from_another_runs_weights_with_a_fresh_optimiser(real_
     checkpoint.write_run_config(source, config)
     mesh = sharding.make_mesh()
     model = models.model_from_config(config.model, axis_name=sharding.DATA_AXIS)
-    saved = step.create_train_state(model, optim.lars(0.1, 0.0), config.image_size, seed=7, mesh=mesh)
+    saved = step.create_train_state(model, optim.lars(0.1, 0.0), image_size=config.image_size, seed=7, mesh=mesh)
     manager = checkpoint.create_manager(source, save_every_steps=1, max_to_keep=1)
     checkpoint.save(manager, 5, saved, force=True)
     manager.wait_until_finished()

@@ -21,7 +21,7 @@ def _train_step_result(remat: bool, num_devices: int):
     mesh = sharding.make_mesh(jax.devices()[:num_devices])
     model = models.model_from_config(config.model, axis_name=sharding.DATA_AXIS, remat=remat)
     tx = optim.lars(0.5, 1e-4)
-    state = step.create_train_state(model, tx, IMAGE_SIZE, seed=0, mesh=mesh)
+    state = step.create_train_state(model, tx, image_size=IMAGE_SIZE, seed=0, mesh=mesh)
     train_step = step.make_train_step(model, tx, learning_rate=lambda s: 0.5, temperature=0.5, mesh=mesh)
     new_state, metrics = train_step(state, sharding.put_batch({"views": _views()}, mesh))
     return jax.device_get(new_state), jax.device_get(metrics)

@@ -51,7 +51,7 @@ def run():
     """Host copies of the state before every step and after the last, and each step's metrics."""
     mesh = sharding.make_mesh(jax.devices()[:8])
     tx = _tx(SCHEDULE)
-    state = train.create_train_state(_model(), tx, IMAGE_SIZE, seed=0, mesh=mesh, num_classes=NUM_CLASSES)
+    state = train.create_train_state(_model(), tx, image_size=IMAGE_SIZE, seed=0, mesh=mesh, num_classes=NUM_CLASSES)
     step = train.make_train_step(_model(), tx, learning_rate=SCHEDULE, temperature=0.5, mesh=mesh,
                                  num_classes=NUM_CLASSES)
     states, metrics = [jax.device_get(state)], []

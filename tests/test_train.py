@@ -2,13 +2,11 @@
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from simclr_jax import optim, sharding
 from simclr_jax.pretraining import step as train
-from simclr_jax.pretraining.losses import nt_xent
 from simclr_jax.weights.checkpoint import PROBE
 from tests.helpers import numpy_nt_xent, tiny_simclr
 
@@ -22,7 +20,7 @@ def _setup(num_devices, bn_axis_name=sharding.DATA_AXIS):
     mesh = sharding.make_mesh(jax.devices()[:num_devices])
     model = tiny_simclr(bn_axis_name)
     tx = optim.lars(learning_rate=SCHEDULE, weight_decay=1e-4)
-    state = train.create_train_state(model, tx, IMAGE_SIZE, seed=0, mesh=mesh)
+    state = train.create_train_state(model, tx, image_size=IMAGE_SIZE, seed=0, mesh=mesh)
     step = train.make_train_step(model, tx, learning_rate=SCHEDULE, temperature=0.5, mesh=mesh)
     return mesh, state, step
 
@@ -33,14 +31,14 @@ def _batch(seed=0):
 
 
 def _run(num_devices, num_steps=2):
-    """Initial params, final state, and (metrics, batch_stats, params) of each step."""
+    """Initial params, final state, (metrics, batch_stats, params) of each step, initial batch_stats."""
     mesh, state, step = _setup(num_devices)
-    init_params = jax.device_get(state.params)
+    init_params, init_stats = jax.device_get((state.params, state.batch_stats))
     history = []
     for i in range(num_steps):
         state, metrics = step(state, sharding.put_batch(_batch(i), mesh))
         history.append(jax.device_get((metrics, state.batch_stats, state.params)))
-    return init_params, jax.device_get(state), history
+    return init_params, jax.device_get(state), history, init_stats
 
 
 def _max_abs_diff(a, b):
@@ -58,8 +56,8 @@ def eight_device_run():
 
 
 def test_eight_devices_match_one_device(one_device_run, eight_device_run):
-    init_params, want_state, want_history = one_device_run
-    _, got_state, got_history = eight_device_run
+    init_params, want_state, want_history, _ = one_device_run
+    _, got_state, got_history, _ = eight_device_run
     for got, want in zip(got_history, want_history):
         for key in want[0]:
             np.testing.assert_allclose(got[0][key], want[0][key], rtol=1e-5, atol=1e-6, err_msg=key)
@@ -80,11 +78,9 @@ def test_control_per_device_batchnorm_is_caught(one_device_run):
     # than the tolerance used above, so that comparison would catch it.
     # (shard_map itself also refuses it: per-device statistics are not
     # replicated, which its out_specs check reports.)
-    init_params, _, want_history = one_device_run
+    init_params, _, want_history, init_stats = one_device_run
     want_metrics, want_batch_stats, _ = want_history[0]
     model = tiny_simclr()
-    init_stats = model.init(jax.random.PRNGKey(0), jnp.zeros((2, IMAGE_SIZE, IMAGE_SIZE, 3)),
-                            train=False)["batch_stats"]
     views = _batch(0)["views"]
     apply = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))  # compiled once, run 8 times
     z1, z2, device0_stats = [], [], None
@@ -94,7 +90,7 @@ def test_control_per_device_batchnorm_is_caught(one_device_run):
         z1.append(z[: len(chunk)])
         z2.append(z[len(chunk):])
         device0_stats = device0_stats or updates["batch_stats"]
-    local_bn_loss, _ = nt_xent(jnp.concatenate(z1), jnp.concatenate(z2), 0.5)
+    local_bn_loss = numpy_nt_xent(np.concatenate(z1), np.concatenate(z2), 0.5)[0]
     assert abs(float(local_bn_loss) - float(want_metrics["loss"])) > 1e-3
     assert _max_abs_diff(device0_stats, want_batch_stats) > 1e-3
 
@@ -105,13 +101,12 @@ def test_metrics_are_those_of_the_global_batch(one_device_run, eight_device_run)
     the whole batch, computed here on one device without the step), not the
     values of one device's 2 images, which differ from them by far more than
     the tolerance here."""
-    init_params, _, _ = one_device_run
+    init_params, _, _, stats = one_device_run
     history = eight_device_run[2]
     metrics = history[0][0]
     assert set(metrics) >= {"loss", "contrastive_acc", "contrastive_entropy", "learning_rate"}
     model = tiny_simclr()
     views = _batch(0)["views"]
-    stats = model.init(jax.random.PRNGKey(0), jnp.zeros((2, IMAGE_SIZE, IMAGE_SIZE, 3)), train=False)["batch_stats"]
     (_, z), _ = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))(
         {"params": init_params, "batch_stats": stats}, np.concatenate([views[:, 0], views[:, 1]]))
     z = np.asarray(z)
@@ -145,7 +140,7 @@ def test_online_probe_learns_without_touching_the_encoder_gradient(eight_device_
     mesh = sharding.make_mesh(jax.devices()[:8])
     model = tiny_simclr(sharding.DATA_AXIS)
     tx = optim.with_adam_for(PROBE, optim.lars(learning_rate=SCHEDULE, weight_decay=1e-4), 1e-3)
-    state = train.create_train_state(model, tx, IMAGE_SIZE, seed=0, mesh=mesh, num_classes=10)
+    state = train.create_train_state(model, tx, image_size=IMAGE_SIZE, seed=0, mesh=mesh, num_classes=10)
     step = train.make_train_step(model, tx, learning_rate=SCHEDULE, temperature=0.5, mesh=mesh, num_classes=10)
     batch = dict(_batch(0), label=np.arange(GLOBAL_BATCH, dtype=np.int32) % 10)
     probed, probed_metrics = jax.device_get(step(state, sharding.put_batch(batch, mesh)))

@@ -228,7 +228,8 @@ def distill(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return {}
     student, teacher = run.score(state)
     variables = {"params": state.params["model"], "batch_stats": state.batch_stats}
-    checkpoint.save_network(student_dir, config, variables, state.params["classifier"], run.total_steps, PROBE)
+    checkpoint.save_network(student_dir, config=config, variables=variables, head=state.params["classifier"],
+                            step=run.total_steps, head_key=PROBE)
     record = dict(protocol="distill", teacher=config.teacher, teacher_top1=teacher["top1"],
                   teacher_top5=teacher["top5"], teacher_architecture=_architecture(run.teacher.model_config,
                                                                                   config.teacher_head_layer),

@@ -56,8 +56,9 @@ def run_finetune(config, encoder, mesh, workdir):
     if result is None:  # stopped on request
         return None, None
     finetuned = storage.join(workdir, FINETUNED)
-    checkpoint.save_network(finetuned, config, experiment.trained_variables, experiment.trained_classifier,
-                            result["train_steps"], PROBE)
+    checkpoint.save_network(finetuned, config=config, variables=experiment.trained_variables,
+                            head=experiment.trained_classifier,
+                            step=result["train_steps"], head_key=PROBE)
     return dict(result, finetuned=finetuned), None
 
 

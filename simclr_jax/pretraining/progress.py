@@ -58,7 +58,7 @@ class CpuEstimate:
                 duration(remaining))
 
 
-def summary(workdir, manager, step, total_steps, seconds, evaluations: dict, next_command: str | None = None) -> str:
+def summary(workdir, manager, *, step, total_steps, seconds, evaluations: dict, next_command: str | None = None) -> str:
     """The one-screen account of where everything went; ``next_command``: how to
     evaluate the encoder (the caller knows the evaluation recipes)."""
     workdir = storage.resolve(workdir)

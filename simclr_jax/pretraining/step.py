@@ -53,6 +53,7 @@ def model_params(params: dict) -> dict:
 def create_train_state(
     model: flax.linen.Module,
     tx: optax.GradientTransformation,
+    *,
     image_size: int,
     seed: int,
     mesh: Mesh,

@@ -77,7 +77,8 @@ class Pretraining:
 
     def _fresh_state(self, model, tx, probe_classes: int) -> TrainState:
         config, mesh = self.config, self.mesh
-        state = create_train_state(model, tx, config.image_size, config.seed, mesh, probe_classes)
+        state = create_train_state(model, tx, image_size=config.image_size, seed=config.seed, mesh=mesh,
+                                   num_classes=probe_classes)
         if config.init_from and self.resume.step is None:  # read before anything is written
             state = _start_from(state, config, mesh)
         if config.memory.size:  # after init_from: the moving average starts at the weights trained from
@@ -164,9 +165,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # Every process opens the manager (Orbax syncs them in its constructor); process 0 reports.
     saved = checkpoint.create_manager(workdir, save_every_steps=1, max_to_keep=1, read_only=True)
     if jax.process_index() == 0:
-        logging.info(progress.summary(workdir, saved, int(state.step), experiment.total_steps,
-                                      time.perf_counter() - run_start, experiment.evaluations,
-                                      evaluation_command(config, workdir) if evaluation_command else None))
+        logging.info(progress.summary(workdir, saved, step=int(state.step), total_steps=experiment.total_steps,
+                                      seconds=time.perf_counter() - run_start, evaluations=experiment.evaluations,
+                                      next_command=evaluation_command(config, workdir) if evaluation_command else None))
     saved.close()
     writer.flush()
     return state

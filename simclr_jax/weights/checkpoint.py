@@ -146,7 +146,7 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(config)
 
 
-def save_network(workdir: str, config: ml_collections.ConfigDict, variables: dict, head: dict, step: int,
+def save_network(workdir: str, *, config: ml_collections.ConfigDict, variables: dict, head: dict, step: int,
                  head_key: str) -> None:
     """Writes a trained network as a run ``restore_variables`` and evaluation read:
     ``workdir/checkpoints/<step>`` holds {'params': the model's params plus
