@@ -1,5 +1,4 @@
-"""The paper's supervised protocols on a pretrained encoder: one experiment, two modes
-(and the checkpoint's own supervised head, scored without training).
+"""The paper's supervised protocols on a pretrained encoder: one experiment, two modes.
 
 ``ClassifierExperiment(model, config, mesh, freeze_encoder=...)`` trains a
 linear classifier on the features of ``config.head_layer`` (0 = h) with
@@ -35,7 +34,7 @@ from simclr_jax.data import input_pipeline, sources
 from simclr_jax.errors import UserError
 from simclr_jax.evaluation import passes
 from simclr_jax.models import SimCLR
-from simclr_jax.models.classifier import features_at, head_logits, keep_unused_head_stats, linear_classifier
+from simclr_jax.models.classifier import features_at, keep_unused_head_stats, linear_classifier
 
 DATA = sharding.DATA_AXIS
 STANDARDIZE_EXAMPLES = 10_000  # augmented training views that set linear.standardize's statistics
@@ -102,36 +101,6 @@ def feature_standardizer(model, variables, batches, mesh, head_layer: int) -> di
     std = np.sqrt(np.maximum(squares / count - mean ** 2, 0.0))
     stats = numerics.standardization(mean.astype(np.float32), std.astype(np.float32), high == low)
     return jax.tree.map(np.asarray, stats)
-
-
-class SupervisedHeadEvaluator:
-    """``run(variables, head)``: the checkpoint's own supervised head on the
-    ``head_layer`` features of eval views of the test split; nothing trains.
-
-    The released SimCLR models carry the linear-evaluation head trained beside
-    pretraining (on h), fine-tuned ones their classifier (v2's on head layer
-    1), our runs the online probe: this scores it as it is, as the paper's
-    tables score the released heads.
-    """
-
-    def __init__(self, model: SimCLR, config, mesh):
-        self.config, self.mesh, self.head_layer = config, mesh, config.head_layer
-        self.num_classes = sources.num_classes(config.dataset, config.test_split, config.data_dir,
-                                               download=config.download)
-        self._logits = jax.jit(lambda variables, head, images: head_logits(
-            model, variables, head, images, self.head_layer))
-
-    def run(self, variables, head) -> dict:
-        if head is None:
-            raise UserError(f"{self.config.pretrained} has no supervised head to score: official checkpoints "
-                             "saved with one (lineareval_while_pretraining, or fine-tuned) and our runs with "
-                             "config.online_probe=True carry it; use configs/linear_eval.py to train one")
-        classes = int(head["bias"].shape[0])
-        if classes != self.num_classes:
-            raise UserError(f"the supervised head has {classes} classes but {self.config.dataset} has "
-                             f"{self.num_classes}: score it on the dataset it was trained for")
-        return passes.split_accuracy(self.config, self.config.test_split, self.mesh,
-                                     lambda images: self._logits(variables, head, images))
 
 
 class ClassifierExperiment:
