@@ -12,6 +12,20 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # server below; tf.io.gfile, epath's default with TensorFlow, cannot. epath
 # reads this once, so before anything touches a path. Local paths are unaffected.
 os.environ.setdefault("EPATH_USE_TF", "false")
+# One compilation cache for the session, empty at its start (as in CI's clean clone):
+# tests build the same programs again and again (each pretraining run, evaluation and
+# main.py process jits its own functions), and XLA then reads the executable instead
+# of compiling it anew. The processes tests start inherit it (their own device counts
+# make their own entries). What runs is the same program either way.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _COMPILATION_CACHE = tempfile.mkdtemp(prefix="simclr_jax_tests_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _COMPILATION_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
 
 import pathlib
 import subprocess
