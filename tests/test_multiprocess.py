@@ -24,7 +24,11 @@ pytestmark = pytest.mark.slow
 
 def test_two_processes_match_one_process_and_slice_the_split(real_data_dir, tmp_path):
     out = str(tmp_path)
-    _wait(_start(["-m", "tests.multiprocess_worker", out, real_data_dir], out), out)
+    workers = _start(["-m", "tests.multiprocess_worker", out, real_data_dir], out)
+    # While they run: the same global batches on 1 process x 4 devices (this pytest process).
+    batches = multiprocess_worker.fixed_global_batches(real_data_dir)
+    losses, params = multiprocess_worker.train_steps(batches, jax.devices()[:4])
+    _wait(workers, out)
 
     # Each process read its own part of the test split: disjoint, and together all of it.
     slices = [set(np.load(os.path.join(out, f"slice_ids_{i}.npy")).tolist()) for i in range(2)]
@@ -32,9 +36,7 @@ def test_two_processes_match_one_process_and_slice_the_split(real_data_dir, tmp_
     assert len(slices[0]) + len(slices[1]) == 10_000
     assert abs(len(slices[0]) - len(slices[1])) <= 1
 
-    # The same global batches on 1 process x 4 devices (this pytest process).
-    batches = multiprocess_worker.fixed_global_batches(real_data_dir)
-    losses, params = multiprocess_worker.train_steps(batches, jax.devices()[:4])
+    # The 2-process run against the 1-process one.
     result = np.load(os.path.join(out, "result.npz"))
     np.testing.assert_allclose(result["losses"], losses, rtol=0, atol=1e-5)
     flat = {jax.tree_util.keystr(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
@@ -47,27 +49,30 @@ def test_two_processes_match_one_process_and_slice_the_split(real_data_dir, tmp_
 
 def test_sharded_knn_and_linear_classifier_over_two_processes_match_one_device(tmp_path):
     out = str(tmp_path)
-    _wait(_start(["-m", "tests.multiprocess_worker", "evaluation", out], out), out)
-    result = np.load(os.path.join(out, "evaluation.npz"))
+    workers = _start(["-m", "tests.multiprocess_worker", "evaluation", out], out)
 
-    # Gathered in passes.map_padded_batches' order: per batch, process 0's rows then process 1's.
-    data = multiprocess_worker.evaluation_data()
+    # While they run, the one-device references. Gathered in passes.map_padded_batches' order:
+    # per batch, process 0's rows then process 1's.
+    data, gathered = multiprocess_worker.evaluation_data(), {}
     for split, (x, y) in data.items():
         b = multiprocess_worker.EVAL_BATCH
         order = np.concatenate([np.arange(len(y))[p::2][t * b:(t + 1) * b]
                                 for t in range(-(-len(y) // (2 * b))) for p in range(2)])
-        np.testing.assert_array_equal(result[f"{split}_x"], x[order])
-        np.testing.assert_array_equal(result[f"{split}_y"], y[order])
-
-    # The exact global top-k of each query, over both processes' banks, as on one device.
-    bank_x, bank_y, query_x, query_y = (result[name] for name in ("train_x", "train_y", "test_x", "test_y"))
+        gathered[split] = x[order], y[order]
+    (bank_x, bank_y), (query_x, query_y) = gathered["train"], gathered["test"]
     classes = multiprocess_worker.EVAL_CLASSES
+    # The exact global top-k of each query, over both processes' banks, as on one device.
     want = knn.knn_scores(bank_x, bank_y, query_x, classes, query_batch_size=16)
-    np.testing.assert_allclose(result["scores"], want, rtol=5e-6, atol=0)  # as tests/test_sharded_evaluation.py
     accuracy = knn.knn_accuracy(bank_x, bank_y, query_x, query_y, classes)
-    assert (float(result["top1"]), float(result["top5"])) == (accuracy["top1"], accuracy["top5"])
-
     params = cached_linear.train_classifier(bank_x, bank_y, classes, **multiprocess_worker.EVAL_LINEAR)
+
+    _wait(workers, out)
+    result = np.load(os.path.join(out, "evaluation.npz"))
+    for split, (x, y) in gathered.items():
+        np.testing.assert_array_equal(result[f"{split}_x"], x)
+        np.testing.assert_array_equal(result[f"{split}_y"], y)
+    np.testing.assert_allclose(result["scores"], want, rtol=5e-6, atol=0)  # as tests/test_sharded_evaluation.py
+    assert (float(result["top1"]), float(result["top5"])) == (accuracy["top1"], accuracy["top5"])
     diffs = {name: float(np.max(np.abs(result[name] - np.asarray(value)))) for name, value in params.items()}
     print(json.dumps({"max_abs_knn_score_diff": float(np.max(np.abs(result["scores"] - want))),
                       "max_abs_linear_param_diff": diffs}))
