@@ -20,10 +20,10 @@ import numpy as np
 import tensorflow as tf
 
 from simclr_jax import sharding
-from simclr_jax.weights import pretrained
 from simclr_jax.data import augment
-from simclr_jax.models.classifier import feature_function
 from simclr_jax.models import model_from_config
+from simclr_jax.models.classifier import feature_function
+from simclr_jax.weights import pretrained
 
 
 class Encoder:

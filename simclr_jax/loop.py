@@ -28,8 +28,8 @@ from absl import logging
 from clu import periodic_actions
 
 from simclr_jax import config_validation, preemption, storage
-from simclr_jax.weights import checkpoint
 from simclr_jax.errors import StorageError
+from simclr_jax.weights import checkpoint
 
 
 class Experiment(Protocol):

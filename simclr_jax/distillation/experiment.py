@@ -19,14 +19,13 @@ import numpy as np
 from absl import logging
 
 from simclr_jax import config_validation, loop, optim, sharding, storage, writers
-from simclr_jax.weights import checkpoint, pretrained
+from simclr_jax import encoder as encoder_lib
 from simclr_jax.data import input_pipeline, sources
 from simclr_jax.distillation.step import StudentState, make_distill_step
-from simclr_jax import encoder as encoder_lib
 from simclr_jax.evaluation import passes
-
 from simclr_jax.models import model_from_config
 from simclr_jax.models.classifier import features_at, head_logits, linear_classifier
+from simclr_jax.weights import checkpoint, pretrained
 from simclr_jax.weights.checkpoint import PROBE
 
 STUDENT = "student"  # where the trained student goes, inside the workdir

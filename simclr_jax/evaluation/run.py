@@ -15,13 +15,13 @@ import ml_collections
 from absl import logging
 
 from simclr_jax import config_validation, pictures, sharding, storage, writers
-from simclr_jax.data import sources
-from simclr_jax.weights import checkpoint, pretrained
 from simclr_jax import encoder as encoder_lib
+from simclr_jax.data import sources
 from simclr_jax.evaluation.cached_linear import CachedLinearEvaluator
 from simclr_jax.evaluation.classifier import ClassifierExperiment
-from simclr_jax.evaluation.supervised_head import SupervisedHeadEvaluator
 from simclr_jax.evaluation.knn import KnnEvaluator
+from simclr_jax.evaluation.supervised_head import SupervisedHeadEvaluator
+from simclr_jax.weights import checkpoint, pretrained
 from simclr_jax.weights.checkpoint import PROBE
 
 FINETUNED = "finetuned"  # where fine-tuning writes its network, inside the evaluation workdir

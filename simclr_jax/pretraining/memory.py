@@ -25,7 +25,8 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from simclr_jax import sharding
 from simclr_jax.numerics import l2_normalize

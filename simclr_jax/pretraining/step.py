@@ -17,14 +17,15 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from simclr_jax import sharding, updates
-from simclr_jax.weights.checkpoint import PROBE
 from simclr_jax.models.classifier import linear_classifier
-from simclr_jax.pretraining import chunked, memory as memory_lib
+from simclr_jax.pretraining import chunked
+from simclr_jax.pretraining import memory as memory_lib
 from simclr_jax.pretraining.losses import nt_xent
-
+from simclr_jax.weights.checkpoint import PROBE
 
 OBJECTIVE_SCALE = 2.0  # the step minimises 2L, as the official code (see make_train_step)
 

@@ -20,11 +20,11 @@ from absl import logging
 from jax.sharding import Mesh
 
 from simclr_jax import config_validation, loop, models, optim, pictures, sharding, storage, writers
-from simclr_jax.weights import checkpoint, pretrained
-from simclr_jax.weights.checkpoint import PROBE
 from simclr_jax.data import input_pipeline, sources
 from simclr_jax.pretraining import memory, progress
 from simclr_jax.pretraining.step import TrainState, create_train_state, make_train_step, model_params
+from simclr_jax.weights import checkpoint, pretrained
+from simclr_jax.weights.checkpoint import PROBE
 
 EvaluatorFactory = Callable[[ml_collections.ConfigDict, models.SimCLR, Mesh], list]
 

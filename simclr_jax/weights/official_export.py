@@ -34,8 +34,8 @@ from flax import traverse_util
 from jax.experimental import jax2tf
 
 from simclr_jax import storage
-from simclr_jax.weights import official_tf2
 from simclr_jax.models import resnet
+from simclr_jax.weights import official_tf2
 
 PLATFORMS = ("cpu", "cuda", "tpu")  # the serialized computation runs on any of them
 OUTPUTS = ("initial_conv", "initial_max_pool", "block_group1", "block_group2", "block_group3", "block_group4",

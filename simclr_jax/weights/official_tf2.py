@@ -29,9 +29,8 @@ from typing import Optional
 import ml_collections
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.protobuf import trackable_object_graph_pb2
-
 from flax import traverse_util
+from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 from simclr_jax.models import resnet
 

@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import ml_collections
 
 from simclr_jax import config_validation, sharding, storage
-from simclr_jax.weights import checkpoint, official_tf2
-from simclr_jax.weights.checkpoint import PROBE
 from simclr_jax.errors import CheckpointError
 from simclr_jax.models import SimCLR
+from simclr_jax.weights import checkpoint, official_tf2
+from simclr_jax.weights.checkpoint import PROBE
 
 
 @contextlib.contextmanager
