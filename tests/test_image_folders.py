@@ -214,8 +214,8 @@ def _real_images(data_dir, n):
 @pytest.mark.slow
 def test_pretrain_on_own_images_then_knn_on_a_labelled_folder(real_data_dir, tmp_path):
     from configs import knn as knn_config
-    from simclr_jax import encoder, knn
-    from simclr_jax import protocols
+    from simclr_jax import encoder, protocols
+    from simclr_jax.evaluation import knn
     from tests.helpers import pretrain, tiny_real_data_config as _tiny_config
 
     examples = _real_images(real_data_dir, 300)
