@@ -120,11 +120,6 @@ def relative_error(got, want) -> float:
     return max(jax.tree.leaves(errors))
 
 
-def max_abs_diff(a, b) -> float:
-    """The largest |a - b| over all leaves of two trees."""
-    return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(np.asarray(x) - y))), a, b)))
-
-
 def direct_chunks(views, num_devices, microbatches):
     """The chunks the chunked (GradCache) step should form, written out
     independently of chunked.py.
