@@ -46,7 +46,7 @@ def test_remat_gradients_equal_stored_activations():
     config = tiny_pretrain_config()
     plain, remat = (models.model_from_config(config.model, remat=r) for r in (False, True))
     x = jnp.asarray(_views(8)[:, 0])
-    variables = plain.init(jax.random.key(0), x, train=False)
+    variables = jax.jit(lambda key: plain.init(key, x, train=False))(jax.random.key(0))  # one program, not one per leaf
     weights = jax.random.normal(jax.random.key(1), (8, config.model.proj_dim))
 
     def loss_and_stats(model):
