@@ -8,6 +8,7 @@ import pytest
 
 from simclr_jax import models, optim, sharding
 from simclr_jax.pretraining import step
+from simclr_jax.weights import pretrained
 from tests.helpers import IMAGE_SIZE, tiny_pretrain_config
 
 
@@ -46,7 +47,7 @@ def test_remat_gradients_equal_stored_activations():
     config = tiny_pretrain_config()
     plain, remat = (models.model_from_config(config.model, remat=r) for r in (False, True))
     x = jnp.asarray(_views(8)[:, 0])
-    variables = jax.jit(lambda key: plain.init(key, x, train=False))(jax.random.key(0))  # one program, not one per leaf
+    variables = pretrained.random_variables(plain, IMAGE_SIZE, seed=0, mesh=sharding.make_mesh(jax.devices()[:1]))
     weights = jax.random.normal(jax.random.key(1), (8, config.model.proj_dim))
 
     def loss_and_stats(model):
