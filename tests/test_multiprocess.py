@@ -13,11 +13,14 @@ import jax
 import numpy as np
 import pytest
 
-from simclr_jax import writers
-from simclr_jax.weights import checkpoint
+from configs import knn as knn_recipe
+from simclr_jax import protocols, writers
 from simclr_jax.evaluation import cached_linear, knn
+from simclr_jax.weights import checkpoint
 from tests import multiprocess_worker
-from tests.launch import main_args as _main_args, start as _start, wait as _wait
+from tests.launch import main_args as _main_args
+from tests.launch import start as _start
+from tests.launch import wait as _wait
 
 pytestmark = pytest.mark.slow
 
@@ -89,28 +92,22 @@ def test_checkpoint_of_two_processes_resumes_in_one(real_data_dir, tmp_path):
     knn_two_processes = [r["knn_top1"] for r in records if "knn_top1" in r]
     assert len(knn_two_processes) == 1
 
-    # One process with 4 devices resumes the 2-process checkpoint and trains on; beside it
-    # (another process, another workdir), kNN of the step-4 encoder on one process.
-    eval_dir = str(tmp_path / "eval")
-    knn_args = ["main.py", "--config=configs/knn.py", f"--workdir={eval_dir}", f"--config.pretrained={workdir}",
-                f"--config.data_dir={real_data_dir}", "--config.checkpoint_step=4",
-                "--config.train_split=train[:2000]", "--config.test_split=test[:1001]",
-                "--config.eval_batch_size=500"]
+    # One process with 4 devices resumes the 2-process checkpoint and trains on; meanwhile,
+    # in this process, kNN of the step-4 encoder.
     os.makedirs(os.path.join(logs, "resume"))
-    os.makedirs(os.path.join(logs, "knn"))
     resume = _start(_main_args(workdir, real_data_dir, 6), os.path.join(logs, "resume"), num_processes=1,
                     devices_per_process=4)
-    evaluation = _start(knn_args, os.path.join(logs, "knn"), num_processes=1, devices_per_process=4)
+    knn = knn_recipe.get_config()
+    knn.update(pretrained=workdir, data_dir=real_data_dir, checkpoint_step=4, train_split="train[:2000]",
+               test_split="test[:1001]", eval_batch_size=504, write_pictures=False)
+    result = protocols.run(knn, str(tmp_path / "eval"))
     _wait(resume, os.path.join(logs, "resume"))
-    _wait(evaluation, os.path.join(logs, "knn"))
     records = writers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
 
     # kNN of the step-4 encoder on one process equals the 2-process run's monitor.
-    with open(os.path.join(eval_dir, "eval_results.json")) as f:
-        result = json.load(f)[-1]
-    assert result["num_examples"] == 1001
+    assert result["num_examples"] == 1001 and result["checkpoint_step"] == 4
     knn_one_process = result["top1"]
     print(json.dumps({"knn_top1_two_processes": knn_two_processes[0], "knn_top1_one_process": knn_one_process}))
     assert knn_one_process == pytest.approx(knn_two_processes[0], abs=2e-3)
