@@ -83,44 +83,25 @@ def test_sharded_knn_and_linear_classifier_over_two_processes_match_one_device(t
         np.testing.assert_allclose(result[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
-def test_checkpoint_of_two_processes_resumes_in_one(real_data_dir, tmp_path):
+def test_one_process_killed_stops_the_other_and_their_checkpoint_resumes_in_one_process(real_data_dir, tmp_path):
+    """Two processes train with the kNN monitor every 2 steps (2000 images / 16 = 125 steps
+    per epoch), only process 0 writing metrics. One is killed: the other stops within the
+    heartbeat timeout and leaves only complete checkpoints. One process with all 4 devices
+    resumes the latest; kNN of a monitored step on one process equals the monitor's."""
     workdir, logs = str(tmp_path / "run"), str(tmp_path)
-    _wait(_start(_main_args(workdir, real_data_dir, 4), logs), logs)
-    records = writers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-    # Only process 0 writes metrics: one record per step, not two.
-    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
-    knn_two_processes = [r["knn_top1"] for r in records if "knn_top1" in r]
-    assert len(knn_two_processes) == 1
-
-    # One process with 4 devices resumes the 2-process checkpoint and trains on; meanwhile,
-    # in this process, kNN of the step-4 encoder.
-    os.makedirs(os.path.join(logs, "resume"))
-    resume = _start(_main_args(workdir, real_data_dir, 6), os.path.join(logs, "resume"), num_processes=1,
-                    devices_per_process=4)
-    knn = knn_recipe.get_config()
-    knn.update(pretrained=workdir, data_dir=real_data_dir, checkpoint_step=4, train_split="train[:2000]",
-               test_split="test[:1001]", eval_batch_size=504, write_pictures=False)
-    result = protocols.run(knn, str(tmp_path / "eval"))
-    _wait(resume, os.path.join(logs, "resume"))
-    records = writers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
-    assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
-
-    # kNN of the step-4 encoder on one process equals the 2-process run's monitor.
-    assert result["num_examples"] == 1001 and result["checkpoint_step"] == 4
-    knn_one_process = result["top1"]
-    print(json.dumps({"knn_top1_two_processes": knn_two_processes[0], "knn_top1_one_process": knn_one_process}))
-    assert knn_one_process == pytest.approx(knn_two_processes[0], abs=2e-3)
-
-
-def test_killing_one_process_stops_the_other(real_data_dir, tmp_path):
-    workdir, logs = str(tmp_path / "run"), str(tmp_path)
-    heartbeat = 5
-    processes = _start(_main_args(workdir, real_data_dir, 10_000, f"--heartbeat_timeout_s={heartbeat}"), logs)
+    heartbeat, monitor_every = 5, "--config.eval_every_epochs=0.016"
+    processes = _start(_main_args(workdir, real_data_dir, 10_000, f"--heartbeat_timeout_s={heartbeat}",
+                                  monitor_every), logs)
     metrics = os.path.join(workdir, "metrics.jsonl")
-    deadline = time.monotonic() + 300
-    while not (os.path.exists(metrics) and len(writers.read_jsonl(metrics)) >= 3):  # training is under way
-        assert time.monotonic() < deadline and processes[0].poll() is None, "training never started"
+
+    def monitored():
+        records = writers.read_jsonl(metrics) if os.path.exists(metrics) else []
+        return [r for r in records if "knn_top1" in r]
+
+    deadline = time.monotonic() + 300  # training and a monitored step's checkpoint are under way
+    while not (monitored() and os.path.isdir(os.path.join(checkpoint.checkpoint_dir(workdir),
+                                                          str(monitored()[0]["step"])))):
+        assert time.monotonic() < deadline and processes[0].poll() is None, "training never got going"
         time.sleep(0.5)
     processes[1].send_signal(signal.SIGKILL)
     killed = time.monotonic()
@@ -129,8 +110,37 @@ def test_killing_one_process_stops_the_other(real_data_dir, tmp_path):
     print(json.dumps({"survivor_exit_code": rc, "seconds_to_exit": round(elapsed, 1)}))
     assert rc != 0
     assert elapsed < 3 * heartbeat + 15
+
+    # Only process 0 wrote metrics: one record per step, not two.
+    records = writers.read_jsonl(metrics)
+    logged = [r["step"] for r in records if "loss" in r]
+    assert logged == list(range(1, len(logged) + 1)) and len(logged) >= 2
+    knn_step, knn_two_processes = monitored()[0]["step"], monitored()[0]["knn_top1"]
+    assert knn_step == 2
     # Whatever was being saved, resume only sees complete checkpoints.
     manager = checkpoint.create_manager(workdir, save_every_steps=2, max_to_keep=3, read_only=True)
-    for step in manager.all_steps():
-        assert os.path.exists(os.path.join(checkpoint.checkpoint_dir(workdir), str(step), "_CHECKPOINT_METADATA"))
+    steps = manager.all_steps()
     manager.close()
+    for step in steps:
+        assert os.path.exists(os.path.join(checkpoint.checkpoint_dir(workdir), str(step), "_CHECKPOINT_METADATA"))
+    assert knn_step in steps
+
+    # One process with 4 devices resumes and trains on; meanwhile, in this process, kNN of the
+    # monitored step's encoder.
+    latest = max(steps)
+    os.makedirs(os.path.join(logs, "resume"))
+    resume = _start(_main_args(workdir, real_data_dir, latest + 2, monitor_every), os.path.join(logs, "resume"),
+                    num_processes=1, devices_per_process=4)
+    knn = knn_recipe.get_config()
+    knn.update(pretrained=workdir, data_dir=real_data_dir, checkpoint_step=knn_step, train_split="train[:2000]",
+               test_split="test[:1001]", eval_batch_size=504, write_pictures=False)
+    result = protocols.run(knn, str(tmp_path / "eval"))
+    _wait(resume, os.path.join(logs, "resume"))
+    resumed = [r for r in writers.read_jsonl(metrics)[len(records):] if "loss" in r]
+    assert [r["step"] for r in resumed] == [latest + 1, latest + 2]
+    assert all(np.isfinite(r["loss"]) for r in resumed)
+
+    # kNN on one process equals the 2-process run's monitor.
+    assert result["num_examples"] == 1001 and result["checkpoint_step"] == knn_step
+    print(json.dumps({"knn_top1_two_processes": knn_two_processes, "knn_top1_one_process": result["top1"]}))
+    assert result["top1"] == pytest.approx(knn_two_processes, abs=2e-3)
