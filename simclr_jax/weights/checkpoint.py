@@ -31,8 +31,23 @@ def checkpoint_dir(workdir: str) -> str:
     return storage.join(storage.resolve(workdir), "checkpoints")
 
 
+def _save_whole_arrays_on_cpu() -> None:
+    """On the CPU, each process saves every array whole from one device.
+
+    Orbax's default splits a replicated array's write between its replicas,
+    slicing it on the devices: one small compiled program per array shape.
+    Accelerators that write in parallel gain; simulated CPU devices share one
+    host memory and only pay the slicing (the first save of a small ResNet-18
+    on 8 CPU devices took 7.7 s, most of it compiling slices).
+    """
+    if jax.default_backend() == "cpu":
+        handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+
+
 def create_manager(workdir: str, *, save_every_steps: int, max_to_keep: int,
                    read_only: bool = False) -> ocp.CheckpointManager:
+    _save_whole_arrays_on_cpu()
     options = ocp.CheckpointManagerOptions(save_interval_steps=max(1, save_every_steps), max_to_keep=max_to_keep,
                                            enable_async_checkpointing=True, create=not read_only,
                                            read_only=read_only)
@@ -77,7 +92,8 @@ def restore(manager: ocp.CheckpointManager, like: Any, step: Optional[int] = Non
             manager.restore(earlier, args=ocp.args.StandardRestore(abstract))
         except Exception:  # noqa: BLE001
             continue
-        raise CheckpointError(f"{damaged}; step {earlier} reads: delete {storage.join(str(manager.directory), str(step))} "
+        damaged_dir = storage.join(str(manager.directory), str(step))
+        raise CheckpointError(f"{damaged}; step {earlier} reads: delete {damaged_dir} "
                               f"(and any later step) to resume from step {earlier}")
     raise CheckpointError(f"{damaged}, nor does any earlier step: start again in a new --workdir")
 
