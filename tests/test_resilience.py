@@ -246,6 +246,24 @@ def test_periodic_checkpoints_hold_exactly_the_state_of_their_step(real_data_dir
                                                          jax.tree.leaves(after_step[4].params)))
 
 
+def test_a_checkpoint_save_on_the_cpu_compiles_nothing(tmp_path, caplog):
+    """On the CPU's simulated devices each array is written whole from one device:
+    Orbax's replica-parallel default sliced every replicated array on the devices,
+    one compiled program per shape (7.7 s of the smoke recipe's first save)."""
+    from simclr_jax import sharding
+
+    tree = {f"layer{i}": np.arange(16 * (i + 1), dtype=np.float32).reshape(16, i + 1) for i in range(6)}
+    state = sharding.put_replicated(tree, sharding.make_mesh())
+    manager = checkpoint.create_manager(str(tmp_path), save_every_steps=1, max_to_keep=1)
+    with jax.log_compiles(True), caplog.at_level("WARNING", logger="jax"):
+        checkpoint.save(manager, 1, state, force=True)
+        manager.wait_until_finished()
+    compiled = [r.getMessage() for r in caplog.records if "Finished XLA compilation" in r.getMessage()]
+    assert compiled == []
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(checkpoint.restore(manager, state, 1)), tree)
+    manager.close()
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 3 MB tmpfs (mounting needs root, as on this project's machines); its size can be raised later."""
