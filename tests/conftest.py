@@ -29,6 +29,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
 
+import collections
 import pathlib
 import subprocess
 import sys
@@ -50,10 +51,17 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     """Groups for pytest-xdist (pytest.ini: --dist loadgroup): each file is one group, so
     its module fixtures are built once; the files that read the session's tiny pretraining
-    run share one group, so that run is made once rather than once per worker."""
+    run share one group, so that run is made once rather than once per worker.
+
+    The groups with the most end-to-end (``slow``) tests go first: started last, a long
+    group would leave the other worker idle at the end (pytest.ini keeps this order).
+    """
     shared = {item.path for item in items if "tiny_pretraining" in getattr(item, "fixturenames", ())}
+    group = {item: "tiny_pretraining" if item.path in shared else item.path.name for item in items}
+    slow = collections.Counter(group[item] for item in items if item.get_closest_marker("slow"))
     for item in items:
-        item.add_marker(pytest.mark.xdist_group("tiny_pretraining" if item.path in shared else item.path.name))
+        item.add_marker(pytest.mark.xdist_group(group[item]))
+    items.sort(key=lambda item: -slow[group[item]])  # stable: files keep their order
 
 
 @pytest.fixture(scope="session")
