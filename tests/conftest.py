@@ -47,21 +47,12 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: real-data or end-to-end tests (CI runs them)")
 
 
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Groups for pytest-xdist (pytest.ini: --dist loadgroup): each file is one group, so
-    its module fixtures are built once; the files that read the session's tiny pretraining
-    run share one group, so that run is made once rather than once per worker.
-
-    The groups with the most end-to-end (``slow``) tests go first: started last, a long
-    group would leave the other worker idle at the end (pytest.ini keeps this order).
-    """
-    shared = {item.path for item in items if "tiny_pretraining" in getattr(item, "fixturenames", ())}
-    group = {item: "tiny_pretraining" if item.path in shared else item.path.name for item in items}
-    slow = collections.Counter(group[item] for item in items if item.get_closest_marker("slow"))
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(group[item]))
-    items.sort(key=lambda item: -slow[group[item]])  # stable: files keep their order
+    """Files with the most end-to-end (``slow``) tests first: pytest-xdist hands tests out
+    in this order (pytest.ini: --dist load), so the long tests start early and the two
+    workers end together rather than one finishing a long test alone."""
+    slow = collections.Counter(item.path for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.path])  # stable: files keep their order
 
 
 @pytest.fixture(scope="session")
