@@ -48,11 +48,12 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Files with the most end-to-end (``slow``) tests first: pytest-xdist hands tests out
-    in this order (pytest.ini: --dist load), so the long tests start early and the two
-    workers end together rather than one finishing a long test alone."""
+    """End-to-end (``slow``) tests first, those of the files with the most of them
+    leading; the quick tests last, where they fill the gaps while the other worker
+    ends its last long test. pytest-xdist hands tests out in this order, one at a
+    time (pytest.ini: --dist load --maxschedchunk 1)."""
     slow = collections.Counter(item.path for item in items if item.get_closest_marker("slow"))
-    items.sort(key=lambda item: -slow[item.path])  # stable: files keep their order
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None, -slow[item.path]))  # stable
 
 
 @pytest.fixture(scope="session")
