@@ -36,6 +36,7 @@ import sys
 import tarfile
 import time
 import urllib.request
+import warnings
 
 import pytest
 
@@ -47,13 +48,33 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: real-data or end-to-end tests (CI runs them)")
 
 
+def pytest_itemcollected(item):
+    """A test that uses a module-scoped fixture runs in the one worker that runs the
+    module's other such tests (pytest.ini: --dist loadgroup), which then builds the
+    fixture once; pytest-xdist hands every other test out on its own."""
+    fixtures = getattr(item, "_fixtureinfo", None)
+    if fixtures and any(defs[-1].scope == "module" for defs in fixtures.name2fixturedefs.values()):
+        item.add_marker(pytest.mark.xdist_group(item.path.stem))
+
+
+@pytest.hookimpl(wrapper=True)
 def pytest_collection_modifyitems(config, items):
-    """End-to-end (``slow``) tests first, those of the files with the most of them
-    leading; the quick tests last, where they fill the gaps while the other worker
-    ends its last long test. pytest-xdist hands tests out in this order, one at a
-    time (pytest.ini: --dist load --maxschedchunk 1)."""
+    """The long work first: end-to-end (``slow``) tests and the groups above, those of
+    the files with the most end-to-end tests leading; the quick tests last, where they
+    fill the gaps while the other worker ends its last long one. pytest-xdist hands
+    the work out in this order (pytest.ini: --no-loadscope-reorder)."""
     slow = collections.Counter(item.path for item in items if item.get_closest_marker("slow"))
-    items.sort(key=lambda item: (item.get_closest_marker("slow") is None, -slow[item.path]))  # stable
+    long = lambda item: item.get_closest_marker("slow") or item.get_closest_marker("xdist_group")
+    items.sort(key=lambda item: (not long(item), -slow[item.path]))  # stable
+    yield
+    # In a worker, pytest-xdist has now named each test's group in its id; a group left
+    # unnamed is handed out test by test, and the suite takes minutes longer.
+    if getattr(config.option, "loadgroup", False):
+        lost = [item.nodeid for item in items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+        if lost:
+            warnings.warn(pytest.PytestConfigWarning(
+                f"pytest-xdist did not group {lost[0]} (and {len(lost) - 1} more tests): install the pytest "
+                "version requirements.txt names"))
 
 
 @pytest.fixture(scope="session")
