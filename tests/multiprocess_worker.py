@@ -3,13 +3,11 @@
 Started as ``python -m tests.multiprocess_worker OUT_DIR DATA_DIR`` with
 JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID set; the test
 also calls ``train_steps`` in its own process for the single-process run.
-It trains a few steps on fixed batches of real CIFAR-10 and writes what the
-test compares: the losses and final parameters, and this process's slice of
-the test split.
-
-``python -m tests.multiprocess_worker evaluation OUT_DIR`` instead runs kNN
-and the cached linear classifier on small random features split over both
-processes' devices (``sharded_evaluation``).
+It writes what the test compares: this process's slice of the test split;
+the losses and final parameters of a few steps on fixed batches of real
+CIFAR-10; and kNN and the cached linear classifier on small random features
+split over both processes' devices (``sharded_evaluation``). One launch does
+all three: each process start costs seconds of imports.
 """
 import os
 import sys
@@ -86,9 +84,6 @@ def sharded_evaluation(out_dir: str) -> None:
     """Extracts (identity features) each process's every other example, runs
     sharded kNN and the sharded linear classifier, and writes, from process 0,
     the gathered features and the results in the gathered order."""
-    from simclr_jax import distributed
-
-    distributed.initialize(init_timeout_s=60, heartbeat_timeout_s=10)
     import jax
     import tensorflow as tf
 
@@ -135,10 +130,8 @@ def main(out_dir: str, data_dir: str) -> None:
     if index == 0:
         flat = {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
         np.savez(os.path.join(out_dir, "result.npz"), losses=np.array(losses), **flat)
+    sharded_evaluation(out_dir)
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "evaluation":
-        sharded_evaluation(sys.argv[2])
-    else:
-        main(*sys.argv[1:])
+    main(*sys.argv[1:])

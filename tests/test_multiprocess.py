@@ -25,21 +25,31 @@ from tests.launch import wait as _wait
 pytestmark = pytest.mark.slow
 
 
-def test_two_processes_match_one_process_and_slice_the_split(real_data_dir, tmp_path):
+def test_two_processes_match_one_process_in_training_data_slices_and_evaluation(real_data_dir, tmp_path):
+    """One launch of two worker processes: training steps, the test split's slices,
+    and sharded kNN and linear classifier, each against this process."""
     out = str(tmp_path)
     workers = _start(["-m", "tests.multiprocess_worker", out, real_data_dir], out)
-    # While they run: the same global batches on 1 process x 4 devices (this pytest process).
-    batches = multiprocess_worker.fixed_global_batches(real_data_dir)
-    losses, params = multiprocess_worker.train_steps(batches, jax.devices()[:4])
+    # While they run: the same global batches on 1 process x 4 devices, and the evaluation's
+    # one-device references.
+    losses, params = multiprocess_worker.train_steps(multiprocess_worker.fixed_global_batches(real_data_dir),
+                                                     jax.devices()[:4])
+    evaluation = _one_device_evaluation()
     _wait(workers, out)
+    _check_slices(out)
+    _check_training(out, losses, params)
+    _check_evaluation(out, *evaluation)
 
-    # Each process read its own part of the test split: disjoint, and together all of it.
+
+def _check_slices(out):
+    """Each process read its own part of the test split: disjoint, and together all of it."""
     slices = [set(np.load(os.path.join(out, f"slice_ids_{i}.npy")).tolist()) for i in range(2)]
     assert not slices[0] & slices[1]
     assert len(slices[0]) + len(slices[1]) == 10_000
     assert abs(len(slices[0]) - len(slices[1])) <= 1
 
-    # The 2-process run against the 1-process one.
+
+def _check_training(out, losses, params):
     result = np.load(os.path.join(out, "result.npz"))
     np.testing.assert_allclose(result["losses"], losses, rtol=0, atol=1e-5)
     flat = {jax.tree_util.keystr(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
@@ -50,12 +60,10 @@ def test_two_processes_match_one_process_and_slice_the_split(real_data_dir, tmp_
     assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
 
 
-def test_sharded_knn_and_linear_classifier_over_two_processes_match_one_device(tmp_path):
-    out = str(tmp_path)
-    workers = _start(["-m", "tests.multiprocess_worker", "evaluation", out], out)
-
-    # While they run, the one-device references. Gathered in passes.map_padded_batches' order:
-    # per batch, process 0's rows then process 1's.
+def _one_device_evaluation():
+    """The features gathered in passes.map_padded_batches' order (per batch, process 0's
+    rows then process 1's), and the exact global kNN scores, accuracy and linear
+    classifier over both processes' banks, as on one device."""
     data, gathered = multiprocess_worker.evaluation_data(), {}
     for split, (x, y) in data.items():
         b = multiprocess_worker.EVAL_BATCH
@@ -64,12 +72,13 @@ def test_sharded_knn_and_linear_classifier_over_two_processes_match_one_device(t
         gathered[split] = x[order], y[order]
     (bank_x, bank_y), (query_x, query_y) = gathered["train"], gathered["test"]
     classes = multiprocess_worker.EVAL_CLASSES
-    # The exact global top-k of each query, over both processes' banks, as on one device.
-    want = knn.knn_scores(bank_x, bank_y, query_x, classes, query_batch_size=16)
+    scores = knn.knn_scores(bank_x, bank_y, query_x, classes, query_batch_size=16)
     accuracy = knn.knn_accuracy(bank_x, bank_y, query_x, query_y, classes)
     params = cached_linear.train_classifier(bank_x, bank_y, classes, **multiprocess_worker.EVAL_LINEAR)
+    return gathered, scores, accuracy, params
 
-    _wait(workers, out)
+
+def _check_evaluation(out, gathered, want, accuracy, params):
     result = np.load(os.path.join(out, "evaluation.npz"))
     for split, (x, y) in gathered.items():
         np.testing.assert_array_equal(result[f"{split}_x"], x)

@@ -55,13 +55,20 @@ def test_every_output_equals_the_official_one(encoders, name, form):
         flags["resnet_depth"], flags["width_multiplier"], flags["num_proj_layers"])
     assert encoder.model.sk_ratio == flags["sk_ratio"] and encoder.model.cifar_stem == flags["cifar_stem"]
     assert encoder.step == 1
-    h, z = encoder.model.apply(encoder.variables, views, train=False)
+    layers = range(1, flags["num_proj_layers"] + 1)
+
+    @jax.jit  # one program for every output (op by op, a ResNet-50 takes seconds per call)
+    def outputs(variables):
+        hidden = [encoder.model.apply(variables, views, False, layer, method=models.SimCLR.features)
+                  for layer in layers]
+        return encoder.model.apply(variables, views, train=False), hidden
+
+    (h, z), hidden = outputs(encoder.variables)
     _assert_close(h, official["final_avg_pool"], f"{name} {form} h")
     _assert_close(z, official["proj_head_output"], f"{name} {form} z")
     _assert_close(encoder.embed_views(views), official["final_avg_pool"], f"{name} {form} embed_views")
-    for layer in range(1, flags["num_proj_layers"] + 1):
-        hidden = encoder.model.apply(encoder.variables, views, False, layer, method=models.SimCLR.features)
-        _assert_close(hidden, official[f"proj_head_hidden_{layer}"], f"{name} {form} head layer {layer}")
+    for layer, features in zip(layers, hidden):
+        _assert_close(features, official[f"proj_head_hidden_{layer}"], f"{name} {form} head layer {layer}")
     _assert_close(encoder.logits(views), official["logits_sup"], f"{name} {form} logits_sup")
 
 
@@ -215,12 +222,12 @@ def test_supervised_head_protocol_scores_the_official_head(official_files, real_
     """configs/supervised_head.py on the official checkpoint: the top-1 of its own
     linear-eval head on eval views, nothing trained."""
     from configs import supervised_head as supervised_head_config
-    from simclr_jax.data import sources
     from simclr_jax import protocols
+    from simclr_jax.data import sources
 
     config = supervised_head_config.get_config()
-    config.update(pretrained=official_files["r18_cifar", "saved_model"], data_dir=real_data_dir, test_split="test[:200]",
-                  eval_batch_size=40)
+    config.update(pretrained=official_files["r18_cifar", "saved_model"], data_dir=real_data_dir,
+                  test_split="test[:200]", eval_batch_size=40)
     record = protocols.run(config, str(tmp_path))
     examples = list(sources.load_split("cifar10", "test[:200]", real_data_dir)[0].as_numpy_iterator())
     encoder = simclr_jax.load_encoder(official_files["r18_cifar", "saved_model"], batch_size=40)
@@ -234,8 +241,8 @@ def test_knn_protocol_runs_on_an_official_checkpoint(official_files, real_data_d
     """The CLI's kNN on the official ResNet-18 checkpoint: the architecture comes
     from the variables, and the result is the kNN of its own features."""
     from configs import knn as knn_config
-    from simclr_jax.data import sources
     from simclr_jax import protocols
+    from simclr_jax.data import sources
     from simclr_jax.evaluation import knn
 
     config = knn_config.get_config()
