@@ -22,14 +22,14 @@ from configs import finetune as finetune_config
 from configs import knn as knn_config
 from configs import linear_eval as linear_eval_config
 from simclr_jax import config_validation, sharding
+from simclr_jax import encoder as encoder_lib
 from simclr_jax.data import input_pipeline, sources
 from simclr_jax.evaluation import cached_linear, classifier, knn
-from simclr_jax import encoder as encoder_lib
 from simclr_jax.evaluation import run as evaluation
-from simclr_jax.models.classifier import feature_function
 from simclr_jax.evaluation.metrics import topk_accuracy
-from simclr_jax.protocols import run as evaluate
 from simclr_jax.models import SimCLR
+from simclr_jax.models.classifier import feature_function
+from simclr_jax.protocols import run as evaluate
 from tests.helpers import IMAGE_SIZE, tiny_workdir
 
 RECIPES = {"knn": knn_config, "cached_linear": cached_linear_config, "linear_eval": linear_eval_config,
