@@ -49,11 +49,16 @@ def pytest_configure(config):
 
 
 def pytest_itemcollected(item):
-    """A test that uses a module-scoped fixture runs in the one worker that runs the
-    module's other such tests (pytest.ini: --dist loadgroup), which then builds the
-    fixture once; pytest-xdist hands every other test out on its own."""
+    """Tests that share an expensive fixture run in one worker (pytest.ini: --dist
+    loadgroup), which then builds it once: those of the session's tiny pretraining run
+    together, and a module's tests that use a module-scoped fixture. pytest-xdist hands
+    every other test out on its own."""
     fixtures = getattr(item, "_fixtureinfo", None)
-    if fixtures and any(defs[-1].scope == "module" for defs in fixtures.name2fixturedefs.values()):
+    if fixtures is None:
+        return
+    if "tiny_pretraining" in fixtures.names_closure:
+        item.add_marker(pytest.mark.xdist_group("tiny_pretraining"))
+    elif any(defs[-1].scope == "module" for defs in fixtures.name2fixturedefs.values()):
         item.add_marker(pytest.mark.xdist_group(item.path.stem))
 
 
