@@ -229,9 +229,11 @@ def test_periodic_checkpoints_hold_exactly_the_state_of_their_step(real_data_dir
         return step
 
     monkeypatch.setattr(train, "make_train_step", recording)
-    config = _tiny_config(real_data_dir, num_train_steps=5, checkpoint_every_steps=2, knn_monitor=False)
+    # Six steps, as the non-finite tests (the session's compilation cache serves the step):
+    # a periodic save at step 4 that steps 5 and 6 overwrite the buffers of, the final one at 6.
+    config = _tiny_config(real_data_dir, num_train_steps=6, checkpoint_every_steps=4, knn_monitor=False)
     pretrain(config, str(tmp_path))
-    for step in (2, 4, 5):
+    for step in (4, 6):
         saved = _saved_state(str(tmp_path), step)
         want = jax.tree.map(np.asarray, {"step": after_step[step].step, "params": after_step[step].params,
                                          "batch_stats": after_step[step].batch_stats,
@@ -242,8 +244,8 @@ def test_periodic_checkpoints_hold_exactly_the_state_of_their_step(real_data_dir
         assert len(saved_leaves) == len(want_leaves)
         for got, expected in zip(saved_leaves, want_leaves):
             np.testing.assert_array_equal(got, expected)
-    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after_step[2].params),
-                                                         jax.tree.leaves(after_step[4].params)))
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after_step[4].params),
+                                                         jax.tree.leaves(after_step[6].params)))
 
 
 def test_a_checkpoint_save_on_the_cpu_compiles_nothing(tmp_path, caplog):
@@ -279,15 +281,16 @@ def test_a_full_disk_names_the_folder_and_the_intact_checkpoint_then_resumes(rea
     from simclr_jax.errors import StorageError
 
     workdir = str(small_disk / "run")
-    # 3 MB hold the checkpoints of steps 2-8 (measured): the disk fills well before step 20.
-    config = _tiny_config(real_data_dir, num_train_steps=20, checkpoint_every_steps=2, keep_checkpoints=50,
+    # 3 MB hold four checkpoints of this run (measured): saving every step, the disk fills
+    # before step 6. Six steps, as the other in-process runs here: one compiled step for all.
+    config = _tiny_config(real_data_dir, num_train_steps=6, checkpoint_every_steps=1, keep_checkpoints=50,
                           knn_monitor=False, write_pictures=False)
     with pytest.raises(StorageError, match=rf"no space left on the device of {workdir}; the newest complete "
                                            r"checkpoint, step (\d+), is intact") as error:
         pretrain(config, workdir)
     intact = int(re.search(r"step (\d+), is intact", str(error.value)).group(1))
-    assert 2 <= intact < 20 and checkpoint.latest_step(workdir) == intact
+    assert 2 <= intact < 6 and checkpoint.latest_step(workdir) == intact
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
     state = pretrain(config, workdir)  # the same call resumes from the intact step
-    assert int(state.step) == 20
-    assert [r["step"] for r in writers.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r][-1] == 20
+    assert int(state.step) == 6
+    assert [r["step"] for r in writers.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r][-1] == 6
