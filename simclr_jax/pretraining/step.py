@@ -65,10 +65,8 @@ def create_train_state(
     ``num_classes > 0`` adds the online linear probe's parameters.
     """
 
-    def init():
+    def init(key):
         dummy = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
-        # rbg keys: same quality for init, and far cheaper for XLA:CPU to compile.
-        key = jax.random.key(seed, impl="rbg")
         variables = model.init(key, dummy, train=False)
         params = dict(variables["params"])
         if num_classes:
@@ -81,7 +79,9 @@ def create_train_state(
             opt_state=tx.init(params),
         )
 
-    return jax.jit(init, out_shardings=sharding.replicated(mesh))()
+    # rbg keys: same quality for init, and far cheaper for XLA:CPU to compile. The key is an
+    # argument, not a constant: one compiled program (and cache entry) serves every seed.
+    return jax.jit(init, out_shardings=sharding.replicated(mesh))(jax.random.key(seed, impl="rbg"))
 
 
 def make_train_step(
