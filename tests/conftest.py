@@ -6,7 +6,11 @@ before any test imports jax. Tests that need one device build their mesh from
 """
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# XLA:CPU's code generator at optimisation level 1 (its default is 2): compiling is about
+# half of the suite's CPU time and level 1 compiles faster; the long-running tests run a
+# little slower, far less than that saves. Same arithmetic to float rounding (every
+# tolerance holds). The processes tests start inherit the flag (tests/launch.py).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Bucket URLs through fsspec (gcsfs), which can be pointed at the loopback GCS
 # server below; tf.io.gfile, epath's default with TensorFlow, cannot. epath

@@ -1,5 +1,6 @@
 """Starting main.py (or a worker) as real processes, one or several, for tests."""
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -16,7 +17,9 @@ def free_port() -> int:
 
 
 def process_env(devices: int, process_id=None, num_processes=None, port=None) -> dict:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    """This process's environment (its XLA flags included) with ``devices`` simulated CPU devices."""
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    env = dict(os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip(),
                PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
     for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         env.pop(name, None)
