@@ -134,7 +134,7 @@ def test_bfloat16_compute_trains_like_float32(real_data_dir, tmp_path):
     curves = {}
     for dtype in ("float32", "bfloat16"):
         config = _tiny_config(real_data_dir, dtype=dtype, num_train_steps=90, log_every_steps=1,
-                              checkpoint_every_steps=90, knn_monitor=False, batch_size=64)
+                              checkpoint_every_steps=90, knn_monitor=False, batch_size=32)
         config.optimizer.base_learning_rate = 1.0
         pretrain(config, str(tmp_path / dtype))
         curves[dtype] = np.array([r["loss"] for r in _scalars(str(tmp_path / dtype), "loss")])
