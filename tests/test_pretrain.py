@@ -8,14 +8,13 @@ import pytest
 
 from configs import knn as knn_config
 from configs import smoke
-from simclr_jax import config_validation, models, sharding, writers
-from simclr_jax.weights import checkpoint
-from simclr_jax.errors import CheckpointError
+from simclr_jax import config_validation, models, optim, protocols, sharding, writers
 from simclr_jax import encoder as encoder_lib
-from simclr_jax import protocols
-from simclr_jax import optim
+from simclr_jax.errors import CheckpointError
 from simclr_jax.pretraining import step, train
-from tests.helpers import pretrain, tiny_real_data_config as _tiny_config
+from simclr_jax.weights import checkpoint
+from tests.helpers import pretrain
+from tests.helpers import tiny_real_data_config as _tiny_config
 
 
 def _scalars(workdir, key):
