@@ -146,19 +146,6 @@ def test_bfloat16_compute_trains_like_float32(real_data_dir, tmp_path):
     np.testing.assert_allclose(bf16[-30:].mean(), f32[-30:].mean(), rtol=0.05)
 
 
-def test_the_log_gives_the_networks_parameter_count(real_data_dir, tmp_path, caplog):
-    """clu's parameter overview at the start of a run: its total is the number of
-    parameters of the encoder and head (the online probe's are not the network's)."""
-    config = _tiny_config(real_data_dir)
-    with caplog.at_level("INFO"):
-        state = train.Pretraining(config, str(tmp_path), sharding.make_mesh(), None).initial_state()
-    network = step.model_params(jax.device_get(state.params))
-    count = sum(np.size(leaf) for leaf in jax.tree.leaves(network))
-    assert count < sum(np.size(leaf) for leaf in jax.tree.leaves(state.params))  # the probe is left out
-    assert "Network parameters (encoder and head):" in caplog.text
-    assert f"Total: {count:,} -- " in caplog.text, caplog.text[-2000:]
-
-
 def test_init_from_starts_from_another_runs_weights_with_a_fresh_optimiser(real_data_dir, tmp_path):
     source = str(tmp_path / "source")
     config = _tiny_config(real_data_dir, seed=1)

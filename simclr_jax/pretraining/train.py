@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import logging
-from clu import parameter_overview
 from jax.sharding import Mesh
 
 from simclr_jax import config_validation, loop, models, optim, pictures, sharding, storage, writers
@@ -67,10 +66,6 @@ class Pretraining:
         if probe_classes:
             tx = optim.with_adam_for(PROBE, tx, config.probe_learning_rate)
         self._state = self._fresh_state(model, tx, probe_classes)
-        # Shapes only (no statistics: nothing is computed or synced), the largest glimpse a log wants.
-        parameter_overview.log_parameter_overview(model_params(self._state.params), include_stats=False,
-                                                  max_lines=20, msg="Network parameters (encoder and head):",
-                                                  jax_logging_process=0)
         self._train_step = make_train_step(
             model, tx, learning_rate=learning_rate, temperature=config.temperature, mesh=mesh,
             num_classes=probe_classes, loss_impl=config.loss_impl, microbatches=config.microbatches,
