@@ -6,11 +6,11 @@ as in the paper (section B.1). The paper reports ~64.5% linear-evaluation top-1
 for this 100-epoch setting and 69.3% after 1000 epochs.
 Needs `imagenet2012` prepared for TFDS under config.data_dir (manual download).
 """
-from configs import cifar10
+from simclr_jax import recipes
 
 
 def get_config():
-    config = cifar10.get_config()
+    config = recipes.load("cifar10")
     config.dataset = "imagenet2012"
     config.image_size = 224
     config.color_jitter_strength = 1.0

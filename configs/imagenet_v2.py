@@ -10,11 +10,11 @@ warm-up is the v1 recipe's 10 epochs. The v2 paper's memory (a queue of
 65,536 negatives from a moving-average network, worth about 1 point there)
 is off, as in the official code: --config.memory.size=65536 turns it on.
 """
-from configs import imagenet
+from simclr_jax import recipes
 
 
 def get_config():
-    config = imagenet.get_config()
+    config = recipes.load("imagenet")
     config.model.variant = "official"
     config.model.sk_ratio = 0.0625
     config.model.head_layers = 3

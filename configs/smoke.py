@@ -3,14 +3,14 @@
 A ResNet-18 at 1/8 width (8-64 channels) with the CIFAR stem, batch 128,
 500 steps (1.3 epochs), then a kNN evaluation. Short runs want a hotter
 recipe than the 1000-epoch one: base learning rate 8.0 (peak 4.0 at batch
-128) and temperature 0.2 (the README's Results give its wall time and
+128) and temperature 0.2 (docs/results.md gives its wall time and
 accuracy, and what the CIFAR recipe's 1.0 / 0.5 reached instead).
 """
-from configs import cifar10
+from simclr_jax import recipes
 
 
 def get_config():
-    config = cifar10.get_config()
+    config = recipes.load("cifar10")
     config.model.width_multiplier = 0.125
     config.batch_size = 128
     config.num_train_steps = 500

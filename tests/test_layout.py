@@ -1,5 +1,5 @@
 """Imports point down: each module of simclr_jax sits on a layer, and imports
-only from lower layers or from its own package (README, "Layout").
+only from lower layers or from its own package (docs/design.md, "Layout").
 
 A protocol (pretraining, an evaluation protocol, distillation) is never
 imported to reach a helper: the helpers live below all of them, and only
@@ -17,12 +17,12 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "simclr_jax"
 # The most specific prefix names a module's layer.
 LAYERS = {
     "errors": 0, "numerics": 0, "optim": 0, "updates": 0, "preemption": 0, "sharding": 0, "models": 0,
-    "storage": 1, "distributed": 1, "config_schema": 1,
+    "storage": 1, "distributed": 1, "config_schema": 1, "recipes": 1,
     "config_validation": 2, "writers": 2, "lock": 2, "data": 2,
     "weights": 3, "pictures": 3,
     "loop": 4, "encoder": 4, "evaluation.metrics": 4, "evaluation.passes": 4, "evaluation.features": 4,
     "pretraining": 5, "evaluation": 5, "distillation": 5,
-    "protocols": 6, "export": 6,
+    "protocols": 6, "export": 6, "cli": 7,
 }
 PROTOCOL_PACKAGES = ("pretraining", "evaluation", "distillation")
 

@@ -74,6 +74,18 @@ def load_split(dataset, split, data_dir, *, download=False, shuffle_files=False,
     return ds, num_examples, builder.info
 
 
+def prepared_split_size(dataset, split, data_dir) -> int | None:
+    """Examples in a TFDS split already prepared on disk, else None; reads
+    metadata only and never downloads (for estimates made before a run)."""
+    if dataset.startswith((IMAGES_PREFIX, FOLDER_PREFIX)):
+        return None
+    try:
+        builder = tfds.builder(dataset, data_dir=data_dir)
+        return builder.info.splits[split].num_examples if builder.is_prepared() else None
+    except Exception:  # an unknown name or split: the run itself says so, in its own words
+        return None
+
+
 # ------------------------------------------------------------ label metadata
 
 
