@@ -3,7 +3,7 @@
 Every error a user can cause should end in one message, no traceback, a
 non-zero exit, naming the file, field or value and what to do, before
 anything is written to the workdir. This runs each case and tabulates what
-happened, so two checkouts can be compared (the README's error handling and
+happened, so two checkouts can be compared (docs/pretraining.md, "Long runs", and
 the issue notes quote its tables):
 
     python benchmarks/faults.py --out /tmp/faults/after.md [--repo CHECKOUT] [--only a,b] [--keep]

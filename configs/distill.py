@@ -20,7 +20,7 @@ compression. init_from=None starts it at random. head_layer=None is the
 teacher's head layer (1 for SimCLR v2's fine-tuned models). Images are crop +
 flip views, as fine-tuning's, seen by teacher and student alike.
 
-This recipe is sized for CIFAR-10 on a CPU demo: the README's Results give
+This recipe is sized for CIFAR-10 on a CPU demo: docs/results.md gives
 its commands and numbers, and how the ImageNet runs differ.
 """
 from simclr_jax import config_schema

@@ -194,7 +194,7 @@ def blur_kernel(sigma, radius):
 
 # Kernels up to this radius run as shifted adds, wider ones as banded matmuls:
 # each is the faster at its sizes and no slower than a depthwise convolution
-# (their effect on the pipeline: benchmarks/input_pipeline.py --blur, README).
+# (their effect on the pipeline: benchmarks/input_pipeline.py --blur, docs/results.md).
 _SHIFT_ADD_MAX_RADIUS = 6
 _BAND_BLOCK = 32  # output rows per block of the banded matmul
 

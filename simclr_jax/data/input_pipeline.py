@@ -56,7 +56,7 @@ def _options():
     Deterministic order always (exact resume replays the same stream). One
     thread per op: parallelism comes from mapping many examples at once, and
     splitting small image ops across threads costs more than it saves
-    (measured by benchmarks/input_pipeline.py; see the README).
+    (measured by benchmarks/input_pipeline.py; see docs/results.md).
     """
     options = tf.data.Options()
     options.deterministic = True

@@ -45,7 +45,7 @@ _MASKED_LOGIT = -1e9
 # exceeds this. Up to it every recipe here keeps its exact naive numbers
 # (ImageNet's batch 4096 is 2N = 8192); past it the naive form's peak memory
 # grows 4x per doubling of the batch and the blockwise one's 2x. The measured
-# times and peaks are in the README ("NT-Xent memory"); benchmarks/loss.py
+# times and peaks are in docs/results.md ("NT-Xent memory"); benchmarks/loss.py
 # re-measures them on any machine, so they are not copied here to go stale.
 BLOCKWISE_MIN_COLUMNS = 8192
 
