@@ -7,9 +7,10 @@
 - Models: ``ResNet`` (the encoder f), ``ProjectionHead`` (g) and ``SimCLR``
   (both), Flax modules.
 - Optimisation: ``lars`` and the warm-up + cosine ``schedule``, optax.
-- Pretrained encoders: ``load_encoder`` (our workdirs and official SimCLR
-  checkpoints) giving an ``Encoder``; ``export_saved_model`` writes one in
-  the official TF2 format.
+- Pretrained encoders: ``load_encoder`` (our workdirs, official SimCLR
+  checkpoints and torchvision ResNet state_dicts in safetensors) giving an
+  ``Encoder``; ``export_saved_model`` writes one in the official TF2 format,
+  ``export_torchvision`` as a torchvision state_dict (docs/pytorch.md).
 
 Each name is imported on first use, so ``import simclr_jax`` stays light and
 the JAX-only names (loss, models, optimisation) never load TensorFlow.
@@ -29,6 +30,7 @@ _SOURCES = {
     "Encoder": "simclr_jax.encoder",
     "load_encoder": "simclr_jax.encoder",
     "export_saved_model": "simclr_jax.weights.official_export",
+    "export_torchvision": "simclr_jax.weights.torchvision",
 }
 __all__ = sorted(_SOURCES)
 

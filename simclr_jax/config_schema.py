@@ -151,6 +151,8 @@ ARCHITECTURE = {
                                          "0.0625 in SimCLR v2"), "selective kernels + ResNet-D (SimCLR v2: 0.0625)"),
     "model.se_ratio": Field(0.0, _number(lambda v: 0 <= v < 1, "expected in [0, 1): 0 = no squeeze-excitation"),
                             "squeeze-excitation"),
+    "model.stem_pool_padding": Field("same", _model_choices("STEM_POOL_PADDINGS"), "how the ImageNet stem's max-pool "
+                                     "pads: 'same' (TensorFlow's, official SimCLR's) or 'symmetric' (torchvision's)"),
 }
 INIT_FROM = {"init_from": Field(None, Rule(OPTIONAL_NAME.holds, "expected None or a path: a pretraining workdir "
                                            "or an official SimCLR TF2 checkpoint"),

@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from simclr_jax import sharding
 from simclr_jax.data import augment
+from simclr_jax.errors import CheckpointError
 from simclr_jax.models import model_from_config
 from simclr_jax.models.classifier import feature_function
 from simclr_jax.weights import pretrained
@@ -135,9 +136,11 @@ class Encoder:
 def load_encoder(path: str, *, step: Optional[int] = None, head_layer: Optional[int] = None, batch_size: int = 256,
                  random_init_seed: Optional[int] = None, mesh: Optional[jax.sharding.Mesh] = None) -> Encoder:
     """Restores the encoder of a pretraining workdir (or its checkpoints/ folder),
-    or of an official SimCLR TF2 checkpoint: a SavedModel directory (as
+    of an official SimCLR TF2 checkpoint: a SavedModel directory (as
     released), a training CheckpointManager directory or a ``ckpt-N`` prefix,
-    its architecture read from the variables (see official_tf2.py).
+    its architecture read from the variables (see official_tf2.py), or of a
+    torchvision ResNet state_dict saved as ``*.safetensors`` (its fc as the
+    supervised head; see weights/torchvision.py).
 
     ``step``: our checkpoint to read (default: the latest). ``head_layer``: 0
     returns h, the encoder's output; i >= 1 the output of projection-head
@@ -149,6 +152,9 @@ def load_encoder(path: str, *, step: Optional[int] = None, head_layer: Optional[
     initialisation instead (the baseline; reads only the architecture).
     ``mesh``: default this process's devices.
     """
+    if head_layer and pretrained.source(path) == "torchvision":
+        raise CheckpointError(f"head_layer={head_layer}: {path} is a torchvision ResNet, which has no projection "
+                              "head; load it with head_layer=0 (its features h)")
     mesh = mesh or sharding.make_mesh(jax.local_devices())
     trained = pretrained.architecture(path)
     model_config, image_size = trained.model, int(trained.image_size)

@@ -38,6 +38,10 @@ RESNET_STAGES = {
 }
 VALID_DEPTHS = tuple(sorted(RESNET_STAGES))
 VARIANTS = ("torchvision", "official")
+# How the ImageNet stem's 3x3/2 max-pool pads: 'same' as TensorFlow's SAME (on an
+# even-sized map 0 before, 1 after: the official SimCLR's, and ours by default),
+# 'symmetric' 1 on each side (torchvision's). They pick different windows.
+STEM_POOL_PADDINGS = ("same", "symmetric")
 SK_MIN_DIM = 32  # the official selective kernel's smallest mixing width
 
 
@@ -203,6 +207,7 @@ class ResNet(nn.Module):
     ``cifar_stem`` swaps the 7x7/2 conv + max-pool for a 3x3/1 conv so 32x32
     images keep their resolution. No classifier: SimCLR only needs h.
     ``variant``, ``sk_ratio`` and ``se_ratio``: see the module docstring.
+    ``stem_pool_padding``: see STEM_POOL_PADDINGS (no effect with the CIFAR stem).
     ``remat``: each residual block's activations are recomputed in the
     backward pass instead of stored (``nn.remat``), trading compute for the
     memory of a larger batch; parameters, outputs and gradients are the same.
@@ -219,15 +224,17 @@ class ResNet(nn.Module):
     variant: str = "torchvision"
     sk_ratio: float = 0.0
     se_ratio: float = 0.0
+    stem_pool_padding: str = "same"
     axis_name: str | None = None
     dtype: Dtype = jnp.float32
     remat: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool):
-        if self.depth not in RESNET_STAGES or self.variant not in VARIANTS:
-            raise ValueError(f"Unsupported ResNet depth {self.depth} or variant {self.variant!r}; valid: "
-                             f"{VALID_DEPTHS}, {VARIANTS}")
+        if (self.depth not in RESNET_STAGES or self.variant not in VARIANTS
+                or self.stem_pool_padding not in STEM_POOL_PADDINGS):
+            raise ValueError(f"Unsupported ResNet depth {self.depth}, variant {self.variant!r} or stem_pool_padding "
+                             f"{self.stem_pool_padding!r}; valid: {VALID_DEPTHS}, {VARIANTS}, {STEM_POOL_PADDINGS}")
         kind, _ = RESNET_STAGES[self.depth]
         block_cls = BasicBlock if kind == "basic" else Bottleneck
         if self.remat:
@@ -261,6 +268,7 @@ class ResNet(nn.Module):
         self.sow("intermediates", "initial_conv", x)
         x = nn.relu(norm(name="stem_bn")(x))
         if not self.cifar_stem:
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+            padding = "SAME" if self.stem_pool_padding == "same" else ((1, 1), (1, 1))  # padded with -inf
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=padding)
         self.sow("intermediates", "initial_max_pool", x)
         return x

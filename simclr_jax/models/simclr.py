@@ -59,6 +59,7 @@ class SimCLR(nn.Module):
     variant: str = "torchvision"
     sk_ratio: float = 0.0
     se_ratio: float = 0.0
+    stem_pool_padding: str = "same"
     axis_name: str | None = None
     dtype: Dtype = jnp.float32
     remat: bool = False  # recompute residual blocks in the backward pass (see ResNet)
@@ -66,8 +67,8 @@ class SimCLR(nn.Module):
     def setup(self):
         self.encoder = ResNet(depth=self.depth, width_multiplier=self.width_multiplier,
                               cifar_stem=self.cifar_stem, variant=self.variant, sk_ratio=self.sk_ratio,
-                              se_ratio=self.se_ratio, axis_name=self.axis_name, dtype=self.dtype,
-                              remat=self.remat)
+                              se_ratio=self.se_ratio, stem_pool_padding=self.stem_pool_padding,
+                              axis_name=self.axis_name, dtype=self.dtype, remat=self.remat)
         self.head = ProjectionHead(num_layers=self.head_layers, out_dim=self.proj_dim,
                                    axis_name=self.axis_name, dtype=self.dtype)
 
@@ -87,11 +88,13 @@ class SimCLR(nn.Module):
 def model_from_config(model_config, axis_name: str | None = None, dtype: Dtype = jnp.float32,
                       remat: bool = False) -> SimCLR:
     """SimCLR from a config's ``model`` section (depth, width_multiplier,
-    cifar_stem, head_layers, proj_dim, variant, sk_ratio, se_ratio). How it
-    computes (``axis_name``, ``dtype``, ``remat``) is the caller's choice, not
-    part of the architecture a checkpoint records."""
+    cifar_stem, head_layers, proj_dim, variant, sk_ratio, se_ratio,
+    stem_pool_padding). How it computes (``axis_name``, ``dtype``, ``remat``)
+    is the caller's choice, not part of the architecture a checkpoint records.
+    A config without ``stem_pool_padding`` predates it: those pooled 'same'."""
     return SimCLR(depth=int(model_config.depth), width_multiplier=float(model_config.width_multiplier),
                   cifar_stem=bool(model_config.cifar_stem), head_layers=int(model_config.head_layers),
                   proj_dim=int(model_config.proj_dim), variant=str(model_config.variant),
                   sk_ratio=float(model_config.sk_ratio), se_ratio=float(model_config.se_ratio),
-                  axis_name=axis_name, dtype=dtype, remat=remat)
+                  stem_pool_padding=str(model_config.get("stem_pool_padding", "same")), axis_name=axis_name,
+                  dtype=dtype, remat=remat)

@@ -25,7 +25,8 @@ from simclr_jax.errors import CheckpointError
 
 CONFIG_FILE = "config.json"
 PROBE = "online_probe"  # the online linear probe's key in a pretraining checkpoint's params
-ARCHITECTURE_BEFORE_VARIANTS = {"variant": "torchvision", "sk_ratio": 0.0, "se_ratio": 0.0}
+ARCHITECTURE_BEFORE_VARIANTS = {"variant": "torchvision", "sk_ratio": 0.0, "se_ratio": 0.0,
+                                "stem_pool_padding": "same"}
 
 
 def checkpoint_dir(workdir: str) -> str:

@@ -132,6 +132,10 @@ def _module(encoder) -> tf.Module:
                          "selective kernels) has the same variables as one with sk_ratio = 0, so the official "
                          "format cannot say which it is: the file would be read back as the other network. "
                          "Export models with sk_ratio = 0, a bottleneck ResNet (depth >= 50) or the ImageNet stem")
+    if not config.cifar_stem and config.get("stem_pool_padding", "same") != "same":
+        raise ValueError("this encoder's stem max-pool pads symmetrically (torchvision's), the official network's "
+                         "pads as TensorFlow's SAME: the SavedModel would compute another network. Export it with "
+                         "--format=torchvision, or keep it in JAX")
     if head is not None and head["kernel"].shape[0] != encoder.feature_dim:
         raise ValueError(f"the supervised head takes {head['kernel'].shape[0]} features but head_layer="
                          f"{encoder.head_layer} gives {encoder.feature_dim}; load the encoder with the "

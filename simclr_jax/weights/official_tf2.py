@@ -186,7 +186,8 @@ def infer(variables: dict[str, np.ndarray]) -> tuple[ml_collections.ConfigDict, 
         depth=depth, width_multiplier=base_width / 64, cifar_stem=bool(cifar_stem),
         head_layers=len(head_layers), proj_dim=int(variables[last_dense[0]["kernel"]].shape[-1]),
         variant="official" if bottleneck or project else "torchvision",
-        sk_ratio=float(sk_ratio), se_ratio=se_mid / widest if se else 0.0))
+        sk_ratio=float(sk_ratio), se_ratio=se_mid / widest if se else 0.0,
+        stem_pool_padding="same"))  # the official stem pools as TensorFlow's SAME
     return model, int(supervised[0].shape[-1]) if supervised else 0, 32 if cifar_stem else 224
 
 

@@ -1,7 +1,9 @@
-"""Where pretrained weights come from: our pretraining workdirs and official SimCLR checkpoints.
+"""Where pretrained weights come from: our pretraining workdirs, official SimCLR
+checkpoints and torchvision ResNet state_dicts (safetensors files).
 
 ``architecture(path)`` is what ``path`` was trained with: our workdir's
-config.json, or what an official checkpoint's variables say (official_tf2).
+config.json, or what an official checkpoint's variables (official_tf2) or a
+state_dict's keys and shapes (torchvision) say.
 ``restore(path, ...)`` reads its variables onto a mesh, with its supervised
 head when it has one: an official checkpoint's linear-evaluation or
 fine-tuned head, or our online probe (the same thing: a linear classifier
@@ -18,7 +20,7 @@ import ml_collections
 from simclr_jax import config_validation, sharding, storage
 from simclr_jax.errors import CheckpointError
 from simclr_jax.models import SimCLR
-from simclr_jax.weights import checkpoint, official_tf2
+from simclr_jax.weights import checkpoint, official_tf2, torchvision
 from simclr_jax.weights.checkpoint import PROBE
 
 
@@ -40,6 +42,24 @@ def official_prefix(path: str) -> Optional[str]:
     return official_tf2.variables_prefix(path)
 
 
+def source(path: str) -> str:
+    """What ``path`` holds: 'torchvision' (a *.safetensors state_dict),
+    'official' (an official TF2 checkpoint) or 'ours' (a workdir); the one
+    dispatch every reader below goes through."""
+    if torchvision.is_state_dict(path):
+        return "torchvision"
+    with _reading(path, official=False):
+        return "ours" if official_prefix(path) is None else "official"
+
+
+def _torchvision(path: str) -> tuple[dict, dict, int]:
+    """(tensors, our model config, fc classes) of a torchvision state_dict file."""
+    with _reading(path, official=True):
+        tensors, metadata = torchvision.read(path)
+        model, classes = torchvision.infer(tensors, metadata, path)
+    return tensors, model, classes
+
+
 def architecture(path: str) -> ml_collections.ConfigDict:
     """{'model', 'image_size', 'head_layer', 'protocol'} that ``path`` was
     trained with: the architecture fields alone (config_validation.MODEL_FIELDS),
@@ -47,9 +67,12 @@ def architecture(path: str) -> ml_collections.ConfigDict:
     for a network fine-tuned from a head layer, whose config.json says which);
     the protocol that wrote it ('finetune', 'distill'; None for pretraining
     workdirs and official checkpoints)."""
-    with _reading(path, official=False):
-        prefix = official_prefix(path)
-    if prefix is None:
+    kind = source(path)
+    if kind == "torchvision":
+        model = _torchvision(path)[1]
+        return ml_collections.ConfigDict(dict(model=model, image_size=32 if model["cifar_stem"] else 224,
+                                              head_layer=0, protocol=None))
+    if kind == "ours":
         with _reading(path, official=False):
             run_config = checkpoint.read_run_config(checkpoint.run_workdir(path))
         model = {name: run_config.model[name] for name in config_validation.MODEL_FIELDS}  # not how it computed
@@ -57,7 +80,8 @@ def architecture(path: str) -> ml_collections.ConfigDict:
                                               head_layer=run_config.get("head_layer", 0),
                                               protocol=run_config.get("protocol")))
     with _reading(path, official=True):
-        model_config, _, image_size = official_tf2.infer(official_tf2.read_variables(prefix, shapes_only=True))
+        model_config, _, image_size = official_tf2.infer(official_tf2.read_variables(official_prefix(path),
+                                                                                     shapes_only=True))
     return ml_collections.ConfigDict(dict(model=model_config.to_dict(), image_size=image_size, head_layer=0,
                                           protocol=None))
 
@@ -67,11 +91,14 @@ def resolve(path: str, model, *, field: str, image_size=None, unset_ok: bool = F
     config's ``model`` fields (and ``image_size``, when given) that are set:
     the one resolver pretraining's init_from, evaluation and distillation
     call. A set field that differs is a ConfigError naming each, with the
-    value to set; ``unset_ok``: the recipe may leave fields None to take the
+    value to set (a torchvision ResNet has no projection head: the config's
+    head fields stand); ``unset_ok``: the recipe may leave fields None to take the
     checkpoint's (evaluation, distillation). ``field`` names the config
     field that holds ``path``."""
     trained = architecture(path)
-    pairs = [(f"model.{name}", model[name], trained.model[name]) for name in config_validation.MODEL_FIELDS]
+    unrecorded = torchvision.UNRECORDED_FIELDS if source(path) == "torchvision" else ()  # the config's own head
+    pairs = [(f"model.{name}", model[name], trained.model[name]) for name in config_validation.MODEL_FIELDS
+             if name not in unrecorded]
     if image_size is not None:
         pairs.append(("image_size", image_size, trained.image_size))
     conflicts = [f"--config.{name}={want!r} (the config has {have!r})" for name, have, want in pairs
@@ -86,11 +113,12 @@ def resolve(path: str, model, *, field: str, image_size=None, unset_ok: bool = F
 def supervised_head_classes(path: str, step: Optional[int] = None) -> int:
     """The class count of ``path``'s supervised head (0: none), from metadata
     alone: nothing is restored. ``step``: our checkpoint (None: the latest)."""
-    with _reading(path, official=False):
-        prefix = official_prefix(path)
-    if prefix is not None:
+    kind = source(path)
+    if kind == "torchvision":
+        return _torchvision(path)[2]
+    if kind == "official":
         with _reading(path, official=True):
-            return official_tf2.infer(official_tf2.read_variables(prefix, shapes_only=True))[1]
+            return official_tf2.infer(official_tf2.read_variables(official_prefix(path), shapes_only=True))[1]
     with _reading(path, official=False):
         return checkpoint.saved_head_classes(checkpoint.run_workdir(path), PROBE, step)
 
@@ -115,10 +143,14 @@ def _init(model: SimCLR, image_size: int, key) -> dict:
 def restore(path: str, model: SimCLR, image_size: int, mesh,
             step: Optional[int] = None) -> tuple[dict, Optional[dict], int]:
     """(variables, supervised head {'kernel', 'bias'} or None, step) of ``path``,
-    replicated on ``mesh``. ``step``: our checkpoint to read (None: the latest)."""
+    replicated on ``mesh``. ``step``: our checkpoint to read (None: the latest).
+    A torchvision state_dict's step is its ``num_batches_tracked``, and its
+    projection head (it has none) the model's initialisation with seed 0."""
     abstract = abstract_variables(model, image_size, mesh)
-    with _reading(path, official=False):
-        prefix = official_prefix(path)
+    kind = source(path)
+    if kind == "torchvision":
+        return _restore_torchvision(path, model, abstract, mesh)
+    prefix = official_prefix(path) if kind == "official" else None
     if prefix is not None:
         with _reading(path, official=True):
             tree, head = official_tf2.to_flax(official_tf2.read_variables(prefix), model, abstract)
@@ -129,3 +161,18 @@ def restore(path: str, model: SimCLR, image_size: int, mesh,
                                                        optional_params=(PROBE,))
     head = variables["params"].pop(PROBE, None)
     return variables, head, step
+
+
+def _restore_torchvision(path: str, model: SimCLR, abstract: dict, mesh) -> tuple[dict, Optional[dict], int]:
+    tensors, trained, _ = _torchvision(path)
+    encoder, head, step = torchvision.to_flax(tensors, trained["depth"])
+    feature_dim = abstract["params"]["head"]["dense1"]["kernel"].shape[0]
+    fresh = torchvision.fresh_head(model, feature_dim)
+    variables = {c: {"encoder": encoder[c]["encoder"], "head": fresh[c]} for c in ("params", "batch_stats")}
+    shapes = lambda tree: jax.tree.map(lambda leaf: tuple(leaf.shape), tree)
+    if shapes(variables) != shapes(abstract):
+        raise CheckpointError(f"{path} holds torchvision's ResNet-{trained['depth']}"
+                              f"{' (CIFAR stem)' if trained['cifar_stem'] else ''}, not this model's encoder "
+                              f"(depth {model.depth}, width {model.width_multiplier}, cifar_stem {model.cifar_stem})")
+    head = None if head is None else sharding.put_replicated(head, mesh)
+    return sharding.put_replicated(variables, mesh), head, step
