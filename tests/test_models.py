@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from simclr_jax import models
 from simclr_jax.models import resnet
@@ -220,7 +221,7 @@ def test_projection_head_param_count_and_validation():
 
 def test_simclr_from_config_and_bfloat16(tiny):
     config = ml_collections.ConfigDict(dict(**TINY, head_layers=2, proj_dim=8, variant="torchvision", sk_ratio=0.0,
-                                            se_ratio=0.0))
+                                            se_ratio=0.0, stem_pool_padding="same"))
     model = models.model_from_config(config, dtype=jnp.bfloat16)
     assert isinstance(model, models.SimCLR)
     assert model.dtype == jnp.bfloat16 and model.head_layers == 2

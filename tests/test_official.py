@@ -113,7 +113,7 @@ def _resnet50_sk_parameters(width: int, head_layers: int = 3, proj_dim: int = 12
 def test_resnet50_sk_parameter_count_matches_the_architecture(width):
     config = ml_collections.ConfigDict(dict(depth=50, width_multiplier=float(width), cifar_stem=False,
                                             head_layers=3, proj_dim=128, variant="official", sk_ratio=0.0625,
-                                            se_ratio=0.0))
+                                            se_ratio=0.0, stem_pool_padding="same"))
     model = models.model_from_config(config)
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))
     count = sum(np.size(leaf) for leaf in jax.tree.leaves(abstract["params"]))
@@ -126,7 +126,8 @@ def test_resnet50_sk_parameter_count_matches_the_architecture(width):
 def test_official_resnet18_differs_from_torchvision_only_in_the_first_shortcut():
     def params(variant):
         config = ml_collections.ConfigDict(dict(depth=18, width_multiplier=1.0, cifar_stem=True, head_layers=2,
-                                                proj_dim=128, variant=variant, sk_ratio=0.0, se_ratio=0.0))
+                                                proj_dim=128, variant=variant, sk_ratio=0.0, se_ratio=0.0,
+                                                stem_pool_padding="same"))
         model = models.model_from_config(config)
         return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
 

@@ -96,7 +96,7 @@ def real_state():
     the online probe, under LARS for the model and Adam for the probe."""
     config = ml_collections.ConfigDict(dict(depth=18, width_multiplier=1 / 16, cifar_stem=True,
                                             head_layers=2, proj_dim=16, variant="torchvision", sk_ratio=0.0,
-                                            se_ratio=0.0))
+                                            se_ratio=0.0, stem_pool_padding="same"))
     tx = optim.with_adam_for(PROBE, optim.lars(0.3, weight_decay=0.1), 1e-3)
     mesh = sharding.make_mesh(jax.devices()[:1])
     state = train.create_train_state(models.model_from_config(config), tx, image_size=16, seed=0,

@@ -90,11 +90,10 @@ def model_from_config(model_config, axis_name: str | None = None, dtype: Dtype =
     """SimCLR from a config's ``model`` section (depth, width_multiplier,
     cifar_stem, head_layers, proj_dim, variant, sk_ratio, se_ratio,
     stem_pool_padding). How it computes (``axis_name``, ``dtype``, ``remat``)
-    is the caller's choice, not part of the architecture a checkpoint records.
-    A config without ``stem_pool_padding`` predates it: those pooled 'same'."""
+    is the caller's choice, not part of the architecture a checkpoint records."""
     return SimCLR(depth=int(model_config.depth), width_multiplier=float(model_config.width_multiplier),
                   cifar_stem=bool(model_config.cifar_stem), head_layers=int(model_config.head_layers),
                   proj_dim=int(model_config.proj_dim), variant=str(model_config.variant),
                   sk_ratio=float(model_config.sk_ratio), se_ratio=float(model_config.se_ratio),
-                  stem_pool_padding=str(model_config.get("stem_pool_padding", "same")), axis_name=axis_name,
+                  stem_pool_padding=str(model_config.stem_pool_padding), axis_name=axis_name,
                   dtype=dtype, remat=remat)
