@@ -219,6 +219,10 @@ LOOP = {
     "nonfinite_policy": Field("stop", Rule(lambda v: v in ("stop", "skip"), "choose 'stop' or 'skip'"),
                               "a non-finite loss or gradient: 'stop' (with the step and the last good checkpoint), "
                               "or 'skip' the update and go on", resumable=True),
+    "profile_steps": Field(0, Rule(lambda v: _is_int(v) and v >= 0, "expected an integer >= 0 (0 = no profile; "
+                                   "5 to 20 steps make a readable trace)"),
+                           "0 = off; N > 0: jax.profiler traces the N steps after the run's first (compiled) step, "
+                           "into workdir/plugins/profile (TensorBoard's Profile tab)", resumable=True),
 }
 PICTURES = {"write_pictures": Field(True, BOOL, "pretraining: workdir/augmentations.png (two views of a few "
                                     "images); kNN and cached_linear: embedding_tsne.png and retrieval.png",

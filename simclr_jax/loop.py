@@ -11,13 +11,17 @@ long run needs:
 - the non-finite guard: a step whose loss or gradient is not finite applies
   no update (``updates.apply_if_finite`` in the step), and the loop stops or skips as
   ``nonfinite_policy`` says, before a checkpoint could follow it;
-- metrics every ``log_every_steps`` (the only host sync), progress with ETA,
-  checkpoints every ``checkpoint_every_steps`` and at the end.
+- metrics every ``log_every_steps`` (the only host sync) to the writer and,
+  as one progress line (the experiment's ``describe``), to the log;
+  checkpoints every ``checkpoint_every_steps`` and at the end;
+- a profile of ``profile_steps`` steps after the first one (``Profile``).
 """
 import contextlib
 import dataclasses
 import errno
 import json
+import shutil
+import tempfile
 import time
 from typing import Any, Iterator, Protocol
 
@@ -25,7 +29,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from clu import periodic_actions
 
 from simclr_jax import config_validation, preemption, storage
 from simclr_jax.errors import StorageError
@@ -61,16 +64,18 @@ class Experiment(Protocol):
 @dataclasses.dataclass(frozen=True)
 class Cadence:
     """How often a run logs and saves, how many checkpoints it keeps, what a
-    non-finite step does: the same four config fields in every long protocol."""
+    non-finite step does, how many steps it profiles: the same config fields
+    in every long protocol."""
     log_every_steps: int
     checkpoint_every_steps: int
     keep_checkpoints: int
     nonfinite_policy: str  # 'stop' | 'skip'
+    profile_steps: int = 0
 
     @classmethod
     def from_config(cls, config) -> "Cadence":
         return cls(config.log_every_steps, config.checkpoint_every_steps, config.keep_checkpoints,
-                   config.nonfinite_policy)
+                   config.nonfinite_policy, config.profile_steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,15 +122,15 @@ def run(experiment: Experiment, workdir: str, cadence: Cadence, writer) -> Any:
         logging.info("%s: resumed from step %d in %s", experiment.name, int(state.step), manager.directory)
     start_step, total = int(state.step), experiment.total_steps
     guard = NonfiniteGuard(cadence.nonfinite_policy, manager)
-    report_progress = periodic_actions.ReportProgress(num_train_steps=total, writer=writer)
     batches = experiment.batches(start_step)
     history, interval_start = [], time.perf_counter()
-    with _disk_full_named(workdir), preemption.StopRequest() as stop_request:
+    with (_disk_full_named(workdir), preemption.StopRequest() as stop_request,
+          Profile(workdir, cadence.profile_steps, start_step, total) as profile):
         for step in range(start_step + 1, total + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 state, metrics = experiment.step(state, next(batches))
             history.append(metrics)
-            report_progress(step)
+            profile.after_step(step, metrics)
             stopping = stop_request.stop_now(step)
             save_due = step % cadence.checkpoint_every_steps == 0 or step == total or stopping
             # Metrics reach the host every log_every_steps, and before every save, so
@@ -153,19 +158,81 @@ def run(experiment: Experiment, workdir: str, cadence: Cadence, writer) -> Any:
     return state
 
 
+class Profile:
+    """jax.profiler's trace of ``steps`` steps, those after a run's first
+    (which compiles, and stays out), from process 0 (as the Flax examples'
+    clu ``periodic_actions.Profile``), into ``workdir``/plugins/profile/<time>/,
+    where TensorBoard's Profile tab (tensorboard-plugin-profile) finds it.
+    jax.profiler writes through its own file system, not ``storage``, so a
+    bucket workdir gets a local trace copied in. A context: leaving it ends
+    a trace the run did not reach the end of."""
+
+    def __init__(self, workdir: str, steps: int, start_step: int, total_steps: int):
+        self.workdir, self.first = workdir, start_step + 1
+        self.last = min(self.first + steps, total_steps)
+        self.active = steps > 0 and self.last > self.first and jax.process_index() == 0
+        self.tracing, self.local = False, None
+
+    def __enter__(self) -> "Profile":
+        return self
+
+    def after_step(self, step: int, metrics) -> None:
+        """Call after each step; waits for the device only where a trace starts or ends."""
+        if not self.active or step not in (self.first, self.last):
+            return
+        jax.block_until_ready(metrics)
+        if step == self.first:
+            self.local = tempfile.mkdtemp(prefix="simclr_jax_profile_") if storage.is_url(self.workdir) else None
+            jax.profiler.start_trace(self.local or storage.resolve(self.workdir))
+            self.tracing = True
+        else:
+            self._stop(step)
+
+    def __exit__(self, *exc_info) -> None:
+        if self.tracing:
+            self._stop(None)
+
+    def _stop(self, step) -> None:
+        self.tracing = False
+        jax.profiler.stop_trace()
+        if self.local:
+            storage.copy_tree(self.local, self.workdir)
+            shutil.rmtree(self.local, ignore_errors=True)
+        where = storage.join(self.workdir, "plugins", "profile")
+        steps = f"steps {self.first + 1}-{step}" if step else f"the steps after {self.first}"
+        logging.info("Profile of %s in %s: tensorboard --logdir=%s, Profile tab (pip install "
+                     "tensorboard-plugin-profile)", steps, where, storage.resolve(self.workdir))
+
+
 @contextlib.contextmanager
 def _disk_full_named(workdir: str):
     """A full disk while saving or logging ends in one message: the folder, and
     that the newest complete checkpoint (Orbax commits a step only whole) is intact."""
     try:
         yield
-    except (OSError, ValueError) as e:  # TensorStore reports it as a ValueError (RESOURCE_EXHAUSTED ... [os_error_code='28'])
+    # TensorStore reports it as a ValueError (RESOURCE_EXHAUSTED ... [os_error_code='28']).
+    except (OSError, ValueError) as e:
         if getattr(e, "errno", None) != errno.ENOSPC and "No space left on device" not in str(e):
             raise
         raise StorageError(
             f"no space left on the device of {storage.resolve(workdir)}; the newest complete "
             f"checkpoint, step {checkpoint.latest_step(workdir)}, is intact: free some space (or move the "
             "workdir) and run the same command to resume from it") from None
+
+
+def duration(seconds: float) -> str:
+    """'1d 02:03:04', '00:05:00', or '?' when the rate is not known yet."""
+    if not np.isfinite(seconds) or seconds < 0:
+        return "?"
+    days, rest = divmod(int(round(seconds)), 86400)
+    clock = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"{days}d {clock}" if days else clock
+
+
+def eta(step: int, total_steps: int, batch_size: int, scalars: dict) -> str:
+    """The time left at the interval's rate (``scalars['images_per_sec']``), for a progress line."""
+    rate = scalars["images_per_sec"]
+    return duration((total_steps - step) * batch_size / rate if rate > 0 else float("nan"))
 
 
 def fetch(history: list[dict]) -> dict[str, np.ndarray]:

@@ -1,7 +1,10 @@
-"""Metric writers behind clu's interface: log lines, TensorBoard, a JSON-lines file.
+"""Metric writers behind clu's interface: TensorBoard and a JSON-lines file.
 
 ``workdir/metrics.jsonl`` holds one JSON object per write, with ``step``, so a
-run can be read back without TensorBoard (tests and scripts do). Both files
+run can be read back without TensorBoard (tests and scripts do): a training
+loop's means over each logging interval (with ``epoch`` and
+``images_per_sec``), pretraining's monitor rows (``knn_top1``, ``knn_top5``),
+an evaluation's ``<protocol>/top1`` and ``/top5``, and nothing else. Both files
 go through ``storage``, so a workdir in a bucket gets them too: the
 TensorBoard events are written here (scalars, images, hparams) rather than by
 ``tf.summary``, whose file system cannot be pointed at a test server.
@@ -129,11 +132,12 @@ def encode_png(image: np.ndarray) -> bytes:
 
 
 def create_writer(workdir: str) -> metric_writers.MetricWriter:
-    """TensorBoard + logging + metrics.jsonl on process 0; logging elsewhere."""
+    """TensorBoard + metrics.jsonl on process 0; nothing elsewhere. No log
+    writer: the log's one account of a run is its own progress line (the
+    loop's ``describe``), not a second line of the same scalars."""
     if jax.process_index() != 0:
-        return metric_writers.create_default_writer(just_logging=True)
-    return metric_writers.MultiWriter([metric_writers.LoggingWriter(), TensorBoardWriter(workdir),
-                                       JsonlWriter(storage.join(workdir, "metrics.jsonl"))])
+        return metric_writers.MultiWriter([])
+    return metric_writers.MultiWriter([TensorBoardWriter(workdir), JsonlWriter(storage.join(workdir, "metrics.jsonl"))])
 
 
 def read_jsonl(path: str) -> list[dict[str, float]]:

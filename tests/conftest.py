@@ -165,13 +165,22 @@ def tiny_pretraining(real_data_dir, tmp_path_factory):
     the augmentations picture), as main.py runs it.
 
     Returns (workdir, config, the final state on the host). Tests only read
-    the workdir; one that trains on copies it first (shutil.copytree).
+    the workdir; one that trains on copies it first (shutil.copytree). Its
+    log is ``tiny_pretraining_log``.
     """
     import jax
 
-    from tests.helpers import pretrain, tiny_real_data_config
+    from tests.helpers import absl_log, pretrain, tiny_real_data_config
 
     workdir = str(tmp_path_factory.mktemp("tiny_pretraining"))
     config = tiny_real_data_config(real_data_dir)
-    state = jax.device_get(pretrain(config, workdir))
+    with absl_log() as log:
+        state = jax.device_get(pretrain(config, workdir))
+    (tmp_path_factory.getbasetemp() / "tiny_pretraining.log").write_text(log.getvalue())
     return workdir, config, state
+
+
+@pytest.fixture(scope="session")
+def tiny_pretraining_log(tiny_pretraining, tmp_path_factory):
+    """What the session's tiny pretraining run logged (absl, INFO and up), as a user sees it."""
+    return (tmp_path_factory.getbasetemp() / "tiny_pretraining.log").read_text()

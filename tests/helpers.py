@@ -7,6 +7,10 @@ the CIFAR stem, a 2-layer head, proj_dim 128) at 16 px. Evaluating it with
 ``config.random_init=True`` needs no checkpoint. ``tiny_simclr`` is that
 network with proj_dim 16, built directly (no config), for train-step tests.
 """
+import contextlib
+import io
+import logging
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -70,6 +74,24 @@ def pretrain(config, workdir):
     from simclr_jax import protocols
 
     return protocols.run(config, workdir)
+
+
+@contextlib.contextmanager
+def absl_log():
+    """absl's log (INFO and up) of the block, as a StringIO to read after it:
+    a handler on absl's own logger, whose level is INFO for the block. Not
+    caplog: once any test in the process has parsed absl flags (a
+    pytest-xdist worker runs many files), absl's verbosity flag (default
+    WARNING) sets that logger's level and caplog sees no INFO line at all."""
+    logger, text = logging.getLogger("absl"), io.StringIO()
+    handler, level = logging.StreamHandler(text), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield text
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 # ------------------------------------------------------------------ references and comparisons

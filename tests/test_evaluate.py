@@ -12,15 +12,15 @@ import tensorflow as tf
 from configs import cached_linear as cached_linear_config
 from configs import knn as knn_config
 from simclr_jax import config_validation, models, optim, protocols, sharding
-from simclr_jax.weights import checkpoint
-from simclr_jax.data import sources
 from simclr_jax import encoder as encoder_lib
-from simclr_jax.evaluation import run as evaluation
+from simclr_jax.data import sources
 from simclr_jax.evaluation import knn
+from simclr_jax.evaluation import run as evaluation
 from simclr_jax.models.classifier import feature_function
-from simclr_jax.weights.pretrained import CheckpointError
 from simclr_jax.pretraining import step
-from tests.helpers import IMAGE_SIZE, tiny_pretrain_config
+from simclr_jax.weights import checkpoint
+from simclr_jax.weights.pretrained import CheckpointError
+from tests.helpers import IMAGE_SIZE, absl_log, tiny_pretrain_config
 
 
 def _pretrain_config():
@@ -146,17 +146,28 @@ def test_pretrain_then_knn_and_cached_linear_on_real_cifar10(tiny_pretraining, r
     eval_dir = str(tmp_path / "eval")
     splits = dict(data_dir=real_data_dir, train_split="train[:2000]", test_split="test[:500]",
                   write_pictures=False)  # tests/test_pictures.py covers them
-    knn_record = protocols.run(_evaluation_config(knn_config, pretrain_dir, **splits), eval_dir)
-    linear_config = _evaluation_config(cached_linear_config, pretrain_dir, **splits)
-    linear_config.linear.epochs = 10
-    linear_record = protocols.run(linear_config, eval_dir)
-    baseline_record = protocols.run(_evaluation_config(knn_config, pretrain_dir, random_init=True, **splits),
-                                   eval_dir)
+    with absl_log() as log:
+        knn_record = protocols.run(_evaluation_config(knn_config, pretrain_dir, **splits), eval_dir)
+        linear_config = _evaluation_config(cached_linear_config, pretrain_dir, **splits)
+        linear_config.linear.epochs = 10
+        linear_record = protocols.run(linear_config, eval_dir)
+    # The baseline on the kNN monitor's test split: pretraining's summary read the same number.
+    baseline_record = protocols.run(_evaluation_config(knn_config, pretrain_dir, random_init=True,
+                                                       **dict(splits, test_split="test[:1000]")), eval_dir)
+    with open(os.path.join(pretrain_dir, "random_init.json")) as f:
+        assert json.load(f)["scores"]["knn"]["top1"] == pytest.approx(baseline_record["top1"], abs=1 / 1000)
+
+    # Each protocol says how far it got, and ends with the protocol that comes next.
+    log = log.getvalue()
+    assert "knn: features of cifar10:train[:2000]: 2000/2000 images (" in log
+    assert "cached_linear: features of cifar10:test[:500]: 500/500 images (" in log
+    assert "cached_linear: classifier trained (10 epochs, " in log
+    assert log.count(evaluation.next_command(linear_config, eval_dir)) == 2  # after kNN, after cached_linear
 
     with open(os.path.join(eval_dir, "eval_results.json")) as f:
         records = json.load(f)
-    assert [(r["protocol"], r["random_init"]) for r in records] == [
-        ("knn", False), ("cached_linear", False), ("knn", True)]
+    assert [(r["protocol"], r["random_init"], r["num_examples"]) for r in records] == [
+        ("knn", False, 500), ("cached_linear", False, 500), ("knn", True, 1000)]
     for record in (knn_record, linear_record):
         assert record["num_examples"] == 500 and record["split"] == "test[:500]"
         assert record["checkpoint_step"] == 4

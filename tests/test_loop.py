@@ -3,6 +3,7 @@ SIGTERM mid-run saves and stops, the same call resumes, and the result equals
 the uninterrupted run's bit for bit; non-finite steps stop or are skipped.
 Pretraining's counterparts are in test_resilience.py (SIGTERM in a bucket,
 non-finite steps) and test_pretrain.py (resume)."""
+import glob
 import os
 import re
 import signal
@@ -13,9 +14,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 from simclr_jax import loop, writers
-from simclr_jax.weights import checkpoint
 from simclr_jax.evaluation.classifier import ClassifierExperiment
 from simclr_jax.protocols import run as evaluate
+from simclr_jax.weights import checkpoint
+from tests.helpers import absl_log
 from tests.test_classifier import _config, _resolved, encoder, image_folder, mesh, workdir  # noqa: F401 (fixtures)
 
 UNSTABLE = ("seconds", "finetuned", "student")  # wall time and the run's own paths
@@ -72,15 +74,25 @@ def test_sigterm_then_resume_ends_as_the_uninterrupted_run(protocol, workdir, im
     settings.epochs = 2  # 6 steps of 16
     if protocol == "finetune":
         settings.label_fraction = 1.0
+    else:  # and a profile of steps 2-3 of each run, which changes nothing it computes
+        config.profile_steps = 2
     experiment = ClassifierExperiment(encoder.model, config, mesh, freeze_encoder=protocol == "linear_eval")
     run = lambda run_dir: experiment.run(encoder.variables, run_dir)
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
-    record = run(full)
+    with absl_log() as log:
+        record = run(full)
+    # One progress line per step (epoch k of K, loss, accuracy, rate, ETA), then the test split's scoring.
+    assert re.findall(rf"{protocol} epoch ([\d.]+)/2 \(step (\d)/6\) \| loss [\d.]+ \| train accuracy [\d.]+ \| "
+                      r"[\d.]+ images/s \| ETA ", log.getvalue()) == [
+        ("0.33", "1"), ("0.67", "2"), ("1.00", "3"), ("1.33", "4"), ("1.67", "5"), ("2.00", "6")]
+    assert re.search(rf"{protocol}: scoring folder:.*:test: \d+ images \(", log.getvalue())
     trained = jax.device_get(experiment.trained_variables)
     resumed = interrupted_and_resumed(monkeypatch, run, ClassifierExperiment, cut, 4,
                                       run_dir=os.path.join(cut, protocol))
     assert_same_end(os.path.join(full, protocol), record, os.path.join(cut, protocol), resumed, total=6)
     assert record["train_steps"] == 6 and 0 < record["top1"] <= 1
+    if protocol == "linear_eval":  # where TensorBoard's Profile tab finds it
+        assert glob.glob(os.path.join(full, protocol, "plugins", "profile", "*", "*.xplane.pb"))
     for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(jax.device_get(experiment.trained_variables)),
                     strict=True):
         np.testing.assert_array_equal(a, b)

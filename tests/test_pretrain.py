@@ -1,5 +1,7 @@
 """Pretraining end to end on the real CIFAR-10 copy: learning, resume, errors."""
+import json
 import os
+import re
 import shutil
 
 import jax
@@ -13,7 +15,7 @@ from simclr_jax import encoder as encoder_lib
 from simclr_jax.errors import CheckpointError
 from simclr_jax.pretraining import step, train
 from simclr_jax.weights import checkpoint
-from tests.helpers import pretrain
+from tests.helpers import absl_log, pretrain
 from tests.helpers import tiny_real_data_config as _tiny_config
 
 
@@ -37,7 +39,12 @@ def test_resume_continues_from_saved_step_with_identical_state(tiny_pretraining,
     jax.tree.map(np.testing.assert_array_equal, restored, first)
 
     # A longer run in the same workdir resumes at step 4 rather than starting over.
-    second = pretrain(_tiny_config(real_data_dir, num_train_steps=6), workdir)
+    with absl_log() as log:
+        second = pretrain(_tiny_config(real_data_dir, num_train_steps=6), workdir)
+    # Its summary's random-initialisation baseline is the first run's, read back: one kNN pass of
+    # each split (the trained network's) where scoring the baseline again would make two.
+    assert log.getvalue().count("knn: features of cifar10:train[:2000]") == 1
+    assert "the same network at random initialisation" in log.getvalue()
     assert int(second.step) == 6
     logged_steps = [r["step"] for r in _scalars(workdir, "loss")]
     assert logged_steps == [1, 2, 3, 4, 5, 6]
@@ -67,6 +74,34 @@ def test_resume_continues_from_saved_step_with_identical_state(tiny_pretraining,
     with caplog.at_level("WARNING"):
         encoder = encoder_lib.load_encoder(workdir)
     assert encoder.step == 4 and "step 6" in caplog.text and "using step 4" in caplog.text
+
+
+@pytest.mark.slow
+def test_what_a_first_run_logs_and_records(tiny_pretraining, tiny_pretraining_log):
+    """The session's tiny run (4 steps, a progress line each, the kNN monitor at the end)."""
+    workdir, _, state = tiny_pretraining
+    log = tiny_pretraining_log
+    # clu's parameter overview first: the network's arrays (the online probe's are not the network's).
+    count = sum(np.size(leaf) for leaf in jax.tree.leaves(step.model_params(state.params)))
+    assert count < sum(np.size(leaf) for leaf in jax.tree.leaves(state.params))
+    assert train.PARAMETERS_MESSAGE in log and f"Total: {count:,} -- " in log
+    # One progress output: the project's line at each logged step, no second line of the same
+    # scalars (clu's LoggingWriter) and no clu ReportProgress (work-unit notes, steps_per_sec).
+    assert re.findall(r"step (\d)/4 \(epoch .* images/s \| ETA ", log) == ["1", "2", "3", "4"]
+    assert "contrastive_acc=" not in log  # clu's LoggingWriter: "[4] contrastive_acc=0.09, ..."
+    assert "work unit notes" not in log  # clu's ReportProgress: "Setting work unit notes: 5.9 steps/s, ..."
+    records = writers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    assert [(r["step"], "loss" in r, "knn_top1" in r) for r in records] == [
+        (1, True, False), (2, True, False), (3, True, False), (4, True, False), (4, False, True)]
+    # The monitor's feature passes say how far they got; the summary sets its kNN beside the
+    # same network at random initialisation, scored once and kept in the workdir.
+    assert "knn: features of cifar10:train[:2000]: 2000/2000 images (" in log
+    assert "knn: features of cifar10:test[:1000]: 1000/1000 images (" in log
+    trained = _scalars(workdir, "knn_top1")[-1]
+    with open(os.path.join(workdir, "random_init.json")) as f:
+        baseline = json.load(f)["scores"]["knn"]
+    assert (f"  knn           top-1 {trained['knn_top1']:.1%}, top-5 {trained['knn_top5']:.1%} (the same network "
+            f"at random initialisation: {baseline['top1']:.1%}, {baseline['top5']:.1%})") in log
 
 
 @pytest.mark.slow

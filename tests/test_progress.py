@@ -3,6 +3,7 @@ import types
 
 import numpy as np
 
+from configs import knn as knn_recipe
 from configs import smoke
 from simclr_jax.evaluation import run as evaluation
 from simclr_jax.pretraining import progress
@@ -27,11 +28,12 @@ def test_summary_points_at_checkpoints_pictures_knn_and_resume(tmp_path):
     manager = types.SimpleNamespace(directory=str(tmp_path / "checkpoints"), all_steps=lambda: [5, 10])
     text = progress.summary(str(tmp_path), manager, step=10, total_steps=20, seconds=65.0,
                             evaluations={"knn": {"top1": np.float32(0.4375), "top5": 0.875}},
+                            random_init={"knn": {"top1": 0.184, "top5": 0.6}},
                             next_command="python main.py --config=configs/cached_linear.py ...")
     assert "stopped at step 10/20 after 00:01:05" in text
     assert "steps [5, 10]" in text
     assert str(tmp_path / "augmentations.png") in text
-    assert "knn top-1     0.4375 (top-5 0.8750)" in text
+    assert "knn           top-1 43.8%, top-5 87.5% (the same network at random initialisation: 18.4%, 60.0%)" in text
     assert "resume" in text
     assert "evaluate      python main.py --config=configs/cached_linear.py ..." in text
     finished = progress.summary(str(tmp_path), manager, step=20, total_steps=20, seconds=1.0, evaluations={})
@@ -47,6 +49,24 @@ def test_evaluate_command_needs_no_architecture_flags():
                        "--workdir=runs/smoke/eval")
     config.dataset = "images:/photos"
     assert "--config.dataset=folder:LABELLED_ROOT" in evaluation.evaluation_command(config, "w")
+
+
+def test_each_evaluation_names_the_protocol_that_comes_next():
+    config = knn_recipe.get_config()
+    config.update(pretrained="runs/smoke", data_dir="data")
+    data = "--config.dataset=cifar10 --config.test_split=test --config.data_dir=data"
+    assert evaluation.next_command(config, "runs/smoke/eval") == (
+        "Next, the paper's linear evaluation: python main.py --config=configs/linear_eval.py "
+        f"--config.pretrained=runs/smoke {data} --workdir=runs/smoke/eval")
+    config.protocol = "linear_eval"
+    assert "fine-tuning: python main.py --config=configs/finetune.py --config.pretrained=runs/smoke" in \
+        evaluation.next_command(config, "w")
+    config.protocol = "finetune"  # the teacher is the network fine-tuning wrote into its workdir
+    assert evaluation.next_command(config, "runs/smoke/eval") == (
+        "Next, distillation into a student: python main.py --config=configs/distill.py "
+        f"--config.teacher=runs/smoke/eval/finetuned {data} --workdir=runs/smoke/eval/distill")
+    config.protocol = "supervised_head"
+    assert evaluation.next_command(config, "w") is None
 
 
 def test_cpu_run_longer_than_an_hour_warns_with_the_estimate_and_the_smoke_recipe(monkeypatch, caplog):

@@ -110,6 +110,7 @@ def test_a_run_in_a_bucket_survives_sigterm_resumes_exactly_and_evaluates(real_d
     knn_config.update(data)
     finetune_config.update(data)
     finetune_config.finetune.update(epochs=1, batch_size=32, label_fraction=0.25)
+    finetune_config.profile_steps = 2  # jax.profiler writes locally; the trace is copied into the bucket
     knn = protocols.run(knn_config, f"{cut}/knn")
     finetune = protocols.run(finetune_config, f"{cut}/finetune")
     assert [knn] == json.loads(storage.read_text(f"{cut}/knn/eval_results.json"))
@@ -119,6 +120,8 @@ def test_a_run_in_a_bucket_survives_sigterm_resumes_exactly_and_evaluates(real_d
     evaluations = _objects(cut)
     assert {"knn/embedding_tsne.png", "knn/retrieval.png", "finetune/finetuned/config.json",
             "finetune/finetuned/checkpoints/4/commit_success.txt"} <= set(evaluations), evaluations
+    assert any(re.fullmatch(r"finetune/finetune/plugins/profile/[^/]+/[^/]+\.xplane\.pb", name)
+               for name in evaluations), evaluations
     assert list(cwd.iterdir()) == []  # nothing written to the local disk (the working directory)
 
 

@@ -170,9 +170,11 @@ class Distillation:
         return {"learning_rate": float(self.schedule(step - 1)), "epoch": step / self.steps_per_epoch}
 
     def describe(self, step: int, scalars: dict) -> str:
-        return (f"distill step {step}/{self.total_steps}: objective {scalars['objective']:.4f}, distillation loss "
-                f"{scalars['distillation_loss']:.4f}, agreement with the teacher {scalars['teacher_agreement']:.4f}, "
-                f"{scalars['images_per_sec']:.1f} images/s")
+        return (f"distill epoch {scalars['epoch']:.2f}/{self.settings.epochs:g} (step {step}/{self.total_steps}) | "
+                f"objective {scalars['objective']:.4f} | distillation loss {scalars['distillation_loss']:.4f} | "
+                f"agreement with the teacher {scalars['teacher_agreement']:.3f} | "
+                f"{scalars['images_per_sec']:.1f} images/s | ETA "
+                f"{loop.eta(step, self.total_steps, self.batch_size, scalars)}")
 
     def monitor(self, state, step: int, manager, writer) -> bool:
         return False
@@ -191,10 +193,11 @@ class Distillation:
         """(student's, teacher's) {'top1', 'top5', 'num_examples'} on eval views of the test split."""
         variables = {"params": state.params["model"], "batch_stats": state.batch_stats}
         student = passes.split_accuracy(self.config, self.config.test_split, self.mesh, lambda images: self._logits(
-            self.student, variables, state.params["classifier"], images, self.config.head_layer))
+            self.student, variables, state.params["classifier"], images, self.config.head_layer),
+            label="distill (student)")
         teacher = passes.split_accuracy(self.config, self.config.test_split, self.mesh, lambda images: self._logits(
             self.teacher.model, self.teacher.variables, self.teacher.supervised_head, images,
-            self.config.teacher_head_layer))
+            self.config.teacher_head_layer), label="distill (teacher)")
         return student, teacher
 
 

@@ -213,8 +213,10 @@ class ClassifierExperiment:
         return {"epoch": step * self.settings.batch_size / self.num_train}
 
     def describe(self, step: int, scalars: dict) -> str:
-        return (f"{self.name} step {step}/{self.total_steps}: loss {scalars['loss']:.4f}, train accuracy "
-                f"{scalars['accuracy']:.4f}, {scalars['images_per_sec']:.1f} images/s")
+        return (f"{self.name} epoch {scalars['epoch']:.2f}/{self.settings.epochs:g} (step {step}/{self.total_steps})"
+                f" | loss {scalars['loss']:.4f} | train accuracy {scalars['accuracy']:.3f} | "
+                f"{scalars['images_per_sec']:.1f} images/s | ETA "
+                f"{loop.eta(step, self.total_steps, self.settings.batch_size, scalars)}")
 
     def monitor(self, state, step: int, manager, writer) -> bool:
         return False
@@ -224,7 +226,8 @@ class ClassifierExperiment:
     def score(self, variables, classifier_params, feature_norm) -> dict:
         """{'top1', 'top5', 'num_examples'} on eval views of the test split."""
         return passes.split_accuracy(self.config, self.config.test_split, self.mesh,
-                                     lambda images: self._logits(variables, classifier_params, feature_norm, images))
+                                     lambda images: self._logits(variables, classifier_params, feature_norm, images),
+                                     label=self.name)
 
     def run(self, variables, workdir: str) -> Optional[dict]:
         """Trains from ``variables`` in the loop, then scores; None when a stop

@@ -97,8 +97,8 @@ class FeatureExtractor:
     """
 
     def __init__(self, model: SimCLR, config, mesh: jax.sharding.Mesh, head_layer: int = 0,
-                 sharded: bool = False):
-        self.mesh, self.sharded = mesh, sharded
+                 sharded: bool = False, name: str = "features"):
+        self.mesh, self.sharded, self.name = mesh, sharded, name
         self.batch_size = sharding.per_process_batch_size(config.eval_batch_size)
         self._features = feature_function(model, head_layer)
         self._config = config
@@ -109,15 +109,22 @@ class FeatureExtractor:
             self._datasets[split] = input_pipeline.eval_dataset(self._config, split, batch_size=self.batch_size)
         return self._datasets[split]
 
+    def _progress(self, split: str) -> passes.Progress:
+        """The pass's progress lines: '<name>: features of cifar10:train: n/N images (r images/s)'."""
+        config = self._config
+        return passes.Progress(f"{self.name}: features of {config.dataset}:{split}",
+                               sources.prepared_split_size(config.dataset, split, config.data_dir))
+
     def split(self, variables, split: str) -> tuple[np.ndarray, np.ndarray]:
         """(features [n, d], labels [n]) of one whole split, on every process."""
         return passes.map_padded_batches(lambda images: self._features(variables, images),
-                                           self._dataset(split), self.mesh, self.batch_size)
+                                           self._dataset(split), self.mesh, self.batch_size, self._progress(split))
 
     def sharded_split(self, variables, split: str) -> ShardedSplit:
         """One whole split's features, left on the devices that computed them."""
         x, rows, labels = passes.map_sharded_batches(lambda images: self._features(variables, images),
-                                                       self._dataset(split), self.mesh, self.batch_size)
+                                                       self._dataset(split), self.mesh, self.batch_size,
+                                                       self._progress(split))
         return ShardedSplit(x, rows, labels)
 
     def __call__(self, variables):
@@ -140,7 +147,7 @@ class FeatureEvaluator:
     name: str
 
     def __init__(self, model: SimCLR, config, mesh: jax.sharding.Mesh, head_layer: int = 0):
-        self.features = FeatureExtractor(model, config, mesh, head_layer, sharded=True)
+        self.features = FeatureExtractor(model, config, mesh, head_layer, sharded=True, name=self.name)
         self.num_classes = sources.num_classes(config.dataset, config.train_split, config.data_dir,
                                                download=config.download)
 

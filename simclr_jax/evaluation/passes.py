@@ -4,21 +4,53 @@ An evaluation split arrives as this process's tf.data batches of
 {'image', 'label'}; processes may hold different numbers of them. Each batch
 is padded to the per-process batch size, so the function compiles once and
 splits evenly over the mesh, and a process that has run out contributes
-padding until all have.
+padding until all have. A pass given a ``label`` says how far it is (the
+images done, of how many, how fast) every PROGRESS_SECONDS and at its end.
 """
-from typing import Any, Callable
+import time
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh
 
 from simclr_jax import sharding
-from simclr_jax.data import input_pipeline
+from simclr_jax.data import input_pipeline, sources
 from simclr_jax.evaluation.metrics import topk_accuracy
 
+PROGRESS_SECONDS = 30.0
 
-def _padded_global_batches(dataset: Any, mesh: Mesh, batch_size: int):
+
+class Progress:
+    """'<label>: 12000/50000 images (830 images/s)' every PROGRESS_SECONDS and
+    once at the end of a pass; silent without a label. ``total``: the split's
+    size when known (None: the count alone)."""
+
+    def __init__(self, label: Optional[str] = None, total: Optional[int] = None):
+        self.label, self.total, self.done = label, total, 0
+        self.start = self.shown = time.perf_counter()
+
+    def add(self, images: int) -> None:
+        self.done += images
+        if self.label and time.perf_counter() - self.shown >= PROGRESS_SECONDS:
+            self._show()
+
+    def end(self, outputs=None) -> None:
+        """The pass's last line, once ``outputs`` are computed (the rate counts them)."""
+        if self.label:
+            jax.block_until_ready(outputs)
+            self._show()
+
+    def _show(self) -> None:
+        self.shown = time.perf_counter()
+        rate = self.done / max(self.shown - self.start, 1e-9)
+        logging.info("%s: %d%s images (%.0f images/s)", self.label, self.done,
+                     f"/{self.total}" if self.total else "", rate)
+
+
+def _padded_global_batches(dataset: Any, mesh: Mesh, batch_size: int, progress: Progress):
     """Yields (images on the mesh, valid [B], labels [B]) per global batch of B rows.
 
     Each process's batch is padded to ``batch_size`` so a function of it
@@ -38,10 +70,12 @@ def _padded_global_batches(dataset: Any, mesh: Mesh, batch_size: int):
         rows = sharding.gather({"valid": np.arange(batch_size) < n, "label": pad(batch["label"])})
         if not rows["valid"].any():
             return
+        progress.add(int(rows["valid"].sum()))
         yield sharding.put_batch(pad(batch["image"]), mesh), rows["valid"], rows["label"]
 
 
-def map_padded_batches(fn: Any, dataset: Any, mesh: Mesh, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def map_padded_batches(fn: Any, dataset: Any, mesh: Mesh, batch_size: int, progress: Optional[Progress] = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
     """(fn outputs, labels) over one pass of {'image', 'label'} batches, all processes' rows.
 
     ``dataset`` yields this process's batches of at most ``batch_size`` rows
@@ -49,18 +83,20 @@ def map_padded_batches(fn: Any, dataset: Any, mesh: Mesh, batch_size: int) -> tu
     compiles once and splits evenly over the mesh. Processes may hold
     different numbers of batches (uneven slices): one that has run out
     contributes padding until all have, and the valid rows of every process
-    are gathered, so every process returns the same arrays.
+    are gathered, so every process returns the same arrays. ``progress``:
+    what the pass tells the log (default: nothing).
     """
-    outputs, labels = [], []
-    for images, valid, batch_labels in _padded_global_batches(dataset, mesh, batch_size):
+    outputs, labels, progress = [], [], progress or Progress()
+    for images, valid, batch_labels in _padded_global_batches(dataset, mesh, batch_size, progress):
         outputs.append(sharding.gather(fn(images))[valid])
         labels.append(batch_labels[valid])
     if not outputs:
         raise ValueError("the evaluation split is empty")
+    progress.end()
     return np.concatenate(outputs), np.concatenate(labels)
 
 
-def map_sharded_batches(fn: Any, dataset: Any, mesh: Mesh, batch_size: int
+def map_sharded_batches(fn: Any, dataset: Any, mesh: Mesh, batch_size: int, progress: Optional[Progress] = None
                         ) -> tuple[jax.Array, np.ndarray, np.ndarray]:
     """(outputs, rows, labels): ``map_padded_batches`` with the outputs left on the devices.
 
@@ -72,9 +108,9 @@ def map_sharded_batches(fn: Any, dataset: Any, mesh: Mesh, batch_size: int
     ``map_padded_batches`` returns, ``labels`` [n] its label (both numpy,
     small, the same on every process); the other R - n rows are padding.
     """
-    target = sharding.batch_sharded(mesh)
+    target, progress = sharding.batch_sharded(mesh), progress or Progress()
     shards, valid, labels = {}, [], []
-    for images, batch_valid, batch_labels in _padded_global_batches(dataset, mesh, batch_size):
+    for images, batch_valid, batch_labels in _padded_global_batches(dataset, mesh, batch_size, progress):
         for shard in jax.device_put(fn(images), target).addressable_shards:
             shards.setdefault(shard.device, []).append(shard.data)
         valid.append(batch_valid)
@@ -91,13 +127,17 @@ def map_sharded_batches(fn: Any, dataset: Any, mesh: Mesh, batch_size: int
     blocks = [jnp.concatenate(parts) for parts in shards.values()]
     shape = (num_batches * global_batch,) + blocks[0].shape[1:]
     outputs = jax.make_array_from_single_device_arrays(shape, target, blocks)
+    progress.end(outputs)
     return outputs, row[np.stack(valid)], np.concatenate(labels)
 
 
-def split_accuracy(config, split: str, mesh: Mesh, logits_fn: Callable) -> dict:
+def split_accuracy(config, split: str, mesh: Mesh, logits_fn: Callable, label: Optional[str] = None) -> dict:
     """{'top1', 'top5', 'num_examples'} of ``logits_fn(images)`` on eval views
-    of ``split`` (config supplies the data and eval_batch_size)."""
+    of ``split`` (config supplies the data and eval_batch_size); ``label``
+    names the pass in its progress lines (None: silent)."""
     batch_size = sharding.per_process_batch_size(config.eval_batch_size)
     dataset = input_pipeline.eval_dataset(config, split, batch_size=batch_size)
-    logits, labels = map_padded_batches(logits_fn, dataset, mesh, batch_size)
+    progress = Progress(label and f"{label}: scoring {config.dataset}:{split}",
+                        sources.prepared_split_size(config.dataset, split, config.data_dir) if label else None)
+    logits, labels = map_padded_batches(logits_fn, dataset, mesh, batch_size, progress)
     return dict(topk_accuracy(logits, labels), num_examples=len(labels))

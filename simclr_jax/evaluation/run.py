@@ -63,18 +63,45 @@ def run_finetune(config, encoder, mesh, workdir):
     return dict(result, finetuned=finetuned), None
 
 
+def _data_flags(config) -> list[str]:
+    """The flags that restate a run's data for the next recipe (an image folder
+    without labels: labelled images to evaluate on)."""
+    if config.dataset.startswith(sources.IMAGES_PREFIX):
+        flags = ["--config.dataset=folder:LABELLED_ROOT"]
+    else:
+        flags = [f"--config.dataset={config.dataset} --config.test_split={config.test_split}"]
+    return flags + ([f"--config.data_dir={config.data_dir}"] if config.data_dir is not None else [])
+
+
 def evaluation_command(config, workdir: str) -> str:
     """The quick linear evaluation of a pretraining run (its end-of-run summary
     prints it): the architecture comes from the workdir's config.json, so only
     the data needs restating."""
-    parts = ["python main.py --config=configs/cached_linear.py", f"--config.pretrained={workdir}"]
-    if config.dataset.startswith(sources.IMAGES_PREFIX):  # unlabelled: evaluate on labelled images
-        parts.append("--config.dataset=folder:LABELLED_ROOT")
-    else:
-        parts.append(f"--config.dataset={config.dataset} --config.test_split={config.test_split}")
-    if config.data_dir is not None:
-        parts.append(f"--config.data_dir={config.data_dir}")
-    return " ".join([*parts, f"--workdir={workdir}/eval"])
+    return " ".join(["python main.py --config=configs/cached_linear.py", f"--config.pretrained={workdir}",
+                     *_data_flags(config), f"--workdir={workdir}/eval"])
+
+
+# What follows each protocol: (why, the recipe), for ``next_command``.
+NEXT = {
+    "knn": ("the paper's linear evaluation", "linear_eval"),
+    "cached_linear": ("the paper's linear evaluation", "linear_eval"),
+    "linear_eval": ("semi-supervised fine-tuning", "finetune"),
+    "finetune": ("distillation into a student", "distill"),
+}
+
+
+def next_command(config, workdir: str) -> str | None:
+    """The line an evaluation ends with: the protocol that usually comes next,
+    on the same encoder and data, into the same workdir (each protocol keeps
+    its own files there); None after the last one."""
+    if config.protocol not in NEXT:
+        return None
+    why, recipe = NEXT[config.protocol]
+    source = (f"--config.teacher={storage.join(workdir, FINETUNED)}" if recipe == "distill" else
+              f"--config.pretrained={config.pretrained}")
+    target = storage.join(workdir, "distill") if recipe == "distill" else workdir
+    return (f"Next, {why}: " + " ".join([f"python main.py --config=configs/{recipe}.py", source, *_data_flags(config),
+                                          f"--workdir={target}"]))
 
 
 def resolve_architecture(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -135,4 +162,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, run_protocol) -> d
             paths = pictures.write_evaluation_pictures(config, workdir, drawn.train_x, drawn.train_y,
                                                        drawn.test_x, drawn.test_y)
             logging.info("Wrote %s (%.1f s)", ", ".join(paths), time.perf_counter() - start)
+        if (command := next_command(config, workdir)):
+            logging.info(command)
     return record

@@ -35,4 +35,4 @@ class SupervisedHeadEvaluator:
             raise UserError(f"the supervised head has {classes} classes but {self.config.dataset} has "
                              f"{self.num_classes}: score it on the dataset it was trained for")
         return passes.split_accuracy(self.config, self.config.test_split, self.mesh,
-                                     lambda images: self._logits(variables, head, images))
+                                     lambda images: self._logits(variables, head, images), label="supervised_head")

@@ -3,29 +3,19 @@ and the end-of-run summary."""
 import time
 
 import jax
-import numpy as np
 from absl import logging
 
 from simclr_jax import storage
+from simclr_jax.loop import duration, eta
 
 CPU_WARNING_HOURS = 1.0  # a CPU run estimated longer than this is told about configs/smoke.py
 
 
-def duration(seconds: float) -> str:
-    """'1d 02:03:04', '00:05:00', or '?' when the rate is not known yet."""
-    if not np.isfinite(seconds) or seconds < 0:
-        return "?"
-    days, rest = divmod(int(round(seconds)), 86400)
-    clock = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
-    return f"{days}d {clock}" if days else clock
-
-
 def progress_line(step: int, total_steps: int, batch_size: int, scalars: dict) -> str:
     """One readable line: where the run is, how fast, how long to go, how well."""
-    rate = scalars["images_per_sec"]
-    eta = (total_steps - step) * batch_size / rate if rate > 0 else float("nan")
     return (f"step {step}/{total_steps} (epoch {scalars['epoch']:.2f}) | loss {scalars['loss']:.4f} | "
-            f"contrastive acc {scalars['contrastive_acc']:.3f} | {rate:.1f} images/s | ETA {duration(eta)}")
+            f"contrastive acc {scalars['contrastive_acc']:.3f} | {scalars['images_per_sec']:.1f} images/s | "
+            f"ETA {eta(step, total_steps, batch_size, scalars)}")
 
 
 class CpuEstimate:
@@ -58,9 +48,13 @@ class CpuEstimate:
                 duration(remaining))
 
 
-def summary(workdir, manager, *, step, total_steps, seconds, evaluations: dict, next_command: str | None = None) -> str:
-    """The one-screen account of where everything went; ``next_command``: how to
-    evaluate the encoder (the caller knows the evaluation recipes)."""
+def summary(workdir, manager, *, step, total_steps, seconds, evaluations: dict, random_init: dict | None = None,
+            next_command: str | None = None) -> str:
+    """The one-screen account of where everything went; ``random_init``: the
+    monitors' scores of the same network at random initialisation, beside
+    the trained ones (so a user can tell whether 25% means anything);
+    ``next_command``: how to evaluate the encoder (the caller knows the
+    evaluation recipes)."""
     workdir = storage.resolve(workdir)
     lines = [
         f"Pretraining {'finished' if step >= total_steps else 'stopped'} at step {step}/{total_steps} "
@@ -73,7 +67,11 @@ def summary(workdir, manager, *, step, total_steps, seconds, evaluations: dict, 
     if pngs:
         lines.append(f"  pictures      {', '.join(pngs)}")
     for name, result in evaluations.items():
-        lines.append(f"  {name + ' top-1':<13} {result['top1']:.4f} (top-5 {result['top5']:.4f})")
+        line = f"  {name:<13} top-1 {result['top1']:.1%}, top-5 {result['top5']:.1%}"
+        if name in (random_init or {}):
+            line += (f" (the same network at random initialisation: {random_init[name]['top1']:.1%}, "
+                     f"{random_init[name]['top5']:.1%})")
+        lines.append(line)
     if next_command:
         lines.append(f"  evaluate      {next_command}")
     if step < total_steps:

@@ -9,6 +9,8 @@ with a ``name`` and ``run(variables) -> {'top1', 'top5', ...}``
 (simclr_jax/protocols.py passes the kNN monitor, evaluation.knn.monitors).
 They run every ``config.eval_every_epochs`` and at the end, always after the
 step's checkpoint is on disk: an evaluation that fails never costs training.
+At the end they also score the same network at random initialisation
+(``baseline``), which the summary sets beside the trained numbers.
 """
 import time
 from typing import Callable, Iterator, Optional
@@ -17,15 +19,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import logging
+from clu import parameter_overview
 from jax.sharding import Mesh
 
 from simclr_jax import config_validation, loop, models, optim, pictures, sharding, storage, writers
 from simclr_jax.data import input_pipeline, sources
-from simclr_jax.pretraining import memory, progress
+from simclr_jax.pretraining import baseline, memory, progress
 from simclr_jax.pretraining.step import TrainState, create_train_state, make_train_step, model_params
 from simclr_jax.weights import checkpoint, pretrained
 from simclr_jax.weights.checkpoint import PROBE
 
+PARAMETERS_MESSAGE = "Network parameters (encoder and head):"
 EvaluatorFactory = Callable[[ml_collections.ConfigDict, models.SimCLR, Mesh], list]
 
 
@@ -46,7 +50,7 @@ class Pretraining:
     name = "pretrain"
 
     def __init__(self, config, workdir: str, mesh: Mesh, make_evaluators: Optional[EvaluatorFactory]):
-        self.config, self.mesh, self.batch_size = config, mesh, config.batch_size
+        self.config, self.mesh, self.batch_size, self.workdir = config, mesh, config.batch_size, workdir
         self.resume = loop.check_resume(workdir, config)
         if config.init_from:  # it must hold the architecture the config trains
             pretrained.resolve(config.init_from, config.model, field="init_from")
@@ -65,20 +69,27 @@ class Pretraining:
         probe_classes = sources.label_classes(info) if config.online_probe else 0
         if probe_classes:
             tx = optim.with_adam_for(PROBE, tx, config.probe_learning_rate)
+        self._evaluation_model = models.model_from_config(config.model)
+        self.evaluators = make_evaluators(config, self._evaluation_model, mesh) if make_evaluators else []
         self._state = self._fresh_state(model, tx, probe_classes)
+        # Shapes only (no statistics: nothing is computed or synced): the first 20 arrays and the total.
+        parameter_overview.log_parameter_overview(model_params(self._state.params), include_stats=False,
+                                                  max_lines=20, msg=PARAMETERS_MESSAGE, jax_logging_process=0)
         self._train_step = make_train_step(
             model, tx, learning_rate=learning_rate, temperature=config.temperature, mesh=mesh,
             num_classes=probe_classes, loss_impl=config.loss_impl, microbatches=config.microbatches,
             memory_momentum=config.memory.momentum)
-        evaluation_model = models.model_from_config(config.model)
-        self.evaluators = make_evaluators(config, evaluation_model, mesh) if make_evaluators else []
         self.eval_every = optim.steps(config.eval_every_epochs, self.steps_per_epoch)
-        self.evaluations = {}  # the latest monitor results
+        self.evaluations, self.random_init = {}, {}  # the latest monitor results; the baseline's at the end
 
     def _fresh_state(self, model, tx, probe_classes: int) -> TrainState:
         config, mesh = self.config, self.mesh
         state = create_train_state(model, tx, image_size=config.image_size, seed=config.seed, mesh=mesh,
                                    num_classes=probe_classes)
+        # The network at random initialisation, as --config.random_init=True draws it (the same rbg key
+        # and init), kept on the host for the baseline at the end: no second compilation of the init.
+        self._random_init = sharding.gather({"params": model_params(state.params),
+                                             "batch_stats": state.batch_stats}) if self.evaluators else None
         if config.init_from and self.resume.step is None:  # read before anything is written
             state = _start_from(state, config, mesh)
         if config.memory.size:  # after init_from: the moving average starts at the weights trained from
@@ -119,6 +130,13 @@ class Pretraining:
         if not (self.evaluators and due):
             return False
         self.evaluations = _run_evaluators(self.evaluators, state, step, writer, manager)
+        if step == self.total_steps:
+            start = time.perf_counter()
+            self.random_init = baseline.scores(
+                self.evaluators, lambda: sharding.put_replicated(self._random_init, self.mesh), self.config,
+                self.workdir)
+            logging.info("The same network at random initialisation: %s (%.1f s)", self.random_init,
+                         time.perf_counter() - start)
         return True
 
 
@@ -167,6 +185,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if jax.process_index() == 0:
         logging.info(progress.summary(workdir, saved, step=int(state.step), total_steps=experiment.total_steps,
                                       seconds=time.perf_counter() - run_start, evaluations=experiment.evaluations,
+                                      random_init=experiment.random_init,
                                       next_command=evaluation_command(config, workdir) if evaluation_command else None))
     saved.close()
     writer.flush()
