@@ -154,11 +154,12 @@ ARCHITECTURE = {
     "model.stem_pool_padding": Field("same", _model_choices("STEM_POOL_PADDINGS"), "how the ImageNet stem's max-pool "
                                      "pads: 'same' (TensorFlow's, official SimCLR's) or 'symmetric' (torchvision's)"),
 }
-INIT_FROM = {"init_from": Field(None, Rule(OPTIONAL_NAME.holds, "expected None or a path: a pretraining workdir "
-                                           "or an official SimCLR TF2 checkpoint"),
+INIT_FROM = {"init_from": Field(None, Rule(OPTIONAL_NAME.holds, "expected None or a path: a pretraining workdir, "
+                                           "an official SimCLR TF2 checkpoint or a torchvision .safetensors"),
                                 "start from these weights instead of random ones (encoder, head, BatchNorm "
-                                "statistics; distillation: the student's): one of our pretraining workdirs or an "
-                                "official SimCLR TF2 checkpoint of the same architecture. A resumed run ignores it",
+                                "statistics; distillation: the student's): one of our pretraining workdirs, an "
+                                "official SimCLR TF2 checkpoint or a torchvision ResNet state_dict (.safetensors) of "
+                                "the same architecture. A resumed run ignores it",
                                 value_type=str, resumable=True)}
 PRETRAINING = {
     "model.remat": Field(False, BOOL, "recompute each residual block in the backward pass instead of storing its "
@@ -230,7 +231,8 @@ PICTURES = {"write_pictures": Field(True, BOOL, "pretraining: workdir/augmentati
 # An evaluation of a pretraining workdir.
 EVALUATION = {
     "pretrained": Field(None, Rule(NAME.holds, "set --config.pretrained=PRETRAIN_WORKDIR (a pretraining workdir)"),
-                        "a pretraining workdir (or its checkpoints/ folder), or an official SimCLR checkpoint",
+                        "a pretraining workdir (or its checkpoints/ folder), an official SimCLR checkpoint, or a "
+                        "torchvision ResNet state_dict (.safetensors)",
                         value_type=str),
     "checkpoint_step": Field(-1, STEP, "-1: the latest"),
     "random_init": Field(False, BOOL, "True: the same architecture at random initialisation (the baseline)"),
