@@ -4,8 +4,8 @@ RECIPE is a bundled recipe's name (smoke, cifar10, imagenet, imagenet_v2;
 knn, cached_linear, linear_eval, finetune, supervised_head; distill) or a
 recipe file (configs/NAME.py, or your own). Pretraining recipes train and
 checkpoint into workdir; evaluation recipes read --config.pretrained=PATH (our
-pretraining workdir or an official SimCLR checkpoint) and write
-eval_results.json into workdir; distill reads --config.teacher=PATH (a
+pretraining workdir, an official SimCLR checkpoint or a torchvision
+.safetensors) and write eval_results.json into workdir; distill reads --config.teacher=PATH (a
 fine-tuned network) and trains a student into workdir.
 Any config field can be overridden, e.g. --config.batch_size=256.
 
@@ -35,7 +35,8 @@ CPU_RECIPE = "smoke"  # what it trains instead where there is none
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     "config", recipes.path(DEFAULT_RECIPE),
-    f"Recipe: a bundled recipe's name ({', '.join(recipes.names())}) or a recipe file.", lock_config=True)
+    f"Recipe: a bundled recipe's name ({', '.join(recipes.names())}) or a recipe file. Default {DEFAULT_RECIPE}; "
+    f"without --config on a host with no accelerator, {CPU_RECIPE} (see above).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go (default: ./workdir/<recipe>).")
 flags.DEFINE_integer(
     "cpu_devices", -1,
@@ -176,6 +177,9 @@ def _unknown_field_message(error: AttributeError) -> str:
 
 def run() -> None:
     """The command (console script simclr-jax; main.py calls it too)."""
+    sys.modules["__main__"].__doc__ = __doc__  # --help's usage text, for main.py and simclr-jax alike
+    for name in ("config", "workdir", "cpu_devices", "init_timeout_s", "heartbeat_timeout_s"):
+        FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])  # what --help lists
     try:
         sys.argv = resolve_recipe(sys.argv)
         app.run(main)

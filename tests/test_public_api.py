@@ -70,3 +70,6 @@ def test_installed_command_with_no_flags_on_a_cpu_trains_the_cpu_recipe(installe
     assert last.startswith("simclr-jax: TFDS dataset 'cifar10' is not prepared"), last
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+    usage = subprocess.run([str(installed / "bin" / "simclr-jax"), "--help"], env=env, capture_output=True,
+                           text=True, timeout=120).stdout
+    assert usage.startswith("Pretrains or evaluates SimCLR") and "--config: Recipe: a bundled recipe's name" in usage
