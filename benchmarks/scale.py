@@ -69,6 +69,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from benchmarks import peaks  # noqa: E402
 from configs import imagenet  # noqa: E402
 from simclr_jax import models, optim, sharding  # noqa: E402
 from simclr_jax.pretraining import step, train  # noqa: E402
@@ -106,19 +107,20 @@ PLATFORMS = {
     "8x H100 SXM": {"chips": 8, "devices_per_chip": 1, "chip": "H100 SXM"},
     "v3-128 (the paper's)": {"chips": 64, "devices_per_chip": 2, "chip": "v3"},  # one JAX device per core
 }
+# Peak dense bf16 TFLOP/s per chip: benchmarks/peaks.py, the benchmarks' one table; interconnect GB/s here.
 CHIPS = {
-    "v5e": {"peak_tflops": 197.0, "bandwidth_gb_s": 200.0,
-            "source": "cloud.google.com/tpu/docs/v5e: 197 TFLOP/s bf16 per chip; 'all-reduce bandwidth per Pod "
-                      "51.2 TB/s' / 256 chips = 200 GB/s per chip (bidirectional ICI 400 GB/s per chip)"},
-    "v5p": {"peak_tflops": 459.0, "bandwidth_gb_s": 600.0,
-            "source": "cloud.google.com/tpu/docs/v5p: 459 TFLOP/s bf16 per chip; bidirectional ICI 1200 GB/s per "
-                      "chip, halved to one direction = 600 GB/s (assumption: the docs give no all-reduce figure)"},
-    "H100 SXM": {"peak_tflops": 989.0, "bandwidth_gb_s": 450.0,
-                 "source": "NVIDIA H100 SXM datasheet: 989 TFLOP/s dense bf16 (1979 with sparsity); NVLink 4 "
-                           "900 GB/s bidirectional per GPU, halved to one direction = 450 GB/s (assumption)"},
-    "v3": {"peak_tflops": 123.0, "bandwidth_gb_s": 332.0,
-           "source": "cloud.google.com/tpu/docs/v3: 123 TFLOP/s bf16 per chip (2 TensorCores); 'all-reduce "
-                     "bandwidth per Pod 340 TB/s' / 1024 chips = 332 GB/s per chip"},
+    "v5e": {"peak_tflops": peaks.PEAK_TFLOPS["v5e"]["bfloat16"], "bandwidth_gb_s": 200.0,
+            "source": f"{peaks.SOURCES['v5e']}; 'all-reduce bandwidth per Pod 51.2 TB/s' / 256 chips = 200 GB/s per "
+                      "chip (bidirectional ICI 400 GB/s per chip)"},
+    "v5p": {"peak_tflops": peaks.PEAK_TFLOPS["v5p"]["bfloat16"], "bandwidth_gb_s": 600.0,
+            "source": f"{peaks.SOURCES['v5p']}; bidirectional ICI 1200 GB/s per chip, halved to one direction = "
+                      "600 GB/s (assumption: the docs give no all-reduce figure)"},
+    "H100 SXM": {"peak_tflops": peaks.PEAK_TFLOPS["H100 SXM"]["bfloat16"], "bandwidth_gb_s": 450.0,
+                 "source": f"{peaks.SOURCES['H100 SXM']}; NVLink 4 900 GB/s bidirectional per GPU, halved to one "
+                           "direction = 450 GB/s (assumption)"},
+    "v3": {"peak_tflops": peaks.PEAK_TFLOPS["v3"]["bfloat16"], "bandwidth_gb_s": 332.0,
+           "source": f"{peaks.SOURCES['v3']}; 'all-reduce bandwidth per Pod 340 TB/s' / 1024 chips = 332 GB/s per "
+                     "chip"},
 }
 HLO_CHECK_NOTE = (
     "CPU: all-gather and reduce-scatter match the construction exactly; the all-reduces total 1.0008x it "

@@ -21,4 +21,5 @@ def get_config():
     config.eval_every_epochs = 0.0  # kNN monitor only at the end
     config.log_every_steps = 25
     config.checkpoint_every_steps = 250
+    config.dtype = "float32"  # a CPU recipe: bfloat16 is emulated on CPUs, and slower
     return config

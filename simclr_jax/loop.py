@@ -12,7 +12,8 @@ long run needs:
   no update (``updates.apply_if_finite`` in the step), and the loop stops or skips as
   ``nonfinite_policy`` says, before a checkpoint could follow it;
 - metrics every ``log_every_steps`` (the only host sync) to the writer and,
-  as one progress line (the experiment's ``describe``), to the log;
+  as one progress line (the experiment's ``describe``, then the input wait),
+  to the log, with the interval's images/s and its ``input_wait`` (``InputWait``);
   checkpoints every ``checkpoint_every_steps`` and at the end;
 - a profile of ``profile_steps`` steps after the first one (``Profile``).
 """
@@ -20,8 +21,10 @@ import contextlib
 import dataclasses
 import errno
 import json
+import queue
 import shutil
 import tempfile
+import threading
 import time
 from typing import Any, Iterator, Protocol
 
@@ -33,6 +36,9 @@ from absl import logging
 from simclr_jax import config_validation, preemption, storage
 from simclr_jax.errors import StorageError
 from simclr_jax.weights import checkpoint
+
+INPUT_WAIT_WARNING = 0.10  # an accelerator idle this share of the time for input ...
+INPUT_WAIT_INTERVALS = 3  # ... in this many logging intervals in a row (the first apart) warns, once
 
 
 class Experiment(Protocol):
@@ -53,7 +59,7 @@ class Experiment(Protocol):
         """Scalars known on the host at ``step`` (learning rate, epoch), logged with the metrics."""
 
     def describe(self, step: int, scalars: dict[str, float]) -> str:
-        """The log line of an interval ending at ``step``."""
+        """The log line of an interval ending at ``step`` (the loop appends its input wait)."""
 
     def monitor(self, state: Any, step: int, manager, writer) -> bool:
         """Periodic evaluation after ``step`` (its checkpoint, if any, is being
@@ -125,10 +131,12 @@ def run(experiment: Experiment, workdir: str, cadence: Cadence, writer) -> Any:
     batches = experiment.batches(start_step)
     history, interval_start = [], time.perf_counter()
     with (_disk_full_named(workdir), preemption.StopRequest() as stop_request,
-          Profile(workdir, cadence.profile_steps, start_step, total) as profile):
+          Profile(workdir, cadence.profile_steps, start_step, total) as profile,
+          InputWait(experiment.name) as input_wait):
         for step in range(start_step + 1, total + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                state, metrics = experiment.step(state, next(batches))
+                state, metrics = experiment.step(state, input_wait.next_batch(batches))
+            input_wait.dispatched(metrics)
             history.append(metrics)
             profile.after_step(step, metrics)
             stopping = stop_request.stop_now(step)
@@ -137,15 +145,17 @@ def run(experiment: Experiment, workdir: str, cadence: Cadence, writer) -> Any:
             # a non-finite step is caught before a checkpoint could follow it.
             if step % cadence.log_every_steps == 0 or save_due:
                 scalars = guard.check(fetch(history), step)
-                scalars.update(experiment.scalars(step), images_per_sec=len(history) * experiment.batch_size / (
-                    time.perf_counter() - interval_start))
+                seconds = time.perf_counter() - interval_start
+                scalars.update(experiment.scalars(step), images_per_sec=len(history) * experiment.batch_size /
+                               seconds, input_wait=input_wait.interval(seconds))
                 writer.write_scalars(step, scalars)
-                logging.info(experiment.describe(step, scalars))
+                logging.info(f"{experiment.describe(step, scalars)} | input wait {scalars['input_wait']:.0%}")
                 history, interval_start = [], time.perf_counter()
             if save_due:
                 checkpoint.save(manager, step, state, force=True)
             if not stopping and experiment.monitor(state, step, manager, writer):
                 interval_start = time.perf_counter()
+                input_wait.restart()
             if stopping:
                 logging.warning("%s: stopped at step %d of %d on request; checkpoint saved in %s. Run the same "
                                 "command to resume.", experiment.name, step, total, manager.directory)
@@ -156,6 +166,77 @@ def run(experiment: Experiment, workdir: str, cadence: Cadence, writer) -> Any:
     if guard.skipped:
         logging.warning("%s: %d non-finite updates were skipped in all.", experiment.name, guard.skipped)
     return state
+
+
+class InputWait:
+    """The share of each logging interval's wall time the accelerator spent
+    waiting for the next batch, measured without a device sync in the hot
+    path. The loop times each ``next(batches)``; a watcher thread blocks, off
+    the hot path, on each step's outputs and notes when the device finished
+    them. Only the part of a wait after the device finished every step given
+    to it counts: a loop that runs ahead of a slow step (dispatch is
+    asynchronous) waits for the input too, but the accelerator is busy with
+    the steps queued then, and nothing is lost. A share above
+    INPUT_WAIT_WARNING in INPUT_WAIT_INTERVALS intervals in a row, the run's
+    first apart (it starts the pipeline and compiles the step), logs one
+    warning saying what to try. A context: leaving it stops the watcher."""
+
+    def __init__(self, name: str):
+        self.name, self.waited, self.shares, self.warned = name, 0.0, [], False
+        self._given, self._finished = 0, (0, 0.0)  # steps dispatched; (steps finished, when the last was seen)
+        self._watch = queue.SimpleQueue()
+        self._watcher = threading.Thread(target=self._watch_steps, name="input-wait", daemon=True)
+        self._watcher.start()
+
+    def __enter__(self) -> "InputWait":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._watch.put(None)
+
+    def next_batch(self, batches: Iterator[Any]) -> Any:
+        """``next(batches)``, adding the time the device sat idle meanwhile to the interval's wait."""
+        start = time.perf_counter()
+        batch = next(batches)
+        end = time.perf_counter()
+        finished, when = self._finished
+        if finished >= self._given:  # the device ran out of work during this wait
+            self.waited += end - max(start, when)
+        return batch
+
+    def dispatched(self, outputs: Any) -> None:
+        """Call with each step's outputs (its metrics) once the step is dispatched."""
+        self._given += 1
+        self._watch.put((self._given, outputs))
+
+    def _watch_steps(self) -> None:
+        while (item := self._watch.get()) is not None:
+            number, outputs = item
+            try:
+                jax.block_until_ready(outputs)
+            except Exception:  # a failed step: the loop meets the error itself
+                pass
+            self._finished = (number, time.perf_counter())
+
+    def restart(self) -> None:
+        """An interval starts afresh (after a monitor's evaluation, which stays out of it)."""
+        self.waited = 0.0
+
+    def interval(self, seconds: float) -> float:
+        """The share of an interval of ``seconds`` the accelerator waited for input; warns once when sustained."""
+        share, self.waited = min(self.waited / seconds, 1.0) if seconds > 0 else 0.0, 0.0
+        self.shares.append(share)
+        recent = self.shares[1:][-INPUT_WAIT_INTERVALS:]
+        if not self.warned and len(recent) == INPUT_WAIT_INTERVALS and min(recent) > INPUT_WAIT_WARNING:
+            self.warned = True
+            logging.warning(
+                "%s: the accelerator waited for the next batch %s of the time in the last %d logging intervals: "
+                "the input pipeline, not the accelerator, sets the pace. To try: more host CPU threads per "
+                "accelerator (tf.data uses every core it sees), --config.augment_on=device (augment on the "
+                "accelerator), --config.cache_dataset=True where the decoded images fit in memory, or a smaller "
+                "image pipeline (a smaller image_size, blur=False).", self.name,
+                ", ".join(f"{s:.0%}" for s in recent), INPUT_WAIT_INTERVALS)
+        return share
 
 
 class Profile:

@@ -2,8 +2,9 @@
 
 ``workdir/metrics.jsonl`` holds one JSON object per write, with ``step``, so a
 run can be read back without TensorBoard (tests and scripts do): a training
-loop's means over each logging interval (with ``epoch`` and
-``images_per_sec``), pretraining's monitor rows (``knn_top1``, ``knn_top5``),
+loop's means over each logging interval (with ``epoch``,
+``images_per_sec`` and ``input_wait``, the share of the interval the
+accelerator waited for the next batch), pretraining's monitor rows (``knn_top1``, ``knn_top5``),
 an evaluation's ``<protocol>/top1`` and ``/top5``, and nothing else. Both files
 go through ``storage``, so a workdir in a bucket gets them too: the
 TensorBoard events are written here (scalars, images, hparams) rather than by

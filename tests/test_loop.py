@@ -2,13 +2,19 @@
 SIGTERM mid-run saves and stops, the same call resumes, and the result equals
 the uninterrupted run's bit for bit; non-finite steps stop or are skipped.
 Pretraining's counterparts are in test_resilience.py (SIGTERM in a bucket,
-non-finite steps) and test_pretrain.py (resume)."""
+non-finite steps) and test_pretrain.py (resume); the input wait of every
+loop, with an input slowed on purpose, at the end."""
 import glob
+import itertools
 import os
 import re
 import signal
+import threading
+import time
 
+import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -61,7 +67,7 @@ def assert_same_end(full, record, cut, resumed, total) -> None:
     for a, b in zip(jax.tree.leaves(_saved(full, total)), jax.tree.leaves(_saved(cut, total)), strict=True):
         np.testing.assert_array_equal(a, b)
     last = lambda w: [r for r in writers.read_jsonl(os.path.join(w, "metrics.jsonl")) if "epoch" in r][-1]
-    assert last(cut) == {**last(full), "images_per_sec": last(cut)["images_per_sec"]}
+    assert last(cut) == {**last(full), **{k: last(cut)[k] for k in ("images_per_sec", "input_wait")}}
 
 
 @pytest.mark.parametrize("protocol", ["linear_eval", "finetune"])
@@ -157,3 +163,91 @@ def test_a_resume_that_would_train_something_else_is_refused(tmp_path):
     config.finetune.label_fraction = 0.5  # another subset: another run
     with pytest.raises(ConfigError, match=r"finetune.label_fraction=0.1 \(now 0.5\)"):
         loop.check_resume(run_dir, config)
+
+
+@flax.struct.dataclass
+class _Counter:
+    step: jax.Array
+
+
+class _Sleepy:
+    """A loop experiment whose input takes ``input_seconds`` a batch and whose
+    step ``step_seconds`` of host time (synchronous: the device is idle while
+    the loop waits for input), 1 image a step."""
+    name, batch_size = "sleepy", 1
+
+    def __init__(self, total_steps: int, input_seconds: float, step_seconds: float):
+        self.total_steps, self.input_seconds, self.step_seconds = total_steps, input_seconds, step_seconds
+
+    def initial_state(self):
+        return _Counter(step=jnp.zeros((), jnp.int32))
+
+    def batches(self, start_step):
+        for i in itertools.count(start_step + 1):
+            time.sleep(self.input_seconds)
+            yield np.float32(i)
+
+    def step(self, state, batch):
+        time.sleep(self.step_seconds)
+        return _Counter(step=state.step + 1), {"loss": jnp.float32(batch), "nonfinite": jnp.int32(0)}
+
+    def scalars(self, step):
+        return {}
+
+    def describe(self, step, scalars):
+        return f"sleepy step {step}"
+
+    def monitor(self, state, step, manager, writer):
+        return False
+
+
+def _sleepy_run(tmp_path, input_seconds, step_seconds) -> tuple[list, str]:
+    """(input_wait of each interval in metrics.jsonl, the log) of 15 steps logged every 3."""
+    writer = writers.JsonlWriter(str(tmp_path / "metrics.jsonl"))
+    with absl_log() as log:
+        loop.run(_Sleepy(15, input_seconds, step_seconds), str(tmp_path), loop.Cadence(3, 100, 1, "stop"), writer)
+    writer.close()
+    return [r["input_wait"] for r in writers.read_jsonl(str(tmp_path / "metrics.jsonl"))], log.getvalue()
+
+
+def test_a_slow_input_shows_as_input_wait_and_warns_once(tmp_path):
+    """Half of each step waits for input: ~50% each interval, in the progress
+    line too, and one warning at the 4th interval (the 2nd to 4th in a row,
+    the first apart), not again at the 5th."""
+    shares, log = _sleepy_run(tmp_path, input_seconds=0.04, step_seconds=0.04)
+    assert len(shares) == 5 and all(0.35 < share < 0.65 for share in shares[1:]), shares
+    assert re.findall(r"sleepy step \d+ \| input wait (\d+%)", log) == [f"{share:.0%}" for share in shares]
+    assert log.count("the accelerator waited for the next batch") == 1
+    assert re.search(r"waited for the next batch \d+%, \d+%, \d+% of the time .*augment_on=device", log)
+
+
+def test_a_fast_input_shows_no_wait_and_no_warning(tmp_path):
+    shares, log = _sleepy_run(tmp_path, input_seconds=0.0, step_seconds=0.04)
+    assert max(shares[1:]) < 0.05, shares
+    assert "the accelerator waited" not in log
+
+
+def test_a_wait_while_the_device_is_busy_is_no_input_wait():
+    """A loop that runs ahead of a slow step waits for input while the device
+    works through the steps queued: that wait costs nothing and does not count."""
+    done = threading.Event()
+
+    class Running:  # a step's output the device is still computing
+        def block_until_ready(self):
+            done.wait()
+            return self
+
+    def slow_input():
+        while True:
+            time.sleep(0.05)
+            yield 0
+
+    batches = slow_input()
+    with loop.InputWait("busy") as wait:
+        wait.dispatched({"loss": Running()})
+        wait.next_batch(batches)
+        assert wait.waited == 0.0
+        done.set()  # the device finishes: the next wait is all idle
+        time.sleep(0.01)
+        wait.next_batch(batches)
+        assert 0.04 < wait.waited < 0.2

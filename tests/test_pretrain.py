@@ -87,12 +87,13 @@ def test_what_a_first_run_logs_and_records(tiny_pretraining, tiny_pretraining_lo
     assert train.PARAMETERS_MESSAGE in log and f"Total: {count:,} -- " in log
     # One progress output: the project's line at each logged step, no second line of the same
     # scalars (clu's LoggingWriter) and no clu ReportProgress (work-unit notes, steps_per_sec).
-    assert re.findall(r"step (\d)/4 \(epoch .* images/s \| ETA ", log) == ["1", "2", "3", "4"]
+    assert re.findall(r"step (\d)/4 \(epoch .* images/s \| ETA \S+ \| input wait \d+%", log) == ["1", "2", "3", "4"]
     assert "contrastive_acc=" not in log  # clu's LoggingWriter: "[4] contrastive_acc=0.09, ..."
     assert "work unit notes" not in log  # clu's ReportProgress: "Setting work unit notes: 5.9 steps/s, ..."
     records = writers.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     assert [(r["step"], "loss" in r, "knn_top1" in r) for r in records] == [
         (1, True, False), (2, True, False), (3, True, False), (4, True, False), (4, False, True)]
+    assert all(0 <= r["input_wait"] <= 1 for r in records if "loss" in r)  # the share waiting for input
     # The monitor's feature passes say how far they got; the summary sets its kNN beside the
     # same network at random initialisation, scored once and kept in the workdir.
     assert "knn: features of cifar10:train[:2000]: 2000/2000 images (" in log
