@@ -2,6 +2,7 @@
 
     python benchmarks/input_pipeline.py                       # the 4 standard configurations
     python benchmarks/input_pipeline.py --image_size=224 --blur --threads=0
+    python benchmarks/input_pipeline.py --augment_on=device   # the host's share when the device adds colour, blur
     python benchmarks/input_pipeline.py --prepare_only        # files for torch_input_pipeline.py
 
 Runs ``simclr_jax.data.input_pipeline.pretrain_dataset`` itself (augmentations
@@ -24,11 +25,13 @@ N=1 the rate is what one host core sustains; ``--threads=0`` uses tf.data's
 default pool (all cores). ``--nodeterministic`` lets tf.data reorder (the
 pipelines themselves are always deterministic). Each run skips
 --warmup_batches batches, then times --num_views views (2 per image). With
---blur or --image_size unset, both values are run.
+--blur, --image_size or --augment_on unset, both values are run. With
+``--augment_on=device`` the host decodes, crops and flips only (colour and
+blur then run in the train step: benchmarks/train_step.py --augment_on).
 
 Prints one JSON object per configuration:
-  config        image_size, blur, source, jpeg_size ('WxH' of the JPEGs,
-                null for cifar10_real), batch_size (images; 2 views each)
+  config        image_size, blur, augment_on, source, jpeg_size ('WxH' of the
+                JPEGs, null for cifar10_real), batch_size (images; 2 views each)
   threads       tf.data threads used (the core count for --threads=0)
   views_per_sec           augmented views per second, after the warm-up
   views_per_sec_per_core  views_per_sec / threads
@@ -60,6 +63,7 @@ from simclr_jax.data import input_pipeline, sources  # noqa: E402
 
 flags.DEFINE_integer("image_size", None, "32 (CIFAR-10) or 224 (JPEGs); omitted: both.")
 flags.DEFINE_boolean("blur", None, "Gaussian blur on/off; omitted: both.")
+flags.DEFINE_enum("augment_on", None, ["host", "device"], "config.augment_on; omitted: both.")
 flags.DEFINE_integer("threads", 1, "tf.data private threads; 0: all cores.")
 flags.DEFINE_integer("num_views", None, "Views to time; omitted: 16384 (32 px), 2048 (224 px).")
 flags.DEFINE_integer("batch_size", 128, "Images per batch (2 views each).")
@@ -120,7 +124,7 @@ def prepare_cifar_npy(data_dir, path):
     return path
 
 
-def make_config(image_size, blur):
+def make_config(image_size, blur, augment_on):
     if image_size == 32:
         config, source = cifar10_config.get_config(), "cifar10_real"
         config.dataset, config.data_dir = "cifar10", FLAGS.data_dir
@@ -133,15 +137,15 @@ def make_config(image_size, blur):
         config.shuffle_buffer_size = 1000
     else:
         raise ValueError(f"--image_size must be 32 or 224, got {image_size}")
-    config.blur = blur
+    config.blur, config.augment_on = blur, augment_on
     if FLAGS.shuffle_buffer is not None:
         config.shuffle_buffer_size = FLAGS.shuffle_buffer
     return config, source
 
 
-def measure(image_size, blur):
+def measure(image_size, blur, augment_on):
     load_avg = os.getloadavg()[0]
-    config, source = make_config(image_size, blur)
+    config, source = make_config(image_size, blur, augment_on)
     batch = FLAGS.batch_size
     num_views = FLAGS.num_views or (16384 if image_size == 32 else 2048)
     num_batches = max(1, -(-num_views // (2 * batch)))
@@ -165,7 +169,7 @@ def measure(image_size, blur):
     assert views.shape == (batch, 2, image_size, image_size, 3), views.shape
     rate = num_batches * 2 * batch / seconds
     return {
-        "config": {"image_size": image_size, "blur": blur, "source": source,
+        "config": {"image_size": image_size, "blur": blur, "augment_on": augment_on, "source": source,
                    "jpeg_size": FLAGS.jpeg_size if source == "jpeg_upscaled" else None,
                    "batch_size": batch},
         "threads": threads,
@@ -189,9 +193,11 @@ def main(argv):
         return
     sizes = (32, 224) if FLAGS.image_size is None else (FLAGS.image_size,)
     blurs = (False, True) if FLAGS.blur is None else (FLAGS.blur,)
+    places = ("host", "device") if FLAGS.augment_on is None else (FLAGS.augment_on,)
     for size in sizes:
         for blur in blurs:
-            print(json.dumps(measure(size, blur)), flush=True)
+            for place in places:
+                print(json.dumps(measure(size, blur, place)), flush=True)
 
 
 if __name__ == "__main__":

@@ -114,6 +114,7 @@ SCHEDULES = ("cosine", "constant")
 DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("momentum", "lars")
 LOSS_IMPLS = ("auto", "naive", "blockwise")
+AUGMENT_PLACES = ("host", "device")
 
 # Blocks: dotted field name -> Field. A dot makes a sub-ConfigDict (config.knn.k).
 DATA = {
@@ -134,6 +135,9 @@ AUGMENTATION = {
     "color_jitter_strength": Field(0.5, _number(lambda v: v >= 0, "expected >= 0 (0.5 for CIFAR, 1.0 for "
                                                 "ImageNet)"), "the colour distortion's strength"),
     "blur": Field(False, BOOL, "Gaussian blur of views (ImageNet)"),
+    "augment_on": Field("host", _one_of(AUGMENT_PLACES), "where the colour distortion and blur run: 'host' (tf.data, "
+                        "with the crop and flip) or 'device' (in the jitted train step, per image from keys the "
+                        "batch carries; the host then only decodes, crops and flips)"),
 }
 # The architecture: what a checkpoint records and an evaluation restores.
 ARCHITECTURE = {

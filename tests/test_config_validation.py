@@ -43,6 +43,7 @@ BAD_VALUES = [
     ("dtype", "float8", "dtype='float8'"),
     ("dtype", "float16", "float16 needs loss scaling, which is not implemented: use bfloat16"),
     ("color_jitter_strength", -1.0, "color_jitter_strength"),
+    ("augment_on", "gpu", "augment_on='gpu' is invalid: choose one of ('host', 'device')"),
     ("model.depth", 19, "model.depth=19 is invalid: choose one of (18, 34, 50, 101, 152, 200)"),
     ("model.width_multiplier", 0.0, "model.width_multiplier"),
     ("model.head_layers", 0, "model.head_layers"),

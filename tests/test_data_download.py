@@ -120,7 +120,7 @@ def test_download_true_prepares_with_tfds_then_reads_the_split(tmp_path, monkeyp
 def _config(data_dir, download):
     return ml_collections.ConfigDict(dict(
         dataset="cifar10", data_dir=data_dir, download=download, train_split="train",
-        image_size=16, color_jitter_strength=0.5, blur=False, shuffle_buffer_size=8,
+        image_size=16, color_jitter_strength=0.5, blur=False, augment_on="host", shuffle_buffer_size=8,
         cache_dataset=True))
 
 

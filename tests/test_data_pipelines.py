@@ -19,7 +19,7 @@ SPLIT, NUM = "train[:64]", 64  # real CIFAR-10, two simulated processes of 32
 def _config(data_dir, **overrides):
     config = ml_collections.ConfigDict(dict(
         dataset="cifar10", data_dir=data_dir, download=False, train_split=SPLIT, image_size=32,
-        color_jitter_strength=0.5, blur=True, shuffle_buffer_size=8, cache_dataset=True))
+        color_jitter_strength=0.5, blur=True, augment_on="host", shuffle_buffer_size=8, cache_dataset=True))
     config.update(overrides)
     return config
 

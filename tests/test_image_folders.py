@@ -108,7 +108,7 @@ def test_each_process_reads_every_process_count_th_file(photo_folder, monkeypatc
 def _pipeline_config(root, cache):
     return ml_collections.ConfigDict(dict(
         dataset=f"images:{root}", data_dir=None, train_split="train", image_size=16,
-        download=False, color_jitter_strength=0.5, blur=True, shuffle_buffer_size=8,
+        download=False, color_jitter_strength=0.5, blur=True, augment_on="host", shuffle_buffer_size=8,
         cache_dataset=cache))
 
 

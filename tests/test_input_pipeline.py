@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from simclr_jax.data import input_pipeline, sources
+from simclr_jax.data import augment, input_pipeline, sources
 
 NUM_EXAMPLES = 10  # per mocked split
 
@@ -23,6 +23,7 @@ def _config(**overrides):
         image_size=16,
         color_jitter_strength=0.5,
         blur=False,
+        augment_on="host",
         shuffle_buffer_size=8,
         cache_dataset=True,
     ))
@@ -158,6 +159,31 @@ def test_pretrain_encoded_path_matches_decoded_path(mock_cifar10):
     encoded = _first(input_pipeline.pretrain_dataset(config, per_process_batch_size=8, seed=3))
     np.testing.assert_array_equal(encoded["label"], decoded["label"])
     np.testing.assert_array_equal(encoded["views"], decoded["views"])
+
+
+def test_pretrain_device_mode_crops_on_the_host_and_carries_keys(mock_cifar10):
+    # augment_on='device': the same crops and flips as the host's views, no colour, and
+    # each view's key for device_augment, from (seed, process, position, view).
+    config = _config(blur=True, augment_on="device")
+    batches = [b for _, b in zip(range(2), input_pipeline.pretrain_dataset(
+        config, per_process_batch_size=4, seed=3).as_numpy_iterator())]
+    keys = np.concatenate([b["augment_keys"] for b in batches])
+    assert keys.shape == (8, 2, 2) and keys.dtype == np.uint32
+    seeds_at = input_pipeline.example_seeds(3, 2)
+    for position in range(8):
+        for view in range(2):
+            want = augment.device_key_data(seeds_at(position)[view]).numpy()
+            np.testing.assert_array_equal(keys[position, view], want)
+    assert not np.array_equal(keys[:, 0], keys[:, 1])
+    # The crops and flips are the host's (no colour here), its views the same images.
+    host = _first(input_pipeline.pretrain_dataset(_config(blur=True), per_process_batch_size=4, seed=3))
+    np.testing.assert_array_equal(host["label"], batches[0]["label"])
+    crops = batches[0]["views"]
+    assert np.abs(crops - host["views"]).max() > 1e-2
+    # A resumed stream carries the same keys and crops.
+    resumed = _first(input_pipeline.pretrain_dataset(config, per_process_batch_size=4, seed=3, skip_examples=4))
+    np.testing.assert_array_equal(resumed["augment_keys"], batches[1]["augment_keys"])
+    np.testing.assert_array_equal(resumed["views"], batches[1]["views"])
 
 
 class _CountingSource:

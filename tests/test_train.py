@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from simclr_jax import optim, sharding
+from simclr_jax.data import device_augment
 from simclr_jax.pretraining import step as train
 from simclr_jax.weights.checkpoint import PROBE
 from tests.helpers import numpy_nt_xent, tiny_simclr
@@ -16,12 +17,18 @@ GLOBAL_BATCH = 16
 SCHEDULE = optim.schedule(optim.peak_learning_rate(8.0, GLOBAL_BATCH, "linear"), warmup_steps=0, total_steps=4)
 
 
-def _setup(num_devices, bn_axis_name=sharding.DATA_AXIS):
+@functools.cache
+def _step(num_devices, augment_views=None):
+    """The step on the first ``num_devices`` devices, built (and so compiled) once per module."""
     mesh = sharding.make_mesh(jax.devices()[:num_devices])
-    model = tiny_simclr(bn_axis_name)
-    tx = optim.lars(learning_rate=SCHEDULE, weight_decay=1e-4)
+    model, tx = tiny_simclr(sharding.DATA_AXIS), optim.lars(learning_rate=SCHEDULE, weight_decay=1e-4)
+    return mesh, model, tx, train.make_train_step(model, tx, learning_rate=SCHEDULE, temperature=0.5, mesh=mesh,
+                                                  augment_views=augment_views)
+
+
+def _setup(num_devices):
+    mesh, model, tx, step = _step(num_devices, None)
     state = train.create_train_state(model, tx, image_size=IMAGE_SIZE, seed=0, mesh=mesh)
-    step = train.make_train_step(model, tx, learning_rate=SCHEDULE, temperature=0.5, mesh=mesh)
     return mesh, state, step
 
 
@@ -151,3 +158,22 @@ def test_online_probe_learns_without_touching_the_encoder_gradient(eight_device_
     # The zero-initialised probe starts at chance (log 10) and did move.
     np.testing.assert_allclose(float(probed_metrics["probe_loss"]), np.log(10), rtol=1e-5)
     assert np.abs(probed.params[train.PROBE]["kernel"]).max() > 0
+
+
+def test_device_augmentation_runs_once_on_each_devices_views():
+    # augment_on='device': the step given crops and keys is the plain step given the views
+    # device_augment makes of them, on 8 devices (each augments its shard from the keys).
+    # (The plain step is eight_device_run's, compiled once per module.)
+    augment_views = functools.partial(device_augment.augment_views, strength=0.5, blur=True)
+    crops = _batch(0)["views"]
+    keys = np.random.default_rng(1).integers(0, 2**32, (GLOBAL_BATCH, 2, 2), dtype=np.uint32)
+    results = []
+    for augment, batch in ((augment_views, {"views": crops, "augment_keys": keys}),
+                           (None, {"views": np.asarray(jax.jit(augment_views)(crops, keys))})):
+        mesh, model, tx, step = _step(8, augment)
+        state = train.create_train_state(model, tx, image_size=IMAGE_SIZE, seed=0, mesh=mesh)
+        results.append(jax.device_get(step(state, sharding.put_batch(batch, mesh))))
+    (on_device, metrics), (reference, want) = results
+    np.testing.assert_allclose(metrics["loss"], want["loss"], rtol=1e-5)
+    assert _max_abs_diff(on_device.params, reference.params) < 1e-5
+    assert np.abs(np.asarray(batch["views"]) - crops).max() > 0.1  # the augmentation did change the views

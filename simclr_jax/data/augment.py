@@ -12,6 +12,8 @@ Images are float32 in [0, 1] throughout; no mean/std normalisation.
 import numpy as np
 import tensorflow as tf
 
+from simclr_jax.data import distortion
+
 # The reference crops with min_object_covered=0.1 against a whole-image box,
 # which on top of area_range=(0.08, 1) makes the effective area floor 0.1.
 CROP_AREA_RANGE = (0.08, 1.0)
@@ -122,11 +124,10 @@ def jitter_factors(seed, strength):
     (brightness multiplies, as in SimCLR v2); hue is a delta U[-0.2 s, 0.2 s].
     """
     seeds = tf.random.experimental.stateless_split(seed, num=2)
-    low = max(0.0, 1.0 - 0.8 * strength)
-    factors = tf.random.stateless_uniform(
-        [3], seed=seeds[0], minval=low, maxval=1.0 + 0.8 * strength)
-    hue = tf.random.stateless_uniform(
-        [1], seed=seeds[1], minval=-0.2 * strength, maxval=0.2 * strength)
+    low, high = distortion.jitter_factor_range(strength)
+    factors = tf.random.stateless_uniform([3], seed=seeds[0], minval=low, maxval=high)
+    hue_max = distortion.hue_max(strength)
+    hue = tf.random.stateless_uniform([1], seed=seeds[1], minval=-hue_max, maxval=hue_max)
     return tf.concat([factors, hue], 0)
 
 
@@ -168,20 +169,14 @@ def color_distortion(image, seed, strength=1.0):
     """Jitter with p = 0.8, then (independently) grayscale with p = 0.2."""
     seeds = tf.random.experimental.stateless_split(seed, num=3)
     image = random_apply(
-        lambda x: color_jitter(x, seeds[1], strength), 0.8, image, seeds[0])
-    return random_apply(to_grayscale, 0.2, image, seeds[2])
+        lambda x: color_jitter(x, seeds[1], strength), distortion.JITTER_P, image, seeds[0])
+    return random_apply(to_grayscale, distortion.GRAY_P, image, seeds[2])
 
 
 # ---------------------------------------------------------------------- blur
 
 
-def blur_radius(height, width):
-    """Kernel side is 10% of the height (made odd: 2 * radius + 1).
-
-    The radius is capped below the width so reflect padding stays valid for
-    very narrow outputs; it is 0 (no-op blur) for images under 20 pixels.
-    """
-    return min((height // 10) // 2, width - 1)
+blur_radius = distortion.blur_radius  # shared with device_augment.py
 
 
 def blur_kernel(sigma, radius):
@@ -279,31 +274,50 @@ def gaussian_blur(image, sigma, radius):
     return tf.clip_by_value(x, 0.0, 1.0)
 
 
-def random_blur(image, seed, radius, p=0.5):
+def random_blur(image, seed, radius, p=distortion.BLUR_P):
     """Gaussian blur with probability p and sigma U[0.1, 2.0]."""
     seeds = tf.random.experimental.stateless_split(seed, num=2)
-    sigma = tf.random.stateless_uniform([], seed=seeds[1], minval=0.1, maxval=2.0)
+    sigma_low, sigma_high = distortion.BLUR_SIGMA_RANGE
+    sigma = tf.random.stateless_uniform([], seed=seeds[1], minval=sigma_low, maxval=sigma_high)
     return random_apply(lambda x: gaussian_blur(x, sigma, radius), p, image, seeds[0])
 
 
 # --------------------------------------------------------------------- views
 
 
-def _finish_view(image, height, width, seeds, strength, blur):
-    """Flip, colour and blur of a resized crop, keyed by train_view's seeds 1-3."""
+def _finish_view(image, height, width, seeds, strength, blur, colour_and_blur):
+    """Flip, colour and blur of a resized crop, keyed by train_view's seeds 1-3
+    (without ``colour_and_blur``, the flip alone: device_augment does the rest)."""
     image = random_flip(image, seeds[1])
-    image = color_distortion(image, seeds[2], strength)
-    if blur:
-        image = random_blur(image, seeds[3], blur_radius(height, width))
+    if colour_and_blur:
+        image = color_distortion(image, seeds[2], strength)
+        if blur:
+            image = random_blur(image, seeds[3], blur_radius(height, width))
     return tf.ensure_shape(image, [height, width, 3])
 
 
+def device_key_data(seed):
+    """uint32 [2]: the threefry key device_augment draws a view's colour and
+    blur from, in place of the host's, when ``augment_on == 'device'``.
+
+    Bits drawn from the view's colour seed (``seed`` split as train_view
+    splits it), so the key follows (seed, process, position, view) as every
+    host augmentation does: resume stays exact and no device count enters.
+    """
+    colour_seed = tf.random.experimental.stateless_split(seed, num=4)[2]
+    bits = tf.random.stateless_uniform([2], seed=colour_seed, minval=None, maxval=None, dtype=tf.int32)
+    return tf.bitcast(bits, tf.uint32)
+
+
 @_no_autograph
-def train_view(image, height, width, *, seed=None, color_jitter_strength=1.0, blur=True):
+def train_view(image, height, width, *, seed=None, color_jitter_strength=1.0, blur=True,
+               colour_and_blur=True):
     """One SimCLR training view: float32 [height, width, 3] in [0, 1].
 
     With ``seed`` (shape-[2] int tensor) the view is a deterministic function
     of (image, seed); without it a fresh seed is drawn from TF's global RNG.
+    ``colour_and_blur=False`` stops after the crop and flip (the same ones),
+    for device_augment to finish the view.
     """
     _check_size(height, width)
     _check_strength(color_jitter_strength)
@@ -311,7 +325,7 @@ def train_view(image, height, width, *, seed=None, color_jitter_strength=1.0, bl
         seed = tf.random.uniform([2], maxval=2**31 - 1, dtype=tf.int64)
     seeds = tf.random.experimental.stateless_split(seed, num=4)
     image = random_resized_crop(_check_image(image), height, width, seeds[0])
-    return _finish_view(image, height, width, seeds, color_jitter_strength, blur)
+    return _finish_view(image, height, width, seeds, color_jitter_strength, blur, colour_and_blur)
 
 
 def decode_crops(encoded, crop_seeds, aspect=1.0):
@@ -348,7 +362,7 @@ def decode_crops(encoded, crop_seeds, aspect=1.0):
 
 @_no_autograph
 def train_views_from_encoded(encoded, height, width, *, seeds, color_jitter_strength=1.0,
-                             blur=True):
+                             blur=True, colour_and_blur=True):
     """SimCLR views of one encoded (JPEG, PNG...) image, one per seed in ``seeds``.
 
     View i is ``train_view(decoded, height, width, seed=seeds[i], ...)``: the
@@ -356,6 +370,7 @@ def train_views_from_encoded(encoded, height, width, *, seeds, color_jitter_stre
     only within the views' boxes (``decode_crops``). Decoding a window can
     change pixels next to its edges by a few levels (JPEG's chroma
     upsampling sees other neighbours), so the views match to that, not bitwise.
+    ``colour_and_blur`` as in train_view.
     Only the pretraining pipeline calls it, with validated config values, so
     the arguments are not checked again here.
     """
@@ -363,7 +378,7 @@ def train_views_from_encoded(encoded, height, width, *, seeds, color_jitter_stre
     splits = [tf.random.experimental.stateless_split(seed, num=4) for seed in seeds]
     crops = decode_crops(encoded, [s[0] for s in splits], aspect=width / height)
     return [_finish_view(_resize(to_float(crop), height, width), height, width, s,
-                         color_jitter_strength, blur)
+                         color_jitter_strength, blur, colour_and_blur)
             for crop, s in zip(crops, splits)]
 
 

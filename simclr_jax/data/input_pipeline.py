@@ -81,6 +81,11 @@ def _finish(ds, batch_size, drop_remainder):
 def pretrain_dataset(config, *, per_process_batch_size, seed, skip_examples=0):
     """Endless batches {'views': f32 [B, 2, S, S, 3], 'label': i32 [B]}.
 
+    With ``config.augment_on == 'device'`` the views are only cropped and
+    flipped, and the batch also holds 'augment_keys': u32 [B, 2, 2], each
+    view's key for device_augment, which adds the colour and blur in the
+    train step (``augment.device_key_data``: keyed like every other choice).
+
     Pipeline: decode -> (cache uint8) -> epochs, each shuffled -> two views
     per image -> batch -> prefetch.
 
@@ -97,6 +102,7 @@ def pretrain_dataset(config, *, per_process_batch_size, seed, skip_examples=0):
     _check_batch_size("per_process_batch_size", per_process_batch_size)
     seeds_at = example_seeds(seed, 2)
     size, strength, blur = config.image_size, config.color_jitter_strength, config.blur
+    on_device = config.augment_on == "device"
     # Decode before caching; otherwise leave images encoded (see above).
     decoders = None if config.cache_dataset else _SKIP_IMAGES
     ds, num_examples, _ = sources.load_split(config.dataset, config.train_split, config.data_dir,
@@ -112,12 +118,15 @@ def pretrain_dataset(config, *, per_process_batch_size, seed, skip_examples=0):
         if image.dtype == tf.string:  # encoded (SkipDecoding)
             views = augment.train_views_from_encoded(
                 image, size, size, seeds=[seeds[0], seeds[1]],
-                color_jitter_strength=strength, blur=blur)
+                color_jitter_strength=strength, blur=blur, colour_and_blur=not on_device)
         else:
-            views = [augment.train_view(image, size, size, seed=seeds[i],
-                                        color_jitter_strength=strength, blur=blur)
+            views = [augment.train_view(image, size, size, seed=seeds[i], color_jitter_strength=strength,
+                                        blur=blur, colour_and_blur=not on_device)
                      for i in range(2)]
-        return {"views": tf.stack(views), "label": example["label"]}
+        pair = {"views": tf.stack(views), "label": example["label"]}
+        if on_device:
+            pair["augment_keys"] = tf.stack([augment.device_key_data(seeds[i]) for i in range(2)])
+        return pair
 
     ds = _stream(ds, epoch_size, config.shuffle_buffer_size, seed, skip_examples)
     ds = ds.map(two_views, num_parallel_calls=AUTOTUNE)

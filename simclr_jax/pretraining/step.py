@@ -96,6 +96,7 @@ def make_train_step(
     microbatches: int = 1,
     memory_momentum: float = 0.999,
     unroll_chunks: bool | None = None,
+    augment_views: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Builds ``train_step(state, batch) -> (state, metrics)``.
 
@@ -110,6 +111,10 @@ def make_train_step(
     (see chunked.py); only BatchNorm's grouping differs from one big batch.
     ``unroll_chunks`` unrolls its chunk loops (same numbers; no memory
     bound, see chunked.py); None: on a CPU mesh only, where it is faster.
+
+    ``augment_views`` (``device_augment.from_config``; None: the views come
+    augmented) finishes the cropped views on the devices, once per step and
+    before anything reads them, from the keys of ``batch['augment_keys']``.
 
     A state with a ``memory`` (memory.py) also contrasts every anchor with
     the queue's keys, then moves the average network towards the new
@@ -194,7 +199,9 @@ def make_train_step(
             return chunked.projections(forward, ema_params, batch_stats, views, microbatches, unroll_chunks)
         return forward(ema_params, batch_stats, _both_views(views))[0][1]
 
-    def step_on_device(state: TrainState, views: jax.Array, labels: jax.Array):
+    def step_on_device(state: TrainState, views: jax.Array, labels: jax.Array, *augment_keys: jax.Array):
+        if augment_views is not None:  # this device's views, each from its own key
+            views = augment_views(views, *augment_keys)
         memory = state.memory
         negatives = None if memory is None else memory_lib.negatives(memory, sharding.DATA_AXIS)
         grads, loss, metrics, batch_stats = gradients(state, views, labels, negatives)
@@ -208,9 +215,11 @@ def make_train_step(
     def train_step(state, batch):
         labels = batch["label"] if num_classes else jnp.zeros(batch["views"].shape[:1], jnp.int32)
         specs = state_partition_specs(state)
+        keys = () if augment_views is None else (batch["augment_keys"],)
         sharded = jax.shard_map(step_on_device, mesh=mesh, in_specs=(specs, P(sharding.DATA_AXIS),
-                                P(sharding.DATA_AXIS)), out_specs=(specs, P()))
-        return sharded(state, batch["views"], labels)
+                                P(sharding.DATA_AXIS)) + (P(sharding.DATA_AXIS),) * len(keys),
+                                out_specs=(specs, P()))
+        return sharded(state, batch["views"], labels, *keys)
 
     return jax.jit(train_step, donate_argnums=0)
 

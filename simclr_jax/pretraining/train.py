@@ -23,7 +23,7 @@ from clu import parameter_overview
 from jax.sharding import Mesh
 
 from simclr_jax import config_validation, loop, models, optim, pictures, sharding, storage, writers
-from simclr_jax.data import input_pipeline, sources
+from simclr_jax.data import device_augment, input_pipeline, sources
 from simclr_jax.pretraining import baseline, memory, progress
 from simclr_jax.pretraining.step import TrainState, create_train_state, make_train_step, model_params
 from simclr_jax.weights import checkpoint, pretrained
@@ -78,7 +78,7 @@ class Pretraining:
         self._train_step = make_train_step(
             model, tx, learning_rate=learning_rate, temperature=config.temperature, mesh=mesh,
             num_classes=probe_classes, loss_impl=config.loss_impl, microbatches=config.microbatches,
-            memory_momentum=config.memory.momentum)
+            memory_momentum=config.memory.momentum, augment_views=device_augment.from_config(config))
         self.eval_every = optim.steps(config.eval_every_epochs, self.steps_per_epoch)
         self.evaluations, self.random_init = {}, {}  # the latest monitor results; the baseline's at the end
 
