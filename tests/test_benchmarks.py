@@ -28,7 +28,7 @@ def test_accelerator_benchmark_prints_every_figure_on_a_cpu(real_data_dir):
     assert step["mfu"] is None and step["peak_memory_bytes"] is None  # no peak FLOP/s nor allocator on a CPU
     modes = {r["augment_on"]: r for r in result["host_views"]}
     assert modes["host"]["views_per_sec"] > 0
-    assert modes["device"]["views_per_sec"] is None or modes["device"]["views_per_sec"] > 0
+    assert modes["device"]["views_per_sec"] > 0  # augment_on exists: the device mode is measured
     assert result["run"] is None
 
 
