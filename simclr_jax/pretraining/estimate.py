@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from simclr_jax.loop import duration
 from simclr_jax.models import resnet
 from simclr_jax.models.simclr import model_from_config
-from simclr_jax.pretraining.progress import duration
 
 PASSES_PER_IMAGE = 2 * 3  # two views, each forward + backward (~2 forwards)
 
