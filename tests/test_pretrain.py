@@ -187,7 +187,8 @@ def test_bfloat16_compute_trains_like_float32(real_data_dir):
                 updates[dtype] = _flat(state.params) - initial
         curves[dtype] = np.array(losses)
     f32, bf16 = curves["float32"], curves["bfloat16"]
-    cosine = updates["float32"] @ updates["bfloat16"] / np.linalg.norm(updates["float32"]) / np.linalg.norm(updates["bfloat16"])
+    cosine = updates["float32"] @ updates["bfloat16"] / np.linalg.norm(updates["float32"]) / np.linalg.norm(
+        updates["bfloat16"])
     print({"float32": f32.round(4).tolist(), "bfloat16": bf16.round(4).tolist(), "cosine": cosine})
     np.testing.assert_allclose(bf16[0], f32[0], rtol=0.01)  # step 1: same weights and batch
     assert cosine > 0.95  # its update points where float32's does (0.988 measured)
