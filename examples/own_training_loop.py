@@ -33,7 +33,8 @@ def view_pairs(images: np.ndarray) -> tf.data.Dataset:
 def main(steps: int) -> list[float]:
     images = np.random.default_rng(0).integers(0, 256, size=(256, SIZE, SIZE, 3), dtype=np.uint8)
     model = simclr_jax.SimCLR(depth=18, width_multiplier=0.0625, cifar_stem=True)  # 4-32 channels: seconds on a CPU
-    variables = model.init(jax.random.key(0), jnp.zeros((2, SIZE, SIZE, 3)), train=False)
+    init = jax.jit(model.init, static_argnames="train")  # one compiled program, not one per layer's op
+    variables = init(jax.random.key(0), jnp.zeros((2, SIZE, SIZE, 3)), train=False)
     params, batch_stats = variables["params"], variables["batch_stats"]
     tx = simclr_jax.lars(simclr_jax.schedule(0.5, total_steps=steps, warmup_steps=steps // 4), weight_decay=1e-6)
     opt_state = tx.init(params)

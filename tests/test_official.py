@@ -1,7 +1,6 @@
 """Official SimCLR TF2 checkpoints (files the official code wrote) give the
 official outputs and parameter counts through load_encoder."""
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -188,25 +187,26 @@ def test_variables_the_architecture_does_not_know_are_named(official_files, tmp_
         simclr_jax.load_encoder(with_extra(inside, "ckpt-8"))
 
 
-def test_truncated_saved_model_fails_on_the_command_line_with_one_message(official_files, tmp_path):
-    """What a download cut short gives: one line naming the file, no traceback, no workdir."""
+def test_truncated_saved_model_is_one_checkpoint_error_naming_the_file(official_files, tmp_path):
+    """What a download cut short gives: a CheckpointError naming the file (which
+    main.py prints as one line without a traceback, as every UserError: see
+    test_distill_run's command-line test), and no workdir."""
     import shutil
-    import subprocess
-    import sys
+
+    from configs import knn as knn_config
+    from simclr_jax import protocols
 
     truncated = tmp_path / "saved_model"
     shutil.copytree(official_files["r18_cifar", "saved_model"], truncated)
     data = next((truncated / "variables").glob("variables.data-*"))
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
     workdir = tmp_path / "eval"
-    result = subprocess.run([sys.executable, "main.py", "--config=configs/knn.py", f"--workdir={workdir}",
-                             f"--config.pretrained={truncated}", "--cpu_devices=0"],
-                            cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 1
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"main.py: {truncated}: cannot read the TF checkpoint") and "is it complete" in last
-    assert "Traceback" not in result.stderr and not workdir.exists()
+    config = knn_config.get_config()
+    config.pretrained = str(truncated)
+    with pytest.raises(CheckpointError, match=r"cannot read the TF checkpoint.*is it complete") as error:
+        protocols.run(config, str(workdir))
+    assert str(error.value).startswith(f"{truncated}: cannot read the TF checkpoint")
+    assert not workdir.exists()
 
 
 def test_logits_read_the_head_layer_the_encoder_was_loaded_with(official_files):
