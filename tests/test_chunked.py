@@ -62,6 +62,13 @@ def _step_result(num_devices, microbatches, num_classes=0, unroll_chunks=None):
     return initial, jax.device_get(new_state), jax.device_get(metrics)
 
 
+@pytest.fixture(scope="module")
+def step_result():
+    """_step_result: a module-scoped fixture, so that conftest runs the tests
+    that share its results in one pytest-xdist worker."""
+    return _step_result
+
+
 @functools.partial(jax.jit, static_argnums=6)
 def _direct_value_and_grad(params, batch_stats, chunks, first, second, labels, num_classes):
     """jax.grad of 2L (+ the probe's loss) with BatchNorm per chunk, in one
@@ -93,10 +100,10 @@ def _direct_value_and_grad(params, batch_stats, chunks, first, second, labels, n
 # The chunk loops as accelerators run them (rolled) and as a CPU mesh does (unrolled).
 @pytest.mark.parametrize("num_devices,microbatches,num_classes,unroll_chunks",
                          [(1, 2, 0, False), (8, 4, NUM_CLASSES, None)])
-def test_chunked_step_equals_grad_of_the_chunked_objective(num_devices, microbatches, num_classes,
+def test_chunked_step_equals_grad_of_the_chunked_objective(step_result, num_devices, microbatches, num_classes,
                                                            unroll_chunks):
     start = time.time()
-    initial, new_state, metrics = _step_result(num_devices, microbatches, num_classes, unroll_chunks)
+    initial, new_state, metrics = step_result(num_devices, microbatches, num_classes, unroll_chunks)
     chunks, first, second = direct_chunks(_views(), num_devices, microbatches)
     (_, (want_loss, chunk_stats)), want_grads = jax.device_get(_direct_value_and_grad(
         initial.params, initial.batch_stats, chunks, first, second, _labels(), num_classes))
@@ -118,9 +125,12 @@ def test_one_microbatch_is_the_plain_step():
     # The same program as the default, so the same bits (running both would
     # compile it twice), and the one-batch one: no chunk loop. K > 1 loops
     # over chunks, unrolled only where asked (the default on CPU).
+    # Lowering needs only the state's shapes and shardings: no initialisation to compile.
     mesh = sharding.make_mesh(jax.devices()[:8])
     model, tx = _model(sharding.DATA_AXIS), capture_gradient()
-    state = step.create_train_state(model, tx, image_size=IMAGE_SIZE, seed=0, mesh=mesh)
+    state = jax.eval_shape(lambda: step.create_train_state(model, tx, image_size=IMAGE_SIZE, seed=0, mesh=mesh))
+    state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding.replicated(mesh)),
+                         state)
     batch = sharding.put_batch({"views": _views()}, mesh)
     program = lambda **chunking: step.make_train_step(model, tx, learning_rate=lambda s: 0.5, temperature=TEMPERATURE,
                                                       mesh=mesh,
@@ -132,10 +142,11 @@ def test_one_microbatch_is_the_plain_step():
     assert "stablehlo.while" not in program(microbatches=2)
 
 
-def test_chunks_change_batchnorm_visibly():
+def test_chunks_change_batchnorm_visibly(step_result):
     # BatchNorm per chunk gives other numbers than one batch: a comparison that
-    # passed for any K would be caught here.
-    (_, one, one_metrics), (_, two, two_metrics) = _step_result(8, 1, 0), _step_result(8, 2, 0)
+    # passed for any K would be caught here. K = 2 is the one-device step that
+    # test_chunked_step_equals_grad_of_the_chunked_objective checks (computed once).
+    (_, one, one_metrics), (_, two, two_metrics) = step_result(1, 1, 0), step_result(1, 2, 0, False)
     assert abs(float(two_metrics["loss"]) - float(one_metrics["loss"])) > 1e-3
     assert relative_error(two.opt_state, one.opt_state) > 1e-2
 

@@ -16,22 +16,32 @@ def _views(n=16, seed=0):
     return np.random.default_rng(seed).uniform(size=(n, 2, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
 
 
-def _train_step_result(remat: bool, num_devices: int):
-    """(state after one LARS step, metrics) of the tiny architecture."""
+def _train_step_result(remat: bool, num_devices: int, initial=None):
+    """(initial state, state after one LARS step, metrics) of the tiny
+    architecture, all on the host. It starts from ``initial`` (a host state)
+    when given, which must have the shapes the model initialises (only
+    traced): one initialisation to compile for both models."""
     config = tiny_pretrain_config(variant="official")
     mesh = sharding.make_mesh(jax.devices()[:num_devices])
     model = models.model_from_config(config.model, axis_name=sharding.DATA_AXIS, remat=remat)
     tx = optim.lars(0.5, 1e-4)
-    state = step.create_train_state(model, tx, image_size=IMAGE_SIZE, seed=0, mesh=mesh)
+    create = lambda: step.create_train_state(model, tx, image_size=IMAGE_SIZE, seed=0, mesh=mesh)
+    if initial is None:
+        state = create()
+    else:
+        shapes = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)
+        assert shapes(jax.eval_shape(create)) == shapes(initial)  # same tree, same shapes
+        state = jax.device_put(initial, sharding.replicated(mesh))
+    initial = jax.device_get(state)
     train_step = step.make_train_step(model, tx, learning_rate=lambda s: 0.5, temperature=0.5, mesh=mesh)
     new_state, metrics = train_step(state, sharding.put_batch({"views": _views()}, mesh))
-    return jax.device_get(new_state), jax.device_get(metrics)
+    return initial, jax.device_get(new_state), jax.device_get(metrics)
 
 
 def test_remat_train_step_equals_the_plain_one_under_global_batchnorm():
     """Eight devices: shard_map, BatchNorm moments averaged over 'data'."""
-    plain, plain_metrics = _train_step_result(False, 8)
-    remat, remat_metrics = _train_step_result(True, 8)
+    initial, plain, plain_metrics = _train_step_result(False, 8)
+    _, remat, remat_metrics = _train_step_result(True, 8, initial=initial)
     assert float(remat_metrics["loss"]) == pytest.approx(float(plain_metrics["loss"]), rel=1e-6)
     # Same tree (remat renames nothing, so checkpoints are interchangeable), same values to float rounding.
     assert jax.tree.structure(remat.params) == jax.tree.structure(plain.params)
