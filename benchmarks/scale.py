@@ -107,21 +107,25 @@ PLATFORMS = {
     "8x H100 SXM": {"chips": 8, "devices_per_chip": 1, "chip": "H100 SXM"},
     "v3-128 (the paper's)": {"chips": 64, "devices_per_chip": 2, "chip": "v3"},  # one JAX device per core
 }
-# Peak dense bf16 TFLOP/s per chip: benchmarks/peaks.py, the benchmarks' one table; interconnect GB/s here.
+
+
+def _chip(name: str, bandwidth_gb_s: float, interconnect: str) -> dict:
+    """A chip's peak dense bfloat16 TFLOP/s (benchmarks/peaks.py, the benchmarks' one
+    table) and its all-reduce bandwidth per chip, with where each figure comes from."""
+    return {"peak_tflops": peaks.PEAK_TFLOPS[name]["bfloat16"], "bandwidth_gb_s": bandwidth_gb_s,
+            "source": f"{peaks.SOURCES[name]}; {interconnect}"}
+
+
 CHIPS = {
-    "v5e": {"peak_tflops": peaks.PEAK_TFLOPS["v5e"]["bfloat16"], "bandwidth_gb_s": 200.0,
-            "source": f"{peaks.SOURCES['v5e']}; 'all-reduce bandwidth per Pod 51.2 TB/s' / 256 chips = 200 GB/s per "
-                      "chip (bidirectional ICI 400 GB/s per chip)"},
-    "v5p": {"peak_tflops": peaks.PEAK_TFLOPS["v5p"]["bfloat16"], "bandwidth_gb_s": 600.0,
-            "source": f"{peaks.SOURCES['v5p']}; bidirectional ICI 1200 GB/s per chip, halved to one direction = "
-                      "600 GB/s (assumption: the docs give no all-reduce figure)"},
-    "H100 SXM": {"peak_tflops": peaks.PEAK_TFLOPS["H100 SXM"]["bfloat16"], "bandwidth_gb_s": 450.0,
-                 "source": f"{peaks.SOURCES['H100 SXM']}; NVLink 4 900 GB/s bidirectional per GPU, halved to one "
-                           "direction = 450 GB/s (assumption)"},
-    "v3": {"peak_tflops": peaks.PEAK_TFLOPS["v3"]["bfloat16"], "bandwidth_gb_s": 332.0,
-           "source": f"{peaks.SOURCES['v3']}; 'all-reduce bandwidth per Pod 340 TB/s' / 1024 chips = 332 GB/s per "
-                     "chip"},
+    "v5e": _chip("v5e", 200.0, "'all-reduce bandwidth per Pod 51.2 TB/s' / 256 chips = 200 GB/s per chip "
+                 "(bidirectional ICI 400 GB/s per chip)"),
+    "v5p": _chip("v5p", 600.0, "bidirectional ICI 1200 GB/s per chip, halved to one direction = 600 GB/s "
+                 "(assumption: the docs give no all-reduce figure)"),
+    "H100 SXM": _chip("H100 SXM", 450.0, "NVLink 4 900 GB/s bidirectional per GPU, halved to one direction = "
+                      "450 GB/s (assumption)"),
+    "v3": _chip("v3", 332.0, "'all-reduce bandwidth per Pod 340 TB/s' / 1024 chips = 332 GB/s per chip"),
 }
+
 HLO_CHECK_NOTE = (
     "CPU: all-gather and reduce-scatter match the construction exactly; the all-reduces total 1.0008x it "
     "(99,584 bytes more at every D, not attributed: XLA:CPU combines the float32 gradient sum with the "
